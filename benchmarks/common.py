@@ -1,0 +1,93 @@
+"""Timing, environment records and result files shared by the benchmark runners."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device name and versions, recorded with every result."""
+    record: Dict[str, object] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        record["triton"] = triton.__version__
+    except ImportError:
+        record["triton"] = None
+    if device.type == "cuda":
+        record["device_name"] = torch.cuda.get_device_name(device)
+        record["cuda"] = torch.version.cuda
+        record["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    else:
+        record["device_name"] = f"{record['cpu']} ({record['torch_threads']} threads)"
+    record["sparse_kernels_backend"] = os.environ.get("SPARSE_KERNELS_BACKEND", "auto")
+    return record
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device, min_seconds: float = 1.0, max_reps: int = 100) -> float:
+    """Median wall time of ``fn`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (events, L2 flushed between runs). CPU: a warm-up
+    call, then repetitions until ``min_seconds`` or ``max_reps``, whichever comes first.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(int(min_seconds * 1000), 50), return_mode="median"))
+    fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_seconds or len(times) < 3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+def result_path(out: Optional[str], out_dir: Optional[str], suite: str, env: Dict[str, object]) -> Optional[Path]:
+    """``out`` as given, or ``out_dir/<suite>-<date>-<device name>.json``."""
+    if out:
+        return Path(out)
+    if not out_dir:
+        return None
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in str(env["device_name"]))
+    return Path(out_dir) / f"{suite}-{str(env['date'])[:10]}-{name}.json"
+
+
+def write_json(path: Optional[Path], payload: Dict[str, object]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
+    """Plain fixed-width table of ``rows`` (dicts) in ``columns`` order."""
+    cells = [[_format(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)

@@ -1,0 +1,211 @@
+"""Block-sparse modules: ``BlockSparseLinear`` (and the base that conv modules share).
+
+A module's only weight parameter is ``values [nnz, bo, bi, ...]``: weights, gradients and
+optimizer state hold live blocks only. The layout lives in buffers: ``row_idx`` and
+``col_idx`` are saved in the ``state_dict`` (loading one restores the mask), the index
+structures derived from them are rebuilt on load and never saved.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layout import BlockSize, BlockSparseLayout, build_index, from_dense, normalize_block_size, to_dense
+from .ops.linear import bsr_linear
+
+_DERIVED_INDEX = ("row_ptr", "row_slots", "col_ptr", "col_slots")
+
+
+def blocks_for_density(density: float, total_blocks: int) -> int:
+    """How many of ``total_blocks`` live at ``density``: rounded, at least one if ``density > 0``."""
+    if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+    live = round(density * total_blocks)
+    return max(live, 1) if density > 0 and total_blocks > 0 else live
+
+
+def block_norms(weight: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:
+    """Frobenius norm of every block of a dense weight ``[out, in, ...]`` -> ``[R, C]``."""
+    bo, bi = block_size
+    out_features, in_features = weight.shape[:2]
+    blocks = weight.detach().float().reshape(out_features // bo, bo, in_features // bi, bi, -1)
+    return blocks.pow(2).sum(dim=(1, 3, 4)).sqrt()
+
+
+def largest_blocks_mask(scores: torch.Tensor, live: int) -> torch.Tensor:
+    """bool mask of the ``live`` highest-scoring blocks; ties go to the lower flat index."""
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[order[:live]] = True
+    return mask.view(scores.shape)
+
+
+def random_blocks_mask(
+    grid: Tuple[int, int], live: int, device=None, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """bool mask of ``live`` blocks drawn uniformly without replacement."""
+    total = grid[0] * grid[1]
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[torch.randperm(total, generator=generator)[:live]] = True
+    return mask.view(grid).to(device)
+
+
+def _check_divisible(kind: str, features: Tuple[int, int], block: Tuple[int, int]) -> Tuple[int, int]:
+    """The block grid ``(R, C)``; ``ValueError`` if the block does not divide the weight."""
+    (out_features, in_features), (bo, bi) = features, block
+    if out_features % bo or in_features % bi:
+        raise ValueError(
+            f"{kind}: block size {block} does not divide the weight's ({out_features}, {in_features}) "
+            f"(out x in) features"
+        )
+    return out_features // bo, in_features // bi
+
+
+class BlockSparseModule(nn.Module):
+    """Holds a layout in buffers and a ``values`` parameter; subclasses define ``forward``.
+
+    Attributes:
+        values: ``nn.Parameter [nnz, bo, bi, *taps]``, the only weight parameter.
+        layout: the current :class:`BlockSparseLayout` (built from the buffers on access).
+    """
+
+    def _init_sparse(
+        self,
+        features: Tuple[int, int],
+        taps: Tuple[int, ...],
+        block_size: BlockSize,
+        density: float,
+        block_mask: Optional[torch.Tensor],
+        device=None,
+        dtype=None,
+    ) -> None:
+        """Sets up the layout buffers and an uninitialised ``values [nnz, bo, bi, *taps]``.
+
+        ``block_mask`` (bool ``[R, C]``) fixes the live blocks; ``None`` draws
+        ``density`` of them at random.
+        """
+        self.block_size = normalize_block_size(block_size)
+        self.grid = _check_divisible(type(self).__name__, features, self.block_size)
+        if block_mask is None:
+            block_mask = random_blocks_mask(self.grid, blocks_for_density(density, self.grid[0] * self.grid[1]))
+        if not isinstance(block_mask, torch.Tensor) or tuple(block_mask.shape) != self.grid:
+            shape = tuple(block_mask.shape) if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+            raise ValueError(f"block_mask must be a bool tensor of shape {self.grid}, got {shape}")
+        layout = BlockSparseLayout.from_block_mask(block_mask.to(device), self.block_size)
+        self.values = nn.Parameter(torch.empty(layout.nnz, *self.block_size, *taps, device=device, dtype=dtype))
+        self.register_buffer("row_idx", layout.row_idx)
+        self.register_buffer("col_idx", layout.col_idx)
+        for name in _DERIVED_INDEX:
+            self.register_buffer(name, getattr(layout, name), persistent=False)
+
+    @property
+    def layout(self) -> BlockSparseLayout:
+        return BlockSparseLayout(
+            self.grid, self.block_size, self.row_idx, self.col_idx,
+            self.row_ptr, self.row_slots, self.col_ptr, self.col_slots,
+        )
+
+    @property
+    def nnz(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight's blocks that live."""
+        return self.layout.density
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight with zeros at dead blocks (differentiable in ``values``)."""
+        return to_dense(self.values, self.layout)
+
+    def rebuild_index(self) -> None:
+        """Recomputes the derived index buffers from ``row_idx`` / ``col_idx``, in place."""
+        for name, tensor in zip(_DERIVED_INDEX, build_index(self.row_idx, self.col_idx, self.grid)):
+            getattr(self, name).copy_(tensor)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        rows, cols = state_dict.get(prefix + "row_idx"), state_dict.get(prefix + "col_idx")
+        if rows is not None and cols is not None:
+            # Validates the incoming mask, and makes room for one with another block count.
+            BlockSparseLayout.from_indices(rows, cols, self.grid, self.block_size)
+            if rows.shape[0] != self.nnz:
+                self._resize_slots(rows.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.rebuild_index()
+
+    def _resize_slots(self, nnz: int) -> None:
+        """New (uninitialised) storage for ``nnz`` slots; replaces the ``values`` parameter."""
+        values = self.values
+        self.values = nn.Parameter(values.new_empty(nnz, *values.shape[1:]), requires_grad=values.requires_grad)
+        for name in ("row_idx", "col_idx", "row_slots", "col_slots"):
+            setattr(self, name, getattr(self, name).new_empty(nnz))
+
+
+class BlockSparseLinear(BlockSparseModule):
+    """``nn.Linear`` whose weight ``[out, in]`` is block-sparse: ``y = x @ W.T + b``.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``; each divisible by its block side.
+        bias: learn an additive bias.
+        block_size: ``bo`` or ``(bo, bi)``.
+        density: fraction of blocks that live, drawn uniformly at random (torch's RNG).
+        block_mask: bool ``[out / bo, in / bi]``; overrides ``density``.
+    Live values start as ``nn.Linear`` starts its dense weight (uniform, bound
+    ``1 / sqrt(in_features)``), so the dense initialisation's scale is kept.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        block_size: BlockSize = 32,
+        density: float = 0.25,
+        device=None,
+        dtype=None,
+        block_mask: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_sparse((out_features, in_features), (), block_size, density, block_mask, device, dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        nn.init.uniform_(self.values, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_size: BlockSize = 32, density: float = 0.25) -> "BlockSparseLinear":
+        """A block-sparse copy of ``linear`` keeping its largest-norm blocks (ties: lower index)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight
+        block = normalize_block_size(block_size)
+        grid = _check_divisible(cls.__name__, tuple(weight.shape), block)
+        mask = largest_blocks_mask(block_norms(weight, block), blocks_for_density(density, grid[0] * grid[1]))
+        module = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, block_size=block,
+            device=weight.device, dtype=weight.dtype, block_mask=mask,
+        )
+        with torch.no_grad():
+            module.values.copy_(from_dense(weight, module.layout))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[..., in_features]`` -> ``[..., out_features]``."""
+        return bsr_linear(x, self.values, self.layout, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, block_size={self.block_size}, "
+            f"density={self.density:.3f} ({self.nnz}/{self.grid[0] * self.grid[1]} blocks)"
+        )

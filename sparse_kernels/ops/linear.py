@@ -1,0 +1,190 @@
+"""``bsr_linear``: the public op, its ``torch.library`` registration, autograd and dispatch.
+
+Three custom ops, opaque to ``torch.compile`` and each with a fake (meta) implementation:
+
+* ``sparse_kernels::bsr_linear``             y  = x @ W.T + bias      (differentiable)
+* ``sparse_kernels::bsr_linear_grad_input``  dx = dy @ W
+* ``sparse_kernels::bsr_linear_grad_weight`` dW = (dy.T @ x) at live blocks
+
+They take 2-D activations and the layout as its six index tensors; each picks the Triton
+kernels or the reference at call time (see :mod:`sparse_kernels.backend`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..backend import select_backend
+from ..layout import BlockSparseLayout, check_values
+from ..reference import (
+    bsr_linear_grad_input_reference,
+    bsr_linear_grad_weight_reference,
+    bsr_linear_reference,
+)
+
+
+def _layout_of(block_size: Sequence[int], index: Sequence[Tensor]) -> BlockSparseLayout:
+    """Rebuilds the layout object from its six index tensors (no copies, no checks)."""
+    row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
+    grid = (row_ptr.shape[0] - 1, col_ptr.shape[0] - 1)
+    return BlockSparseLayout(
+        grid, (int(block_size[0]), int(block_size[1])),
+        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
+    )
+
+
+def _backend(t: Tensor, block_size: Sequence[int]) -> str:
+    return select_backend(t.device, t.dtype, (int(block_size[0]), int(block_size[1])))
+
+
+# --------------------------------------------------------------------------- forward op
+@torch.library.custom_op("sparse_kernels::bsr_linear", mutates_args=())
+def _bsr_linear_op(
+    x: Tensor,
+    values: Tensor,
+    bias: Optional[Tensor],
+    row_idx: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    row_slots: Tensor,
+    col_ptr: Tensor,
+    col_slots: Tensor,
+) -> Tensor:
+    block_size = values.shape[1:3]
+    if _backend(x, block_size) == "triton":
+        from ..triton.linear import bsr_linear_fwd
+
+        return bsr_linear_fwd(x, values, row_ptr, row_slots, col_idx, bias)
+    index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+    return bsr_linear_reference(x, values, _layout_of(block_size, index), bias)
+
+
+@_bsr_linear_op.register_fake
+def _(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+    return x.new_empty(x.shape[0], (row_ptr.shape[0] - 1) * values.shape[1])
+
+
+# --------------------------------------------------------------------------- backward ops
+@torch.library.custom_op("sparse_kernels::bsr_linear_grad_input", mutates_args=())
+def _bsr_linear_grad_input_op(
+    grad_out: Tensor,
+    values: Tensor,
+    row_idx: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    row_slots: Tensor,
+    col_ptr: Tensor,
+    col_slots: Tensor,
+) -> Tensor:
+    block_size = values.shape[1:3]
+    if _backend(grad_out, block_size) == "triton":
+        from ..triton.linear import bsr_linear_grad_input
+
+        return bsr_linear_grad_input(grad_out, values, col_ptr, col_slots, row_idx)
+    index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+    return bsr_linear_grad_input_reference(grad_out, values, _layout_of(block_size, index))
+
+
+@_bsr_linear_grad_input_op.register_fake
+def _(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+    return grad_out.new_empty(grad_out.shape[0], (col_ptr.shape[0] - 1) * values.shape[2])
+
+
+@torch.library.custom_op("sparse_kernels::bsr_linear_grad_weight", mutates_args=())
+def _bsr_linear_grad_weight_op(
+    grad_out: Tensor,
+    x: Tensor,
+    block_out: int,
+    block_in: int,
+    row_idx: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    row_slots: Tensor,
+    col_ptr: Tensor,
+    col_slots: Tensor,
+) -> Tensor:
+    block_size = (block_out, block_in)
+    if _backend(x, block_size) == "triton":
+        from ..triton.linear import bsr_linear_grad_weight
+
+        return bsr_linear_grad_weight(grad_out, x, row_idx, col_idx, block_size)
+    index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+    return bsr_linear_grad_weight_reference(grad_out, x, _layout_of(block_size, index))
+
+
+@_bsr_linear_grad_weight_op.register_fake
+def _(grad_out, x, block_out, block_in, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+    return x.new_empty(row_idx.shape[0], block_out, block_in)
+
+
+# --------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, values, bias, *index = inputs
+    ctx.save_for_backward(x, values, *index)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, values, *index = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _bsr_linear_grad_input_op(grad_out, values, *index)
+    if ctx.needs_input_grad[1]:
+        grad_values = _bsr_linear_grad_weight_op(grad_out, x, values.shape[1], values.shape[2], *index)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        # Accumulate in at least fp32, as the kernels do.
+        accumulate = torch.promote_types(grad_out.dtype, torch.float32)
+        grad_bias = grad_out.sum(0, dtype=accumulate).to(grad_out.dtype)
+    return (grad_x, grad_values, grad_bias) + (None,) * len(index)
+
+
+_bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public op
+def bsr_linear(
+    x: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor] = None
+) -> Tensor:
+    """Block-sparse linear: ``y = x @ to_dense(values, layout).T + bias``.
+
+    Args:
+        x: ``[..., in]`` with ``in == layout.shape[1]``; fp32, fp16 or bf16 (fp64 runs on
+            the reference path).
+        values: ``[nnz, bo, bi]``, the live blocks, same dtype and device as ``x``.
+        layout: the :class:`BlockSparseLayout` of the weight ``[out, in]``.
+        bias: ``[out]`` or ``None``.
+    Returns:
+        ``y: [..., out]``, differentiable in ``x``, ``values`` and ``bias``. Kernels
+        accumulate in fp32.
+    """
+    check_values(values, layout)
+    _check_activation("x", x, values, layout.shape[1])
+    out_features = layout.shape[0]
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    x_2d = x.reshape(-1, layout.shape[1])
+    y = _bsr_linear_op(x_2d, values, bias, *layout.tensors())
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _check_activation(name: str, x: Tensor, values: Tensor, features: int) -> None:
+    """Refuses an activation whose type, dtype, device or last dimension does not fit."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but values have {values.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"{name} is on {x.device} but values are on {values.device}")
+    if x.dim() < 1 or x.shape[-1] != features:
+        raise ValueError(f"{name} must have shape [..., {features}], got {tuple(x.shape)}")

@@ -1,0 +1,317 @@
+"""Triton kernels for the block-sparse linear layer, and their launchers.
+
+Two kernels serve the three products of ``y = x @ W.T`` with ``W`` block-sparse:
+
+* ``_bsr_dsd_kernel``: dense @ block-sparse. The forward (``x @ W.T``, walking the
+  row-sorted index) and the grad-input (``dy @ W``, walking the column-sorted index) are
+  the same loop with the roles of the block dimensions swapped; the value tile is read
+  through strides, so values are never transposed in memory.
+* ``_bsr_sdd_kernel``: the sampled product ``dW[slot] = dy[:, rows].T @ x[:, cols]``,
+  computed at live blocks only.
+
+All accumulate in fp32. Under the Triton interpreter bf16 tiles are upcast to fp32
+before ``tl.dot`` (its bf16 ``tl.dot`` returns garbage in Triton 3.8 and 3.9).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreting, triton_unsupported_reason
+
+# Read once: triton itself decides at import whether it interprets.
+_INTERPRET = triton_interpreting()
+
+
+def _configs(tile_m_options, warps_stages):
+    """Autotune configs on a GPU; one fixed config under the interpreter (nothing to time)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+        for block_m in tile_m_options
+        for warps, stages in warps_stages
+    ]
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.autotune(
+    configs=_configs((64, 128), ((4, 3), (4, 4), (8, 3))),
+    key=["M", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "HAS_BIAS"],
+)
+@triton.jit
+def _bsr_dsd_kernel(
+    a_ptr, values_ptr, bias_ptr, out_ptr,
+    block_ptr_ptr, block_slots_ptr, slot_block_idx_ptr,
+    M, NUM_N_TILES,
+    stride_am, stride_ak,
+    stride_vs, stride_vk, stride_vn,
+    stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out = a @ B (+ bias), ``B`` block-sparse with blocks ``BLOCK_RED x BLOCK_OUT``.
+
+    a: [M, Kb * BLOCK_RED]; out: [M, Nb * BLOCK_OUT]; bias: [Nb * BLOCK_OUT].
+    Block-column ``j`` of ``B`` owns the slots ``block_slots[block_ptr[j]:block_ptr[j + 1]]``;
+    slot ``s`` sits at block-row ``slot_block_idx[s]`` and its ``(k, n)`` element is at
+    ``values + s * stride_vs + k * stride_vk + n * stride_vn``.
+    One program computes a ``BLOCK_M x BLOCK_N`` tile of ``out``; an empty block-column
+    still writes its tile (zeros, or the bias).
+    """
+    # Program -> (row tile, column tile); consecutive programs share the row tile of `a`,
+    # so it stays in L2 while the (small) values are read by everybody.
+    pid = tl.program_id(0)
+    pid_m = pid // NUM_N_TILES
+    pid_n = pid % NUM_N_TILES
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_OUT // BLOCK_N
+    block_col = pid_n // TILES_PER_BLOCK
+    n0 = (pid_n % TILES_PER_BLOCK) * BLOCK_N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+
+    # One flat loop over (live block, k-chunk) pairs keeps the software pipeliner happy.
+    K_STEPS: tl.constexpr = BLOCK_RED // BLOCK_K
+    start = tl.load(block_ptr_ptr + block_col)
+    end = tl.load(block_ptr_ptr + block_col + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(start * K_STEPS, end * K_STEPS):
+        slot = tl.load(block_slots_ptr + step // K_STEPS).to(tl.int64)
+        block_row = tl.load(slot_block_idx_ptr + slot).to(tl.int64)
+        k = block_row * BLOCK_RED + (step % K_STEPS) * BLOCK_K + offs_k
+        a = tl.load(a_rows + k[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
+        k_in_block = (step % K_STEPS) * BLOCK_K + offs_k
+        b = tl.load(
+            values_ptr + slot * stride_vs
+            + k_in_block[:, None] * stride_vk + (n0 + offs_n)[None, :] * stride_vn
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    cols = block_col * BLOCK_OUT + n0 + offs_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.autotune(
+    configs=_configs((32, 64, 128), ((4, 3), (4, 4), (8, 3))),
+    key=["M", "BLOCK_OUT", "BLOCK_IN"],
+)
+@triton.jit
+def _bsr_sdd_kernel(
+    dy_ptr, x_ptr, out_ptr, row_idx_ptr, col_idx_ptr,
+    M,
+    stride_dym, stride_dyn,
+    stride_xm, stride_xk,
+    stride_os, stride_oo, stride_oi,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+    TILE_O: tl.constexpr, TILE_I: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out[s] = dy[:, rows(s)].T @ x[:, cols(s)] for every slot ``s``: the weight gradient
+    sampled at live blocks.
+
+    dy: [M, R * BLOCK_OUT]; x: [M, C * BLOCK_IN]; out: [nnz, BLOCK_OUT, BLOCK_IN].
+    One program computes a ``TILE_O x TILE_I`` tile of one slot, reducing over all ``M``.
+    """
+    pid = tl.program_id(0)
+    TILES_O: tl.constexpr = BLOCK_OUT // TILE_O
+    TILES_I: tl.constexpr = BLOCK_IN // TILE_I
+    slot = pid // (TILES_O * TILES_I)
+    tile = pid % (TILES_O * TILES_I)
+    o0 = (tile // TILES_I) * TILE_O
+    i0 = (tile % TILES_I) * TILE_I
+
+    block_row = tl.load(row_idx_ptr + slot).to(tl.int64)
+    block_col = tl.load(col_idx_ptr + slot).to(tl.int64)
+    offs_o = block_row * BLOCK_OUT + o0 + tl.arange(0, TILE_O)
+    offs_i = block_col * BLOCK_IN + i0 + tl.arange(0, TILE_I)
+    offs_m = tl.arange(0, BLOCK_M)
+
+    acc = tl.zeros((TILE_O, TILE_I), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + offs_m
+        m_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        # dy tile read transposed: [TILE_O, BLOCK_M]
+        a = tl.load(
+            dy_ptr + rows64[None, :] * stride_dym + offs_o[:, None] * stride_dyn,
+            mask=m_mask[None, :], other=0.0,
+        )
+        b = tl.load(
+            x_ptr + rows64[:, None] * stride_xm + offs_i[None, :] * stride_xk,
+            mask=m_mask[:, None], other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    out_ptrs = (
+        out_ptr + slot.to(tl.int64) * stride_os
+        + (o0 + tl.arange(0, TILE_O))[:, None] * stride_oo
+        + (i0 + tl.arange(0, TILE_I))[None, :] * stride_oi
+    )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------- launchers
+def _check_operands(name: str, dense: torch.Tensor, values: torch.Tensor, *index: torch.Tensor) -> None:
+    """Refuses what the kernels cannot take, naming the shape, dtype or device."""
+    if dense.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D input, got shape {tuple(dense.shape)}")
+    if values.dtype != dense.dtype:
+        raise TypeError(f"{name}: operands must share one dtype, got {dense.dtype} and {values.dtype}")
+    for t in (values, *index):
+        if t.device != dense.device:
+            raise ValueError(f"{name}: tensors on {dense.device} and {t.device}")
+    reason = triton_unsupported_reason(dense.device, dense.dtype, tuple(values.shape[1:3]))
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+
+
+def _precision_and_upcast(dtype: torch.dtype) -> Tuple[str, bool]:
+    """``input_precision`` for ``tl.dot`` and whether to upcast tiles to fp32.
+
+    fp32 follows torch: TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows.
+    """
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 and not _INTERPRET
+    precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    return precision, _INTERPRET and dtype == torch.bfloat16
+
+
+def _dsd(
+    name: str,
+    a: torch.Tensor,
+    values: torch.Tensor,
+    block_ptr: torch.Tensor,
+    block_slots: torch.Tensor,
+    slot_block_idx: torch.Tensor,
+    out_features: int,
+    block_out: int,
+    block_red: int,
+    stride_vk: int,
+    stride_vn: int,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Launches ``_bsr_dsd_kernel``: ``a [M, K] @ B -> [M, out_features]``."""
+    _check_operands(name, a, values, block_ptr, block_slots, slot_block_idx)
+    M = a.shape[0]
+    out = torch.empty(M, out_features, device=a.device, dtype=a.dtype)
+    if M == 0 or out_features == 0:
+        return out
+    block_n = min(block_out, 128)
+    num_n_tiles = out_features // block_n
+    precision, upcast = _precision_and_upcast(a.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * num_n_tiles,)  # noqa: E731
+    _bsr_dsd_kernel[grid](
+        a, values, bias if bias is not None else out, out,
+        block_ptr, block_slots, slot_block_idx,
+        M, num_n_tiles,
+        a.stride(0), a.stride(1),
+        values.stride(0), stride_vk, stride_vn,
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None,
+        BLOCK_OUT=block_out, BLOCK_RED=block_red,
+        BLOCK_N=block_n, BLOCK_K=min(block_red, 64),
+        UPCAST=upcast, PRECISION=precision,
+    )
+    return out
+
+
+def bsr_linear_fwd(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    row_ptr: torch.Tensor,
+    row_slots: torch.Tensor,
+    col_idx: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = x @ W.T + bias`` through the row-sorted index.
+
+    x: [M, C * bi]; values: [nnz, bo, bi]; row_ptr: [R + 1]; row_slots, col_idx: [nnz];
+    bias: [R * bo] or None. Returns y: [M, R * bo] in ``x.dtype``.
+    """
+    block_out, block_in = values.shape[1], values.shape[2]
+    out_features = (row_ptr.shape[0] - 1) * block_out
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bsr_linear_fwd: bias must be [{out_features}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    return _dsd(
+        "bsr_linear_fwd", x, values, row_ptr, row_slots, col_idx,
+        out_features, block_out, block_in,
+        stride_vk=values.stride(2), stride_vn=values.stride(1), bias=bias,
+    )
+
+
+def bsr_linear_grad_input(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    col_ptr: torch.Tensor,
+    col_slots: torch.Tensor,
+    row_idx: torch.Tensor,
+) -> torch.Tensor:
+    """``dx = dy @ W`` through the column-sorted index.
+
+    grad_out: [M, R * bo]; values: [nnz, bo, bi]; col_ptr: [C + 1]; col_slots, row_idx: [nnz].
+    Returns dx: [M, C * bi].
+    """
+    block_out, block_in = values.shape[1], values.shape[2]
+    in_features = (col_ptr.shape[0] - 1) * block_in
+    return _dsd(
+        "bsr_linear_grad_input", grad_out, values, col_ptr, col_slots, row_idx,
+        in_features, block_in, block_out,
+        stride_vk=values.stride(1), stride_vn=values.stride(2), bias=None,
+    )
+
+
+def bsr_linear_grad_weight(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    row_idx: torch.Tensor,
+    col_idx: torch.Tensor,
+    block_size: Tuple[int, int],
+) -> torch.Tensor:
+    """``dW[s] = dy[:, rows(s)].T @ x[:, cols(s)]`` at live blocks only.
+
+    grad_out: [M, R * bo]; x: [M, C * bi]; row_idx, col_idx: [nnz].
+    Returns grad values: [nnz, bo, bi] in ``x.dtype``.
+    """
+    block_out, block_in = block_size
+    grad_values = torch.empty(row_idx.shape[0], block_out, block_in, device=x.device, dtype=x.dtype)
+    _check_operands("bsr_linear_grad_weight", x, grad_values, grad_out, row_idx, col_idx)
+    if grad_out.dim() != 2 or grad_out.shape[0] != x.shape[0] or grad_out.dtype != x.dtype:
+        raise ValueError(
+            f"bsr_linear_grad_weight: grad_out {tuple(grad_out.shape)} {grad_out.dtype} does not "
+            f"match x {tuple(x.shape)} {x.dtype}"
+        )
+    nnz, M = row_idx.shape[0], x.shape[0]
+    if nnz == 0:
+        return grad_values
+    if M == 0:
+        return grad_values.zero_()
+    tile_o, tile_i = min(block_out, 64), min(block_in, 64)
+    tiles = (block_out // tile_o) * (block_in // tile_i)
+    precision, upcast = _precision_and_upcast(x.dtype)
+    _bsr_sdd_kernel[(nnz * tiles,)](
+        grad_out, x, grad_values, row_idx, col_idx,
+        M,
+        grad_out.stride(0), grad_out.stride(1),
+        x.stride(0), x.stride(1),
+        grad_values.stride(0), grad_values.stride(1), grad_values.stride(2),
+        BLOCK_OUT=block_out, BLOCK_IN=block_in, TILE_O=tile_o, TILE_I=tile_i,
+        UPCAST=upcast, PRECISION=precision,
+    )
+    return grad_values

@@ -1,0 +1,27 @@
+"""Test setup: Triton kernels run under the interpreter on machines without CUDA.
+
+``TRITON_INTERPRET`` must be set before triton is imported, hence at the top here.
+Tests marked ``gpu`` are skipped when no CUDA device is present.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

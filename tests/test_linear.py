@@ -1,0 +1,175 @@
+"""bsr_linear on both backends against an fp64 masked-dense truth: forward and gradients.
+
+The Triton backend runs under the interpreter on CPU (conftest sets TRITON_INTERPRET=1
+without CUDA). bf16 tiles are upcast before ``tl.dot`` there, so bf16 is tested too.
+"""
+import pytest
+import torch
+from helpers import BACKENDS, DEVICES, run_case, use_backend
+
+import sparse_kernels as sk
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (leading shape of x, block size, block grid [R, C], mask kind, bias)
+CASES = [
+    ((7,), 16, (3, 2), "random", True),
+    ((3, 5), 32, (2, 3), "random", False),
+    ((1,), 64, (2, 1), "random", True),
+    ((), 16, (2, 2), "random", True),
+    ((2, 1, 3), (16, 32), (3, 2), "random", True),
+    ((13,), (32, 16), (2, 3), "random", False),
+    ((5,), (16, 64), (2, 2), "random", True),
+    ((37,), 16, (4, 3), "random", True),
+    ((6,), 32, (2, 3), "empty", True),
+    ((6,), 32, (2, 3), "empty", False),
+    ((9,), 16, (3, 4), "full", True),
+    ((4,), 32, (3, 3), "one", False),
+    ((3,), 128, (1, 2), "full", True),
+    ((0,), 16, (2, 2), "random", True),
+]
+
+
+def _case_id(case):
+    lead, block, grid, mask, bias = case
+    return f"x{'x'.join(map(str, lead)) or 'scalar'}-b{block}-g{grid[0]}x{grid[1]}-{mask}-{'bias' if bias else 'nobias'}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bsr_linear_matches_masked_dense(backend, case, dtype, device, monkeypatch):
+    use_backend(monkeypatch, backend, device)
+    run_case(case, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, device, monkeypatch):
+    use_backend(monkeypatch, backend, device)
+    # x is a transposed view: strides (1, 5) in its 2-D form.
+    run_case(((5,), 16, (2, 3), "random", True), torch.float32, device,
+             make_x=lambda lead, k: torch.randn(k, *lead, device=device).T)
+
+
+def test_reference_float64():
+    run_case(((4,), 8, (2, 3), "random", True), torch.float64, "cpu")
+
+
+def test_interpreter_runs_the_triton_kernels(monkeypatch):
+    """Guards the suite's premise: on CPU the Triton backend really is taken."""
+    use_backend(monkeypatch, "triton", "cpu")
+    import sparse_kernels.triton.linear as kernels
+
+    calls = []
+    original = kernels.bsr_linear_fwd
+    monkeypatch.setattr(kernels, "bsr_linear_fwd", lambda *a, **k: calls.append(1) or original(*a, **k))
+    layout = sk.BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), 16)
+    sk.bsr_linear(torch.randn(2, 16), torch.randn(1, 16, 16), layout)
+    assert calls == [1]
+
+
+def test_auto_backend_selection(monkeypatch):
+    monkeypatch.delenv("SPARSE_KERNELS_BACKEND", raising=False)
+    expected = "triton" if sk.backend.triton_interpreting() else "reference"
+    assert sk.select_backend(torch.device("cpu"), torch.float32, (32, 32)) == expected
+    assert sk.select_backend(torch.device("cpu"), torch.float64, (32, 32)) == "reference"
+    assert sk.select_backend(torch.device("cpu"), torch.float32, (24, 32)) == "reference"
+    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "reference")
+    assert sk.select_backend(torch.device("cuda"), torch.float16, (32, 32)) == "reference"
+
+
+def test_unsupported_block_falls_back_to_reference(monkeypatch):
+    monkeypatch.delenv("SPARSE_KERNELS_BACKEND", raising=False)
+    run_case(((3,), (8, 24), (2, 2), "random", True), torch.float32, "cpu")
+
+
+# --------------------------------------------------------------------------- bad input
+def _operands(block=16, grid=(2, 3)):
+    layout = sk.BlockSparseLayout.from_block_mask(torch.ones(grid, dtype=torch.bool), block)
+    values = torch.randn(layout.nnz, block, block)
+    x = torch.randn(4, layout.shape[1])
+    return x, values, layout
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda x, v, l, b: (x[:, :-1], v, l, b), ValueError, r"x must have shape \[\.\.\., 48\], got \(4, 47\)"),
+        (lambda x, v, l, b: (x, v[:-1], l, b), ValueError, r"\(5, 16, 16\)"),
+        (lambda x, v, l, b: (x, v[:, :, :8], l, b), ValueError, r"\(6, 16, 8\)"),
+        (lambda x, v, l, b: (x.long(), v, l, b), TypeError, "int64"),
+        (lambda x, v, l, b: (x, v.int(), l, b), TypeError, "int32"),
+        (lambda x, v, l, b: (x.half(), v, l, b), TypeError, "float16.*float32"),
+        (lambda x, v, l, b: (x.to("meta"), v, l, b), ValueError, "meta"),
+        (lambda x, v, l, b: (x, v.to("meta"), l, b), ValueError, "meta"),
+        (lambda x, v, l, b: (x, v, l, torch.randn(31)), ValueError, r"\(32,\).*\(31,\)"),
+        (lambda x, v, l, b: (x, v, l, torch.randn(32).half()), TypeError, "float16"),
+        (lambda x, v, l, b: (x, v, l, torch.randn(32, device="meta")), ValueError, "meta"),
+        (lambda x, v, l, b: (x, v, "layout", b), TypeError, "BlockSparseLayout"),
+        (lambda x, v, l, b: (x.numpy(), v, l, b), TypeError, "ndarray"),
+    ],
+)
+def test_bad_input_is_refused(mutate, error, match):
+    x, values, layout = _operands()
+    args = mutate(x, values, layout, None)
+    with pytest.raises(error, match=match):
+        sk.bsr_linear(*args)
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "cutlass")
+    x, values, layout = _operands()
+    with pytest.raises(ValueError, match="cutlass"):
+        sk.bsr_linear(x, values, layout)
+
+
+def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "triton")
+    x, values, layout = _operands(block=8)
+    with pytest.raises(ValueError, match=r"\(8, 8\).*power of two"):
+        sk.bsr_linear(x, values, layout)
+    x, values, layout = _operands()
+    with pytest.raises(ValueError, match="float64"):
+        sk.bsr_linear(x.double(), values.double(), layout)
+
+
+# --------------------------------------------------------------------------- registration
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, device, monkeypatch):
+    use_backend(monkeypatch, backend, device)
+    layout = sk.BlockSparseLayout.from_block_mask(torch.tensor([[True, False], [True, True]]), 16).to(device)
+    index = layout.tensors()
+    x = torch.randn(5, 32, device=device, requires_grad=True)
+    values = torch.randn(3, 16, 16, device=device, requires_grad=True)
+    bias = torch.randn(32, device=device, requires_grad=True)
+    grad_out = torch.randn(5, 32, device=device)
+    ops = torch.ops.sparse_kernels
+    torch.library.opcheck(ops.bsr_linear.default, (x, values, bias, *index))
+    torch.library.opcheck(ops.bsr_linear.default, (x, values, None, *index))
+    torch.library.opcheck(ops.bsr_linear_grad_input.default, (grad_out, values.detach(), *index))
+    torch.library.opcheck(ops.bsr_linear_grad_weight.default, (grad_out, x.detach(), 16, 16, *index))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend, device, monkeypatch):
+    use_backend(monkeypatch, backend, device)
+    model = torch.nn.Sequential(
+        sk.BlockSparseLinear(32, 64, block_size=16, density=0.5),
+        torch.nn.GELU(),
+        sk.BlockSparseLinear(64, 16, block_size=16, density=0.5),
+    ).to(device)
+    x = torch.randn(3, 7, 32, device=device)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for compiled_grad, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(compiled_grad, p.grad)

@@ -1,0 +1,122 @@
+"""BlockSparseLinear: construction, from_dense, forward against dense, state_dict."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, naive_blocks, use_backend
+
+import sparse_kernels as sk
+
+
+def test_parameters_are_values_and_bias_only():
+    layer = sk.BlockSparseLinear(64, 96, block_size=16, density=0.25)
+    assert dict(layer.named_parameters()).keys() == {"values", "bias"}
+    assert layer.nnz == round(0.25 * 6 * 4) == layer.values.shape[0]
+    assert layer.values.shape[1:] == (16, 16)
+    assert layer.density == layer.nnz / 24
+    assert layer.layout.shape == (96, 64)
+    assert "6/24 blocks" in repr(layer)
+
+
+def test_initial_scale_is_nn_linear_scale():
+    layer = sk.BlockSparseLinear(256, 64, block_size=32, density=0.5)
+    bound = 1 / 256 ** 0.5
+    assert layer.values.abs().max() <= bound and layer.values.abs().max() > 0.9 * bound
+    assert layer.bias.abs().max() <= bound
+
+
+def test_density_rounding_and_limits():
+    assert sk.BlockSparseLinear(64, 64, block_size=16, density=0.0).nnz == 0
+    assert sk.BlockSparseLinear(64, 64, block_size=16, density=1.0).nnz == 16
+    assert sk.BlockSparseLinear(64, 64, block_size=16, density=0.01).nnz == 1
+    with pytest.raises(ValueError, match="1.5"):
+        sk.BlockSparseLinear(64, 64, block_size=16, density=1.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_equals_dense_linear_of_to_dense(backend, monkeypatch):
+    use_backend(monkeypatch, backend, "cpu")
+    layer = sk.BlockSparseLinear(48, 32, block_size=16, density=0.5)
+    x = torch.randn(2, 3, 48)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.to_dense(), layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_from_dense_keeps_the_largest_blocks():
+    linear = torch.nn.Linear(32, 48)  # grid 3 x 2 of 16 x 16 blocks
+    with torch.no_grad():
+        for r in range(3):
+            for c in range(2):
+                linear.weight[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] *= 1 + 10 * (r * 2 + c)
+    layer = sk.BlockSparseLinear.from_dense(linear, block_size=16, density=0.5)
+    expected = torch.tensor([[False, False], [False, True], [True, True]])
+    assert torch.equal(layer.layout.block_mask(), expected)
+    assert torch.equal(layer.values, naive_blocks(linear.weight, layer.row_idx, layer.col_idx, (16, 16)))
+    assert torch.equal(layer.bias, linear.bias)
+    x = torch.randn(5, 32)
+    mask = expected.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    torch.testing.assert_close(layer(x), F.linear(x, linear.weight * mask, linear.bias))
+
+
+def test_from_dense_ties_go_to_the_lower_block_index():
+    linear = torch.nn.Linear(32, 32, bias=False)
+    torch.nn.init.ones_(linear.weight)
+    layer = sk.BlockSparseLinear.from_dense(linear, block_size=16, density=0.5)
+    assert layer.bias is None
+    assert torch.equal(layer.layout.block_mask(), torch.tensor([[True, True], [False, False]]))
+
+
+def test_from_dense_rectangular_block_and_dtype():
+    linear = torch.nn.Linear(64, 32).to(torch.float16)
+    layer = sk.BlockSparseLinear.from_dense(linear, block_size=(16, 32), density=1.0)
+    assert layer.values.dtype == torch.float16 and layer.grid == (2, 2)
+    assert torch.equal(layer.to_dense(), linear.weight)
+
+
+def test_bad_construction_is_refused():
+    with pytest.raises(ValueError, match=r"block size \(16, 16\).*\(64, 40\)"):
+        sk.BlockSparseLinear(40, 64, block_size=16)
+    with pytest.raises(ValueError, match=r"\(32, 24\)"):
+        sk.BlockSparseLinear.from_dense(torch.nn.Linear(24, 32), block_size=16)
+    with pytest.raises(TypeError, match="Conv2d"):
+        sk.BlockSparseLinear.from_dense(torch.nn.Conv2d(16, 16, 3), block_size=16)
+    with pytest.raises(ValueError, match=r"\(2, 2\).*\(3, 2\)"):
+        sk.BlockSparseLinear(32, 32, block_size=16, block_mask=torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_state_dict_round_trip_restores_the_layout():
+    torch.manual_seed(1)
+    source = sk.BlockSparseLinear(64, 48, block_size=16, density=0.5)
+    torch.manual_seed(2)
+    target = sk.BlockSparseLinear(64, 48, block_size=16, density=0.5)
+    assert not torch.equal(source.layout.block_mask(), target.layout.block_mask())
+    state = source.state_dict()
+    assert set(state) == {"values", "bias", "row_idx", "col_idx"}
+    target.load_state_dict(state)
+    for a, b in zip(source.layout.tensors(), target.layout.tensors()):
+        assert torch.equal(a, b)
+    x = torch.randn(3, 64)
+    assert torch.equal(source(x), target(x))
+
+
+def test_load_state_dict_with_another_block_count():
+    source = sk.BlockSparseLinear(64, 48, block_size=16, density=0.75)
+    target = sk.BlockSparseLinear(64, 48, block_size=16, density=0.25)
+    target.load_state_dict(source.state_dict())
+    assert target.nnz == source.nnz
+    assert torch.equal(target.layout.block_mask(), source.layout.block_mask())
+    x = torch.randn(3, 64)
+    assert torch.equal(source(x), target(x))
+
+
+def test_load_state_dict_refuses_a_corrupt_mask():
+    layer = sk.BlockSparseLinear(32, 32, block_size=16, density=0.5)
+    state = layer.state_dict()
+    state["row_idx"] = torch.zeros_like(state["row_idx"])
+    state["col_idx"] = torch.zeros_like(state["col_idx"])
+    with pytest.raises(ValueError, match="same block"):
+        layer.load_state_dict(state)
+
+
+def test_module_to_dtype_moves_values_not_index():
+    layer = sk.BlockSparseLinear(32, 32, block_size=16, density=0.5).to(torch.float16)
+    assert layer.values.dtype == torch.float16 and layer.row_idx.dtype == torch.int32
+    assert layer(torch.randn(2, 32, dtype=torch.float16)).dtype == torch.float16
