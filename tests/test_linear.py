@@ -141,16 +141,16 @@ def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):
 def test_opcheck(backend, device, monkeypatch):
     use_backend(monkeypatch, backend, device)
     layout = sk.BlockSparseLayout.from_block_mask(torch.tensor([[True, False], [True, True]]), 16).to(device)
-    index = layout.tensors()
+    index = list(layout.tensors())
     x = torch.randn(5, 32, device=device, requires_grad=True)
     values = torch.randn(3, 16, 16, device=device, requires_grad=True)
     bias = torch.randn(32, device=device, requires_grad=True)
     grad_out = torch.randn(5, 32, device=device)
     ops = torch.ops.sparse_kernels
-    torch.library.opcheck(ops.bsr_linear.default, (x, values, bias, *index))
-    torch.library.opcheck(ops.bsr_linear.default, (x, values, None, *index))
-    torch.library.opcheck(ops.bsr_linear_grad_input.default, (grad_out, values.detach(), *index))
-    torch.library.opcheck(ops.bsr_linear_grad_weight.default, (grad_out, x.detach(), 16, 16, *index))
+    torch.library.opcheck(ops.bsr_linear.default, (x, values, bias, index))
+    torch.library.opcheck(ops.bsr_linear.default, (x, values, None, index))
+    torch.library.opcheck(ops.bsr_linear_grad_input.default, (grad_out, values.detach(), index))
+    torch.library.opcheck(ops.bsr_linear_grad_weight.default, (grad_out, x.detach(), 16, 16, index))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -173,3 +173,43 @@ def test_torch_compile_fullgraph(backend, device, monkeypatch):
     torch.testing.assert_close(y, y_eager)
     for compiled_grad, p in zip(compiled_grads, model.parameters()):
         torch.testing.assert_close(compiled_grad, p.grad)
+
+
+# --------------------------------------------------------------------------- strides and flags
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_bias_and_values(backend, device, monkeypatch):
+    """The kernels read bias with unit stride and values through their strides."""
+    use_backend(monkeypatch, backend, device)
+    layout = sk.BlockSparseLayout.from_block_mask(torch.tensor([[True, False], [True, True]]), 16).to(device)
+    values = torch.randn(3, 16, 16, device=device).transpose(1, 2).contiguous().transpose(1, 2)
+    bias = torch.randn(64, device=device)[::2]
+    assert not values.is_contiguous() and bias.stride() == (2,)
+    x = torch.randn(6, 32, device=device)
+    expected = x.double() @ sk.to_dense(values, layout).double().T + bias.double()
+    torch.testing.assert_close(sk.bsr_linear(x, values, layout, bias).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_new_tf32_api_does_not_break_fp32(monkeypatch):
+    """torch >= 2.9 raises on reading ``allow_tf32`` once ``fp32_precision`` was set."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    use_backend(monkeypatch, "triton", "cpu")
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        layout = sk.BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), 16)
+        y = sk.bsr_linear(torch.randn(2, 16), torch.randn(1, 16, 16), layout)
+        assert torch.isfinite(y).all()
+    finally:
+        matmul.fp32_precision = previous
+
+
+@pytest.mark.gpu
+def test_runs_on_a_second_gpu(monkeypatch):
+    """Triton launches on the current device; the launchers must switch to the tensors'."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    use_backend(monkeypatch, "triton", "cuda")
+    run_case(((64,), 32, (4, 4), "random", True), torch.float16, "cuda:1")

@@ -6,12 +6,12 @@ Three custom ops, opaque to ``torch.compile`` and each with a fake (meta) implem
 * ``sparse_kernels::bsr_linear_grad_input``  dx = dy @ W
 * ``sparse_kernels::bsr_linear_grad_weight`` dW = (dy.T @ x) at live blocks
 
-They take 2-D activations and the layout as its six index tensors; each picks the Triton
+They take 2-D activations and the layout as the list of its six index tensors; each picks the Triton
 kernels or the reference at call time (see :mod:`sparse_kernels.backend`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,101 +27,73 @@ from ..reference import (
 
 def _layout_of(block_size: Sequence[int], index: Sequence[Tensor]) -> BlockSparseLayout:
     """Rebuilds the layout object from its six index tensors (no copies, no checks)."""
-    row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
+    row_ptr, col_ptr = index[2], index[4]
     grid = (row_ptr.shape[0] - 1, col_ptr.shape[0] - 1)
-    return BlockSparseLayout(
-        grid, (int(block_size[0]), int(block_size[1])),
-        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
-    )
+    return BlockSparseLayout(grid, (int(block_size[0]), int(block_size[1])), *index)
 
 
 def _backend(t: Tensor, block_size: Sequence[int]) -> str:
     return select_backend(t.device, t.dtype, (int(block_size[0]), int(block_size[1])))
 
 
+# The ops take the layout as ``index = layout.tensors()``:
+# [row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots].
+
 # --------------------------------------------------------------------------- forward op
 @torch.library.custom_op("sparse_kernels::bsr_linear", mutates_args=())
-def _bsr_linear_op(
-    x: Tensor,
-    values: Tensor,
-    bias: Optional[Tensor],
-    row_idx: Tensor,
-    col_idx: Tensor,
-    row_ptr: Tensor,
-    row_slots: Tensor,
-    col_ptr: Tensor,
-    col_slots: Tensor,
-) -> Tensor:
+def _bsr_linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
     if _backend(x, block_size) == "triton":
         from ..triton.linear import bsr_linear_fwd
 
+        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
         return bsr_linear_fwd(x, values, row_ptr, row_slots, col_idx, bias)
-    index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
     return bsr_linear_reference(x, values, _layout_of(block_size, index), bias)
 
 
 @_bsr_linear_op.register_fake
-def _(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
-    return x.new_empty(x.shape[0], (row_ptr.shape[0] - 1) * values.shape[1])
+def _(x, values, bias, index):
+    return x.new_empty(x.shape[0], (index[2].shape[0] - 1) * values.shape[1])
 
 
 # --------------------------------------------------------------------------- backward ops
 @torch.library.custom_op("sparse_kernels::bsr_linear_grad_input", mutates_args=())
-def _bsr_linear_grad_input_op(
-    grad_out: Tensor,
-    values: Tensor,
-    row_idx: Tensor,
-    col_idx: Tensor,
-    row_ptr: Tensor,
-    row_slots: Tensor,
-    col_ptr: Tensor,
-    col_slots: Tensor,
-) -> Tensor:
+def _bsr_linear_grad_input_op(grad_out: Tensor, values: Tensor, index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
     if _backend(grad_out, block_size) == "triton":
         from ..triton.linear import bsr_linear_grad_input
 
+        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
         return bsr_linear_grad_input(grad_out, values, col_ptr, col_slots, row_idx)
-    index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
     return bsr_linear_grad_input_reference(grad_out, values, _layout_of(block_size, index))
 
 
 @_bsr_linear_grad_input_op.register_fake
-def _(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
-    return grad_out.new_empty(grad_out.shape[0], (col_ptr.shape[0] - 1) * values.shape[2])
+def _(grad_out, values, index):
+    return grad_out.new_empty(grad_out.shape[0], (index[4].shape[0] - 1) * values.shape[2])
 
 
 @torch.library.custom_op("sparse_kernels::bsr_linear_grad_weight", mutates_args=())
 def _bsr_linear_grad_weight_op(
-    grad_out: Tensor,
-    x: Tensor,
-    block_out: int,
-    block_in: int,
-    row_idx: Tensor,
-    col_idx: Tensor,
-    row_ptr: Tensor,
-    row_slots: Tensor,
-    col_ptr: Tensor,
-    col_slots: Tensor,
+    grad_out: Tensor, x: Tensor, block_out: int, block_in: int, index: List[Tensor]
 ) -> Tensor:
     block_size = (block_out, block_in)
     if _backend(x, block_size) == "triton":
         from ..triton.linear import bsr_linear_grad_weight
 
-        return bsr_linear_grad_weight(grad_out, x, row_idx, col_idx, block_size)
-    index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
+        return bsr_linear_grad_weight(grad_out, x, row_idx, col_idx, row_slots, block_size)
     return bsr_linear_grad_weight_reference(grad_out, x, _layout_of(block_size, index))
 
 
 @_bsr_linear_grad_weight_op.register_fake
-def _(grad_out, x, block_out, block_in, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
-    return x.new_empty(row_idx.shape[0], block_out, block_in)
+def _(grad_out, x, block_out, block_in, index):
+    return x.new_empty(index[0].shape[0], block_out, block_in)
 
 
 # --------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, values, bias, *index = inputs
+    x, values, bias, index = inputs
     ctx.save_for_backward(x, values, *index)
     ctx.has_bias = bias is not None
 
@@ -130,14 +102,14 @@ def _backward(ctx, grad_out):
     x, values, *index = ctx.saved_tensors
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = _bsr_linear_grad_input_op(grad_out, values, *index)
+        grad_x = _bsr_linear_grad_input_op(grad_out, values, index)
     if ctx.needs_input_grad[1]:
-        grad_values = _bsr_linear_grad_weight_op(grad_out, x, values.shape[1], values.shape[2], *index)
+        grad_values = _bsr_linear_grad_weight_op(grad_out, x, values.shape[1], values.shape[2], index)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         # Accumulate in at least fp32, as the kernels do.
         accumulate = torch.promote_types(grad_out.dtype, torch.float32)
         grad_bias = grad_out.sum(0, dtype=accumulate).to(grad_out.dtype)
-    return (grad_x, grad_values, grad_bias) + (None,) * len(index)
+    return grad_x, grad_values, grad_bias, [None] * len(index)
 
 
 _bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -172,7 +144,7 @@ def bsr_linear(
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     x_2d = x.reshape(-1, layout.shape[1])
-    y = _bsr_linear_op(x_2d, values, bias, *layout.tensors())
+    y = _bsr_linear_op(x_2d, values, bias, list(layout.tensors()))
     return y.reshape(*x.shape[:-1], out_features)
 
 

@@ -14,6 +14,7 @@ before ``tl.dot`` (its bf16 ``tl.dot`` returns garbage in Triton 3.8 and 3.9).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -26,27 +27,24 @@ from ..backend import triton_interpreting, triton_unsupported_reason
 _INTERPRET = triton_interpreting()
 
 
-def _configs(tile_m_options, warps_stages):
-    """Autotune configs on a GPU; one fixed config under the interpreter (nothing to time)."""
+def _configs(gpu_configs):
+    """Autotune configs from ``(BLOCK_M, num_warps, num_stages)`` triples on a GPU; one
+    fixed config under the interpreter (nothing to time there)."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-        for block_m in tile_m_options
-        for warps, stages in warps_stages
-    ]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in gpu_configs]
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
-    configs=_configs((64, 128), ((4, 3), (4, 4), (8, 3))),
-    key=["M", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "HAS_BIAS"],
+    configs=_configs([(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 5), (256, 8, 4)]),
+    key=["M_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "HAS_BIAS", "PRECISION"],
 )
 @triton.jit
 def _bsr_dsd_kernel(
     a_ptr, values_ptr, bias_ptr, out_ptr,
     block_ptr_ptr, block_slots_ptr, slot_block_idx_ptr,
-    M, NUM_N_TILES,
+    M, M_BUCKET, NUM_N_TILES,
     stride_am, stride_ak,
     stride_vs, stride_vk, stride_vn,
     stride_om, stride_on,
@@ -107,13 +105,13 @@ def _bsr_dsd_kernel(
 
 
 @triton.autotune(
-    configs=_configs((32, 64, 128), ((4, 3), (4, 4), (8, 3))),
-    key=["M", "BLOCK_OUT", "BLOCK_IN"],
+    configs=_configs([(m, w, st) for m in (32, 64, 128) for w, st in ((4, 3), (4, 4), (8, 3))]),
+    key=["M_BUCKET", "BLOCK_OUT", "BLOCK_IN", "PRECISION"],
 )
 @triton.jit
 def _bsr_sdd_kernel(
-    dy_ptr, x_ptr, out_ptr, row_idx_ptr, col_idx_ptr,
-    M,
+    dy_ptr, x_ptr, out_ptr, row_slots_ptr, row_idx_ptr, col_idx_ptr,
+    M, M_BUCKET,
     stride_dym, stride_dyn,
     stride_xm, stride_xk,
     stride_os, stride_oo, stride_oi,
@@ -126,11 +124,13 @@ def _bsr_sdd_kernel(
 
     dy: [M, R * BLOCK_OUT]; x: [M, C * BLOCK_IN]; out: [nnz, BLOCK_OUT, BLOCK_IN].
     One program computes a ``TILE_O x TILE_I`` tile of one slot, reducing over all ``M``.
+    Programs run in row-sorted slot order (``row_slots``), so programs running together
+    read the same columns of ``dy`` from L2, whatever order mask updates left the slots in.
     """
     pid = tl.program_id(0)
     TILES_O: tl.constexpr = BLOCK_OUT // TILE_O
     TILES_I: tl.constexpr = BLOCK_IN // TILE_I
-    slot = pid // (TILES_O * TILES_I)
+    slot = tl.load(row_slots_ptr + pid // (TILES_O * TILES_I))
     tile = pid % (TILES_O * TILES_I)
     o0 = (tile // TILES_I) * TILE_O
     i0 = (tile % TILES_I) * TILE_I
@@ -188,9 +188,27 @@ def _precision_and_upcast(dtype: torch.dtype) -> Tuple[str, bool]:
 
     fp32 follows torch: TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows.
     """
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 and not _INTERPRET
-    precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    precision = "tf32" if dtype == torch.float32 and _tf32_allowed() and not _INTERPRET else "ieee"
     return precision, _INTERPRET and dtype == torch.bfloat16
+
+
+def _tf32_allowed() -> bool:
+    """torch's TF32 setting for CUDA matmuls, however it was set.
+
+    torch >= 2.9 has ``fp32_precision`` (which also reflects ``allow_tf32`` and
+    ``set_float32_matmul_precision``); reading ``allow_tf32`` raises there once the new
+    API was used.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU: Triton launches on the current CUDA device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _dsd(
@@ -200,15 +218,29 @@ def _dsd(
     block_ptr: torch.Tensor,
     block_slots: torch.Tensor,
     slot_block_idx: torch.Tensor,
-    out_features: int,
-    block_out: int,
-    block_red: int,
-    stride_vk: int,
-    stride_vn: int,
+    transpose_values: bool,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """Launches ``_bsr_dsd_kernel``: ``a [M, K] @ B -> [M, out_features]``."""
+    """Launches ``_bsr_dsd_kernel``: ``a [M, Kb * red] @ B -> [M, Nb * out]``.
+
+    ``B``'s blocks are ``values[s].T`` (``transpose_values``, the forward) or ``values[s]``
+    (the grad-input); either way values are read in place through their strides.
+    """
     _check_operands(name, a, values, block_ptr, block_slots, slot_block_idx)
+    values = values.contiguous()
+    block_rows, block_cols = values.shape[1], values.shape[2]
+    block_out, block_red = (block_rows, block_cols) if transpose_values else (block_cols, block_rows)
+    stride_out, stride_red = values.stride(1), values.stride(2)
+    if not transpose_values:
+        stride_out, stride_red = stride_red, stride_out
+    num_block_cols = block_ptr.shape[0] - 1
+    if a.shape[1] % block_red:
+        raise ValueError(f"{name}: input of shape {tuple(a.shape)} is not a whole number of {block_red}-wide blocks")
+    out_features = num_block_cols * block_out
+    if bias is not None:
+        if bias.shape != (out_features,) or bias.dtype != a.dtype:
+            raise ValueError(f"{name}: bias must be [{out_features}] {a.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        bias = bias.contiguous()  # the kernel reads it with unit stride
     M = a.shape[0]
     out = torch.empty(M, out_features, device=a.device, dtype=a.dtype)
     if M == 0 or out_features == 0:
@@ -217,18 +249,19 @@ def _dsd(
     num_n_tiles = out_features // block_n
     precision, upcast = _precision_and_upcast(a.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * num_n_tiles,)  # noqa: E731
-    _bsr_dsd_kernel[grid](
-        a, values, bias if bias is not None else out, out,
-        block_ptr, block_slots, slot_block_idx,
-        M, num_n_tiles,
-        a.stride(0), a.stride(1),
-        values.stride(0), stride_vk, stride_vn,
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None,
-        BLOCK_OUT=block_out, BLOCK_RED=block_red,
-        BLOCK_N=block_n, BLOCK_K=min(block_red, 64),
-        UPCAST=upcast, PRECISION=precision,
-    )
+    with _on_device(a):
+        _bsr_dsd_kernel[grid](
+            a, values, bias if bias is not None else out, out,
+            block_ptr, block_slots, slot_block_idx,
+            M, triton.next_power_of_2(M), num_n_tiles,
+            a.stride(0), a.stride(1),
+            values.stride(0), stride_red, stride_out,
+            out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None,
+            BLOCK_OUT=block_out, BLOCK_RED=block_red,
+            BLOCK_N=block_n, BLOCK_K=min(block_red, 64),
+            UPCAST=upcast, PRECISION=precision,
+        )
     return out
 
 
@@ -245,15 +278,7 @@ def bsr_linear_fwd(
     x: [M, C * bi]; values: [nnz, bo, bi]; row_ptr: [R + 1]; row_slots, col_idx: [nnz];
     bias: [R * bo] or None. Returns y: [M, R * bo] in ``x.dtype``.
     """
-    block_out, block_in = values.shape[1], values.shape[2]
-    out_features = (row_ptr.shape[0] - 1) * block_out
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
-        raise ValueError(f"bsr_linear_fwd: bias must be [{out_features}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    return _dsd(
-        "bsr_linear_fwd", x, values, row_ptr, row_slots, col_idx,
-        out_features, block_out, block_in,
-        stride_vk=values.stride(2), stride_vn=values.stride(1), bias=bias,
-    )
+    return _dsd("bsr_linear_fwd", x, values, row_ptr, row_slots, col_idx, transpose_values=True, bias=bias)
 
 
 def bsr_linear_grad_input(
@@ -268,12 +293,8 @@ def bsr_linear_grad_input(
     grad_out: [M, R * bo]; values: [nnz, bo, bi]; col_ptr: [C + 1]; col_slots, row_idx: [nnz].
     Returns dx: [M, C * bi].
     """
-    block_out, block_in = values.shape[1], values.shape[2]
-    in_features = (col_ptr.shape[0] - 1) * block_in
     return _dsd(
-        "bsr_linear_grad_input", grad_out, values, col_ptr, col_slots, row_idx,
-        in_features, block_in, block_out,
-        stride_vk=values.stride(1), stride_vn=values.stride(2), bias=None,
+        "bsr_linear_grad_input", grad_out, values, col_ptr, col_slots, row_idx, transpose_values=False, bias=None
     )
 
 
@@ -282,16 +303,17 @@ def bsr_linear_grad_weight(
     x: torch.Tensor,
     row_idx: torch.Tensor,
     col_idx: torch.Tensor,
+    row_slots: torch.Tensor,
     block_size: Tuple[int, int],
 ) -> torch.Tensor:
     """``dW[s] = dy[:, rows(s)].T @ x[:, cols(s)]`` at live blocks only.
 
-    grad_out: [M, R * bo]; x: [M, C * bi]; row_idx, col_idx: [nnz].
+    grad_out: [M, R * bo]; x: [M, C * bi]; row_idx, col_idx, row_slots: [nnz].
     Returns grad values: [nnz, bo, bi] in ``x.dtype``.
     """
     block_out, block_in = block_size
     grad_values = torch.empty(row_idx.shape[0], block_out, block_in, device=x.device, dtype=x.dtype)
-    _check_operands("bsr_linear_grad_weight", x, grad_values, grad_out, row_idx, col_idx)
+    _check_operands("bsr_linear_grad_weight", x, grad_values, grad_out, row_idx, col_idx, row_slots)
     if grad_out.dim() != 2 or grad_out.shape[0] != x.shape[0] or grad_out.dtype != x.dtype:
         raise ValueError(
             f"bsr_linear_grad_weight: grad_out {tuple(grad_out.shape)} {grad_out.dtype} does not "
@@ -305,13 +327,14 @@ def bsr_linear_grad_weight(
     tile_o, tile_i = min(block_out, 64), min(block_in, 64)
     tiles = (block_out // tile_o) * (block_in // tile_i)
     precision, upcast = _precision_and_upcast(x.dtype)
-    _bsr_sdd_kernel[(nnz * tiles,)](
-        grad_out, x, grad_values, row_idx, col_idx,
-        M,
-        grad_out.stride(0), grad_out.stride(1),
-        x.stride(0), x.stride(1),
-        grad_values.stride(0), grad_values.stride(1), grad_values.stride(2),
-        BLOCK_OUT=block_out, BLOCK_IN=block_in, TILE_O=tile_o, TILE_I=tile_i,
-        UPCAST=upcast, PRECISION=precision,
-    )
+    with _on_device(x):
+        _bsr_sdd_kernel[(nnz * tiles,)](
+            grad_out, x, grad_values, row_slots, row_idx, col_idx,
+            M, triton.next_power_of_2(M),
+            grad_out.stride(0), grad_out.stride(1),
+            x.stride(0), x.stride(1),
+            grad_values.stride(0), grad_values.stride(1), grad_values.stride(2),
+            BLOCK_OUT=block_out, BLOCK_IN=block_in, TILE_O=tile_o, TILE_I=tile_i,
+            UPCAST=upcast, PRECISION=precision,
+        )
     return grad_values
