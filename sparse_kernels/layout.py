@@ -286,7 +286,9 @@ def to_dense(values: torch.Tensor, layout: BlockSparseLayout) -> torch.Tensor:
     Returns:
         ``[out, in]`` or ``[out, in, kh, kw]``.
     """
-    if isinstance(values, torch.Tensor) and values.dim() not in (3, 5):
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.dim() not in (3, 5):
         raise ValueError(f"values must be [nnz, bo, bi] or [nnz, bo, bi, kh, kw], got {tuple(values.shape)}")
     check_values(values, layout, taps=values.dim() - 3)
     (num_rows, num_cols), (bo, bi) = layout.grid, layout.block_size

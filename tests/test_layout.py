@@ -120,3 +120,7 @@ def test_from_dense_and_to_dense_refuse_mismatches():
         sk.to_dense(torch.zeros(6, 4, 4, dtype=torch.long), layout)
     with pytest.raises(ValueError, match="meta"):
         sk.to_dense(torch.zeros(6, 4, 4, device="meta"), layout)
+    with pytest.raises(TypeError, match="list"):
+        sk.to_dense([[0.0]], layout)
+    with pytest.raises(ValueError, match=r"\(6, 16\)"):
+        sk.to_dense(torch.zeros(6, 16), layout)

@@ -60,7 +60,8 @@ def _bsr_dsd_kernel(
     slot ``s`` sits at block-row ``slot_block_idx[s]`` and its ``(k, n)`` element is at
     ``values + s * stride_vs + k * stride_vk + n * stride_vn``.
     One program computes a ``BLOCK_M x BLOCK_N`` tile of ``out``; an empty block-column
-    still writes its tile (zeros, or the bias).
+    still writes its tile (zeros, or the bias). ``M_BUCKET`` (the next power of two of
+    ``M``) is only an autotune key, so that every new batch size does not re-tune.
     """
     # Program -> (row tile, column tile); consecutive programs share the row tile of `a`,
     # so it stays in L2 while the (small) values are read by everybody.
@@ -85,9 +86,9 @@ def _bsr_dsd_kernel(
     for step in range(start * K_STEPS, end * K_STEPS):
         slot = tl.load(block_slots_ptr + step // K_STEPS).to(tl.int64)
         block_row = tl.load(slot_block_idx_ptr + slot).to(tl.int64)
-        k = block_row * BLOCK_RED + (step % K_STEPS) * BLOCK_K + offs_k
-        a = tl.load(a_rows + k[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
         k_in_block = (step % K_STEPS) * BLOCK_K + offs_k
+        k = block_row * BLOCK_RED + k_in_block
+        a = tl.load(a_rows + k[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
         b = tl.load(
             values_ptr + slot * stride_vs
             + k_in_block[:, None] * stride_vk + (n0 + offs_n)[None, :] * stride_vn
@@ -126,6 +127,7 @@ def _bsr_sdd_kernel(
     One program computes a ``TILE_O x TILE_I`` tile of one slot, reducing over all ``M``.
     Programs run in row-sorted slot order (``row_slots``), so programs running together
     read the same columns of ``dy`` from L2, whatever order mask updates left the slots in.
+    ``M_BUCKET`` is only an autotune key, as in ``_bsr_dsd_kernel``.
     """
     pid = tl.program_id(0)
     TILES_O: tl.constexpr = BLOCK_OUT // TILE_O
