@@ -6,8 +6,8 @@ Three custom ops, opaque to ``torch.compile`` and each with a fake (meta) implem
 * ``sparse_kernels::bsr_linear_grad_input``  dx = dy @ W
 * ``sparse_kernels::bsr_linear_grad_weight`` dW = (dy.T @ x) at live blocks
 
-They take 2-D activations and the layout as the list of its six index tensors; each picks the Triton
-kernels or the reference at call time (see :mod:`sparse_kernels.backend`).
+They take 2-D activations and the layout as the list of its six index tensors; each
+picks the Triton kernels or the reference at call time (see :mod:`sparse_kernels.backend`).
 """
 from __future__ import annotations
 
