@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def result_path(out: Optional[str], out_dir: Optional[str], suite: str, env: Dic
         return Path(out)
     if not out_dir:
         return None
-    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in str(env["device_name"]))
+    name = re.sub(r"[^A-Za-z0-9_.]+", "-", str(env["device_name"])).strip("-")
     return Path(out_dir) / f"{suite}-{str(env['date'])[:10]}-{name}.json"
 
 
