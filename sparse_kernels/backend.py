@@ -12,6 +12,7 @@ The variable is read at every call, so tests may change it between calls.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional, Sequence, Tuple
@@ -35,11 +36,17 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether triton can be imported (looked up once: ops ask on every call)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_unsupported_reason(
     device: torch.device, dtype: torch.dtype, block_size: Sequence[int]
 ) -> Optional[str]:
     """Why the Triton kernels cannot take this case, or ``None`` if they can."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return "triton is not installed"
     if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
         return f"tensors on {device} need CUDA, or TRITON_INTERPRET=1 for the Triton interpreter on CPU"
