@@ -14,30 +14,17 @@ before ``tl.dot`` (its bf16 ``tl.dot`` returns garbage in Triton 3.8 and 3.9).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreting, triton_unsupported_reason
-
-# Read once: triton itself decides at import whether it interprets.
-_INTERPRET = triton_interpreting()
-
-
-def _configs(gpu_configs):
-    """Autotune configs from ``(BLOCK_M, num_warps, num_stages)`` triples on a GPU; one
-    fixed config under the interpreter (nothing to time there)."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in gpu_configs]
-
+from .common import autotune_configs, check_operands, on_device, precision_and_upcast
 
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
-    configs=_configs([(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 5), (256, 8, 4)]),
+    configs=autotune_configs([(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 5), (256, 8, 4)]),
     key=["M_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "HAS_BIAS", "PRECISION"],
 )
 @triton.jit
@@ -106,7 +93,7 @@ def _bsr_dsd_kernel(
 
 
 @triton.autotune(
-    configs=_configs([(m, w, st) for m in (32, 64, 128) for w, st in ((4, 3), (4, 4), (8, 3))]),
+    configs=autotune_configs([(m, w, st) for m in (32, 64, 128) for w, st in ((4, 3), (4, 4), (8, 3))]),
     key=["M_BUCKET", "BLOCK_OUT", "BLOCK_IN", "PRECISION"],
 )
 @triton.jit
@@ -171,48 +158,6 @@ def _bsr_sdd_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-def _check_operands(name: str, dense: torch.Tensor, values: torch.Tensor, *index: torch.Tensor) -> None:
-    """Refuses what the kernels cannot take, naming the shape, dtype or device."""
-    if dense.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D input, got shape {tuple(dense.shape)}")
-    if values.dtype != dense.dtype:
-        raise TypeError(f"{name}: operands must share one dtype, got {dense.dtype} and {values.dtype}")
-    for t in (values, *index):
-        if t.device != dense.device:
-            raise ValueError(f"{name}: tensors on {dense.device} and {t.device}")
-    reason = triton_unsupported_reason(dense.device, dense.dtype, tuple(values.shape[1:3]))
-    if reason is not None:
-        raise ValueError(f"{name}: {reason}")
-
-
-def _precision_and_upcast(dtype: torch.dtype) -> Tuple[str, bool]:
-    """``input_precision`` for ``tl.dot`` and whether to upcast tiles to fp32.
-
-    fp32 follows torch: TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows.
-    """
-    precision = "tf32" if dtype == torch.float32 and _tf32_allowed() and not _INTERPRET else "ieee"
-    return precision, _INTERPRET and dtype == torch.bfloat16
-
-
-def _tf32_allowed() -> bool:
-    """torch's TF32 setting for CUDA matmuls, however it was set.
-
-    torch >= 2.9 has ``fp32_precision`` (which also reflects ``allow_tf32`` and
-    ``set_float32_matmul_precision``); reading ``allow_tf32`` raises there once the new
-    API was used.
-    """
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is not None:
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on the tensors' GPU: Triton launches on the current CUDA device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _dsd(
     name: str,
     a: torch.Tensor,
@@ -228,7 +173,7 @@ def _dsd(
     ``B``'s blocks are ``values[s].T`` (``transpose_values``, the forward) or ``values[s]``
     (the grad-input); either way values are read in place through their strides.
     """
-    _check_operands(name, a, values, block_ptr, block_slots, slot_block_idx)
+    check_operands(name, a, values, block_ptr, block_slots, slot_block_idx)
     values = values.contiguous()
     block_rows, block_cols = values.shape[1], values.shape[2]
     block_out, block_red = (block_rows, block_cols) if transpose_values else (block_cols, block_rows)
@@ -249,9 +194,9 @@ def _dsd(
         return out
     block_n = min(block_out, 128)
     num_n_tiles = out_features // block_n
-    precision, upcast = _precision_and_upcast(a.dtype)
+    precision, upcast = precision_and_upcast(a.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * num_n_tiles,)  # noqa: E731
-    with _on_device(a):
+    with on_device(a):
         _bsr_dsd_kernel[grid](
             a, values, bias if bias is not None else out, out,
             block_ptr, block_slots, slot_block_idx,
@@ -315,7 +260,7 @@ def bsr_linear_grad_weight(
     """
     block_out, block_in = block_size
     grad_values = torch.empty(row_idx.shape[0], block_out, block_in, device=x.device, dtype=x.dtype)
-    _check_operands("bsr_linear_grad_weight", x, grad_values, grad_out, row_idx, col_idx, row_slots)
+    check_operands("bsr_linear_grad_weight", x, grad_values, grad_out, row_idx, col_idx, row_slots)
     if grad_out.dim() != 2 or grad_out.shape[0] != x.shape[0] or grad_out.dtype != x.dtype:
         raise ValueError(
             f"bsr_linear_grad_weight: grad_out {tuple(grad_out.shape)} {grad_out.dtype} does not "
@@ -328,8 +273,8 @@ def bsr_linear_grad_weight(
         return grad_values.zero_()
     tile_o, tile_i = min(block_out, 64), min(block_in, 64)
     tiles = (block_out // tile_o) * (block_in // tile_i)
-    precision, upcast = _precision_and_upcast(x.dtype)
-    with _on_device(x):
+    precision, upcast = precision_and_upcast(x.dtype)
+    with on_device(x):
         _bsr_sdd_kernel[(nnz * tiles,)](
             grad_out, x, grad_values, row_slots, row_idx, col_idx,
             M, triton.next_power_of_2(M),

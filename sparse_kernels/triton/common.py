@@ -1,0 +1,68 @@
+"""Helpers shared by the Triton launchers: autotune configs, operand checks, precision."""
+from __future__ import annotations
+
+import contextlib
+from typing import Tuple
+
+import torch
+import triton
+
+from ..backend import triton_interpreting, triton_unsupported_reason
+
+# Read once: triton itself decides at import whether it interprets.
+_INTERPRET = triton_interpreting()
+
+
+def autotune_configs(gpu_configs):
+    """Autotune configs from ``(BLOCK_M, num_warps, num_stages)`` triples on a GPU; one
+    fixed config under the interpreter (nothing to time there)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in gpu_configs]
+
+
+def check_operands(
+    name: str, dense: torch.Tensor, values: torch.Tensor, *index: torch.Tensor, dense_dims: int = 2
+) -> None:
+    """Refuses what the kernels cannot take, naming the shape, dtype or device.
+
+    ``dense``: the activation (``dense_dims``-D); ``values``: ``[nnz, bo, bi, ...]``.
+    """
+    if dense.dim() != dense_dims:
+        raise ValueError(f"{name}: expected a {dense_dims}-D input, got shape {tuple(dense.shape)}")
+    if values.dtype != dense.dtype:
+        raise TypeError(f"{name}: operands must share one dtype, got {dense.dtype} and {values.dtype}")
+    for t in (values, *index):
+        if t.device != dense.device:
+            raise ValueError(f"{name}: tensors on {dense.device} and {t.device}")
+    reason = triton_unsupported_reason(dense.device, dense.dtype, tuple(values.shape[1:3]))
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+
+
+def precision_and_upcast(dtype: torch.dtype) -> Tuple[str, bool]:
+    """``input_precision`` for ``tl.dot`` and whether to upcast tiles to fp32.
+
+    fp32 follows torch: TF32 only where torch's CUDA matmul setting allows it.
+    """
+    precision = "tf32" if dtype == torch.float32 and _tf32_allowed() and not _INTERPRET else "ieee"
+    return precision, _INTERPRET and dtype == torch.bfloat16
+
+
+def _tf32_allowed() -> bool:
+    """torch's TF32 setting for CUDA matmuls, however it was set.
+
+    torch >= 2.9 has ``fp32_precision`` (which also reflects ``allow_tf32`` and
+    ``set_float32_matmul_precision``); reading ``allow_tf32`` raises there once the new
+    API was used.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU: Triton launches on the current CUDA device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
