@@ -11,29 +11,18 @@ picks the Triton kernels or the reference at call time (see :mod:`sparse_kernels
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from ..backend import select_backend
 from ..layout import BlockSparseLayout, check_values
+from .common import backend_for, check_activation, check_bias, layout_of
 from ..reference import (
     bsr_linear_grad_input_reference,
     bsr_linear_grad_weight_reference,
     bsr_linear_reference,
 )
-
-
-def _layout_of(block_size: Sequence[int], index: Sequence[Tensor]) -> BlockSparseLayout:
-    """Rebuilds the layout object from its six index tensors (no copies, no checks)."""
-    row_ptr, col_ptr = index[2], index[4]
-    grid = (row_ptr.shape[0] - 1, col_ptr.shape[0] - 1)
-    return BlockSparseLayout(grid, (int(block_size[0]), int(block_size[1])), *index)
-
-
-def _backend(t: Tensor, block_size: Sequence[int]) -> str:
-    return select_backend(t.device, t.dtype, (int(block_size[0]), int(block_size[1])))
 
 
 # The ops take the layout as ``index = layout.tensors()``:
@@ -43,12 +32,12 @@ def _backend(t: Tensor, block_size: Sequence[int]) -> str:
 @torch.library.custom_op("sparse_kernels::bsr_linear", mutates_args=())
 def _bsr_linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
-    if _backend(x, block_size) == "triton":
+    if backend_for(x, block_size) == "triton":
         from ..triton.linear import bsr_linear_fwd
 
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
         return bsr_linear_fwd(x, values, row_ptr, row_slots, col_idx, bias)
-    return bsr_linear_reference(x, values, _layout_of(block_size, index), bias)
+    return bsr_linear_reference(x, values, layout_of(block_size, index), bias)
 
 
 @_bsr_linear_op.register_fake
@@ -60,12 +49,12 @@ def _(x, values, bias, index):
 @torch.library.custom_op("sparse_kernels::bsr_linear_grad_input", mutates_args=())
 def _bsr_linear_grad_input_op(grad_out: Tensor, values: Tensor, index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
-    if _backend(grad_out, block_size) == "triton":
+    if backend_for(grad_out, block_size) == "triton":
         from ..triton.linear import bsr_linear_grad_input
 
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
         return bsr_linear_grad_input(grad_out, values, col_ptr, col_slots, row_idx)
-    return bsr_linear_grad_input_reference(grad_out, values, _layout_of(block_size, index))
+    return bsr_linear_grad_input_reference(grad_out, values, layout_of(block_size, index))
 
 
 @_bsr_linear_grad_input_op.register_fake
@@ -78,12 +67,12 @@ def _bsr_linear_grad_weight_op(
     grad_out: Tensor, x: Tensor, block_out: int, block_in: int, index: List[Tensor]
 ) -> Tensor:
     block_size = (block_out, block_in)
-    if _backend(x, block_size) == "triton":
+    if backend_for(x, block_size) == "triton":
         from ..triton.linear import bsr_linear_grad_weight
 
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
         return bsr_linear_grad_weight(grad_out, x, row_idx, col_idx, row_slots, block_size)
-    return bsr_linear_grad_weight_reference(grad_out, x, _layout_of(block_size, index))
+    return bsr_linear_grad_weight_reference(grad_out, x, layout_of(block_size, index))
 
 
 @_bsr_linear_grad_weight_op.register_fake
@@ -132,31 +121,11 @@ def bsr_linear(
         accumulate in fp32.
     """
     check_values(values, layout)
-    _check_activation("x", x, values, layout.shape[1])
-    out_features = layout.shape[0]
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    x_2d = x.reshape(-1, layout.shape[1])
+    check_activation("x", x, values)
+    out_features, in_features = layout.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
+    check_bias(bias, out_features, x)
+    x_2d = x.reshape(-1, in_features)
     y = _bsr_linear_op(x_2d, values, bias, list(layout.tensors()))
     return y.reshape(*x.shape[:-1], out_features)
-
-
-def _check_activation(name: str, x: Tensor, values: Tensor, features: int) -> None:
-    """Refuses an activation whose type, dtype, device or last dimension does not fit."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dtype != values.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but values have {values.dtype}")
-    if x.device != values.device:
-        raise ValueError(f"{name} is on {x.device} but values are on {values.device}")
-    if x.dim() < 1 or x.shape[-1] != features:
-        raise ValueError(f"{name} must have shape [..., {features}], got {tuple(x.shape)}")

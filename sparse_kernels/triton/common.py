@@ -21,21 +21,27 @@ def autotune_configs(gpu_configs):
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in gpu_configs]
 
 
+def interpreting() -> bool:
+    """Whether this process runs Triton kernels through the interpreter."""
+    return _INTERPRET
+
+
 def check_operands(
-    name: str, dense: torch.Tensor, values: torch.Tensor, *index: torch.Tensor, dense_dims: int = 2
+    name: str, dense: torch.Tensor, block_size: Tuple[int, ...], *others: torch.Tensor, dense_dims: int = 2
 ) -> None:
     """Refuses what the kernels cannot take, naming the shape, dtype or device.
 
-    ``dense``: the activation (``dense_dims``-D); ``values``: ``[nnz, bo, bi, ...]``.
+    ``dense``: the activation (``dense_dims``-D); ``others``: tensors that must sit on its
+    device (floating ones in its dtype); ``block_size``: ``(bo, bi)``.
     """
     if dense.dim() != dense_dims:
         raise ValueError(f"{name}: expected a {dense_dims}-D input, got shape {tuple(dense.shape)}")
-    if values.dtype != dense.dtype:
-        raise TypeError(f"{name}: operands must share one dtype, got {dense.dtype} and {values.dtype}")
-    for t in (values, *index):
+    for t in others:
         if t.device != dense.device:
             raise ValueError(f"{name}: tensors on {dense.device} and {t.device}")
-    reason = triton_unsupported_reason(dense.device, dense.dtype, tuple(values.shape[1:3]))
+        if t.is_floating_point() and t.dtype != dense.dtype:
+            raise TypeError(f"{name}: operands must share one dtype, got {dense.dtype} and {t.dtype}")
+    reason = triton_unsupported_reason(dense.device, dense.dtype, tuple(block_size))
     if reason is not None:
         raise ValueError(f"{name}: {reason}")
 

@@ -173,7 +173,7 @@ def _dsd(
     ``B``'s blocks are ``values[s].T`` (``transpose_values``, the forward) or ``values[s]``
     (the grad-input); either way values are read in place through their strides.
     """
-    check_operands(name, a, values, block_ptr, block_slots, slot_block_idx)
+    check_operands(name, a, values.shape[1:3], values, block_ptr, block_slots, slot_block_idx)
     values = values.contiguous()
     block_rows, block_cols = values.shape[1], values.shape[2]
     block_out, block_red = (block_rows, block_cols) if transpose_values else (block_cols, block_rows)
@@ -259,8 +259,8 @@ def bsr_linear_grad_weight(
     Returns grad values: [nnz, bo, bi] in ``x.dtype``.
     """
     block_out, block_in = block_size
+    check_operands("bsr_linear_grad_weight", x, block_size, grad_out, row_idx, col_idx, row_slots)
     grad_values = torch.empty(row_idx.shape[0], block_out, block_in, device=x.device, dtype=x.dtype)
-    check_operands("bsr_linear_grad_weight", x, grad_values, grad_out, row_idx, col_idx, row_slots)
     if grad_out.dim() != 2 or grad_out.shape[0] != x.shape[0] or grad_out.dtype != x.dtype:
         raise ValueError(
             f"bsr_linear_grad_weight: grad_out {tuple(grad_out.shape)} {grad_out.dtype} does not "

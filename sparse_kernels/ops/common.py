@@ -1,0 +1,50 @@
+"""Helpers shared by the op families: layout rebuilding, backend choice, input checks.
+
+The input checks raise ``TypeError`` / ``ValueError`` naming the bad shape, dtype or device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import Tensor
+
+from ..backend import select_backend
+from ..layout import BlockSparseLayout
+
+
+def layout_of(block_size: Sequence[int], index: Sequence[Tensor]) -> BlockSparseLayout:
+    """Rebuilds the layout object from its six index tensors (no copies, no checks)."""
+    row_ptr, col_ptr = index[2], index[4]
+    grid = (row_ptr.shape[0] - 1, col_ptr.shape[0] - 1)
+    return BlockSparseLayout(grid, (int(block_size[0]), int(block_size[1])), *index)
+
+
+def backend_for(t: Tensor, block_size: Sequence[int]) -> str:
+    """``"triton"`` or ``"reference"`` for an op on ``t``'s device and dtype."""
+    return select_backend(t.device, t.dtype, (int(block_size[0]), int(block_size[1])))
+
+
+def check_activation(name: str, x: Tensor, values: Tensor) -> None:
+    """Refuses an activation whose type, dtype or device does not fit ``values``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but values have {values.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"{name} is on {x.device} but values are on {values.device}")
+
+
+def check_bias(bias: Optional[Tensor], features: int, x: Tensor) -> None:
+    """Refuses a bias that is not ``None`` or a ``[features]`` tensor like ``x``."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (features,):
+        raise ValueError(f"bias must have shape ({features},), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
