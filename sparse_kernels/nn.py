@@ -8,12 +8,13 @@ structures derived from them are rebuilt on load and never saved.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .layout import BlockSize, BlockSparseLayout, build_index, from_dense, normalize_block_size, to_dense
+from .ops.conv import bsr_conv2d
 from .ops.linear import bsr_linear
 
 _DERIVED_INDEX = ("row_ptr", "row_slots", "col_ptr", "col_slots")
@@ -136,6 +137,26 @@ class BlockSparseModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.rebuild_index()
 
+    @classmethod
+    def _from_dense_weight(
+        cls, weight: torch.Tensor, bias: Optional[torch.Tensor], block_size: BlockSize, density: float, **kwargs
+    ):
+        """A module of this class with ``weight``'s largest-norm blocks (ties: lower index).
+
+        ``kwargs`` are the constructor's shape arguments.
+        """
+        block = normalize_block_size(block_size)
+        grid = _check_divisible(cls.__name__, tuple(weight.shape[:2]), block)
+        mask = largest_blocks_mask(block_norms(weight, block), blocks_for_density(density, grid[0] * grid[1]))
+        module = cls(
+            **kwargs, bias=bias is not None, block_size=block, device=weight.device, dtype=weight.dtype, block_mask=mask
+        )
+        with torch.no_grad():
+            module.values.copy_(from_dense(weight, module.layout))
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
     def _resize_slots(self, nnz: int) -> None:
         """New (uninitialised) storage for ``nnz`` slots; replaces the ``values`` parameter."""
         values = self.values
@@ -185,19 +206,10 @@ class BlockSparseLinear(BlockSparseModule):
         """A block-sparse copy of ``linear`` keeping its largest-norm blocks (ties: lower index)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight
-        block = normalize_block_size(block_size)
-        grid = _check_divisible(cls.__name__, tuple(weight.shape), block)
-        mask = largest_blocks_mask(block_norms(weight, block), blocks_for_density(density, grid[0] * grid[1]))
-        module = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, block_size=block,
-            device=weight.device, dtype=weight.dtype, block_mask=mask,
+        return cls._from_dense_weight(
+            linear.weight, linear.bias, block_size, density,
+            in_features=linear.in_features, out_features=linear.out_features,
         )
-        with torch.no_grad():
-            module.values.copy_(from_dense(weight, module.layout))
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias)
-        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in_features]`` -> ``[..., out_features]``."""
@@ -209,3 +221,96 @@ class BlockSparseLinear(BlockSparseModule):
             f"bias={self.bias is not None}, block_size={self.block_size}, "
             f"density={self.density:.3f} ({self.nnz}/{self.grid[0] * self.grid[1]} blocks)"
         )
+
+
+class BlockSparseConv2d(BlockSparseModule):
+    """``nn.Conv2d`` whose weight ``[Cout, Cin, kh, kw]`` is block-sparse over channel blocks.
+
+    The layout is ``[Cout / bo, Cin / bi]``; a live block is a ``bo x bi`` tile of channels
+    with all its ``kh x kw`` taps, so ``values`` is ``[nnz, bo, bi, kh, kw]``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
+            ``nn.Conv2d``; channels divisible by the block sides.
+        groups, padding_mode: only ``1`` and ``"zeros"``; others raise ``ValueError``.
+        block_size: ``bo`` or ``(bo, bi)``.
+        density: fraction of blocks that live, drawn at random (torch's RNG).
+        block_mask: bool ``[Cout / bo, Cin / bi]``; overrides ``density``.
+    Live values start as ``nn.Conv2d`` starts its weight (uniform, bound
+    ``1 / sqrt(Cin * kh * kw)``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding: Union[int, Tuple[int, int], str] = 0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        block_size: BlockSize = 32,
+        density: float = 0.25,
+        device=None,
+        dtype=None,
+        block_mask: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        _check_conv_options(type(self).__name__, groups, padding_mode)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _as_pair(kernel_size)
+        self.stride, self.dilation = _as_pair(stride), _as_pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _as_pair(padding)
+        self.groups, self.padding_mode = groups, padding_mode
+        self._init_sparse((out_channels, in_channels), self.kernel_size, block_size, density, block_mask, device, dtype)
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(self.values, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, block_size: BlockSize = 32, density: float = 0.25) -> "BlockSparseConv2d":
+        """A block-sparse copy of ``conv`` keeping its largest-norm blocks (ties: lower index).
+
+        Refuses (``ValueError``) what the kernels cannot take: groups, a padding mode other
+        than zeros, channels not divisible by the block.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        _check_conv_options(cls.__name__, conv.groups, conv.padding_mode)
+        return cls._from_dense_weight(
+            conv.weight, conv.bias, block_size, density,
+            in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, Cin, H, W]`` -> ``[N, Cout, OH, OW]``."""
+        return bsr_conv2d(x, self.values, self.layout, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, density={self.density:.3f} "
+            f"({self.nnz}/{self.grid[0] * self.grid[1]} blocks)"
+        )
+
+
+def _as_pair(value) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _check_conv_options(kind: str, groups: int, padding_mode: str) -> None:
+    """Refuses the convolution options the block-sparse kernels do not implement."""
+    if groups != 1:
+        raise ValueError(f"{kind}: groups={groups} is not supported; block-sparse convolutions need groups=1")
+    if padding_mode != "zeros":
+        raise ValueError(f"{kind}: padding_mode={padding_mode!r} is not supported, only 'zeros'")

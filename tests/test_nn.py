@@ -120,3 +120,74 @@ def test_module_to_dtype_moves_values_not_index():
     layer = sk.BlockSparseLinear(32, 32, block_size=16, density=0.5).to(torch.float16)
     assert layer.values.dtype == torch.float16 and layer.row_idx.dtype == torch.int32
     assert layer(torch.randn(2, 32, dtype=torch.float16)).dtype == torch.float16
+
+
+# --------------------------------------------------------------------------- BlockSparseConv2d
+def test_conv_module_parameters_and_attributes():
+    conv = sk.BlockSparseConv2d(32, 64, 3, stride=2, padding=1, block_size=16, density=0.5)
+    assert dict(conv.named_parameters()).keys() == {"values", "bias"}
+    assert conv.values.shape == (4, 16, 16, 3, 3) and conv.grid == (4, 2)
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.dilation) == ((3, 3), (2, 2), (1, 1), (1, 1))
+    assert conv.to_dense().shape == (64, 32, 3, 3)
+    bound = 1 / (32 * 9) ** 0.5
+    assert conv.values.abs().max() <= bound and conv.bias.abs().max() <= bound
+    assert "4/8 blocks" in repr(conv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_from_dense_keeps_the_largest_blocks(backend, monkeypatch):
+    use_backend(monkeypatch, backend, "cpu")
+    dense = torch.nn.Conv2d(32, 32, 3, padding=1, dilation=1)
+    with torch.no_grad():
+        dense.weight[16:, :16] *= 100  # block (1, 0) is the largest
+        dense.weight[:16, 16:] *= 10  # then block (0, 1)
+    conv = sk.BlockSparseConv2d.from_dense(dense, block_size=16, density=0.5)
+    assert torch.equal(conv.layout.block_mask(), torch.tensor([[False, True], [True, False]]))
+    assert torch.equal(conv.values, naive_blocks(dense.weight, conv.row_idx, conv.col_idx, (16, 16)))
+    mask = conv.layout.block_mask().repeat_interleave(16, 0).repeat_interleave(16, 1)[:, :, None, None]
+    x = torch.randn(2, 32, 6, 5)
+    expected = F.conv2d(x, dense.weight * mask, dense.bias, padding=1)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_from_dense_copies_the_geometry():
+    dense = torch.nn.Conv2d(16, 16, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2), bias=False)
+    conv = sk.BlockSparseConv2d.from_dense(dense, block_size=16, density=1.0)
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.dilation) == ((3, 1), (2, 1), (1, 0), (1, 2))
+    assert conv.bias is None
+    x = torch.randn(1, 16, 9, 7)
+    torch.testing.assert_close(conv(x), dense(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "dense, match",
+    [
+        (torch.nn.Conv2d(32, 32, 3, groups=2), "groups=2"),
+        (torch.nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"), "reflect"),
+        (torch.nn.Conv2d(3, 32, 3), r"\(32, 3\)"),
+        (torch.nn.Conv2d(32, 40, 3), r"\(40, 32\)"),
+    ],
+)
+def test_conv_from_dense_refuses_what_the_kernels_cannot_take(dense, match):
+    with pytest.raises(ValueError, match=match):
+        sk.BlockSparseConv2d.from_dense(dense, block_size=16)
+
+
+def test_conv_constructor_refuses_groups_and_padding_modes():
+    with pytest.raises(ValueError, match="groups=4"):
+        sk.BlockSparseConv2d(32, 32, 3, groups=4, block_size=16)
+    with pytest.raises(ValueError, match="circular"):
+        sk.BlockSparseConv2d(32, 32, 3, padding_mode="circular", block_size=16)
+    with pytest.raises(TypeError, match="Linear"):
+        sk.BlockSparseConv2d.from_dense(torch.nn.Linear(32, 32), block_size=16)
+
+
+def test_conv_state_dict_round_trip():
+    torch.manual_seed(1)
+    source = sk.BlockSparseConv2d(32, 32, 3, padding=1, block_size=16, density=0.5)
+    torch.manual_seed(2)
+    target = sk.BlockSparseConv2d(32, 32, 3, padding=1, block_size=16, density=0.25)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.layout.block_mask(), source.layout.block_mask())
+    x = torch.randn(1, 32, 5, 5)
+    assert torch.equal(source(x), target(x))

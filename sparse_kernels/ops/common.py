@@ -24,6 +24,11 @@ def backend_for(t: Tensor, block_size: Sequence[int]) -> str:
     return select_backend(t.device, t.dtype, (int(block_size[0]), int(block_size[1])))
 
 
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of one spatial axis of a convolution, as ``F.conv2d`` computes it."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def check_activation(name: str, x: Tensor, values: Tensor) -> None:
     """Refuses an activation whose type, dtype or device does not fit ``values``."""
     if not isinstance(x, Tensor):

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.common import conv_output_size
 from .common import autotune_configs, check_operands, interpreting, on_device, precision_and_upcast
 
 Pair = Tuple[int, int]
@@ -205,11 +206,6 @@ def _bsr_conv_sdd_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of one spatial axis, as ``F.conv2d`` computes it."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def _tap_major(values: torch.Tensor) -> torch.Tensor:
     """``[nnz, bo, bi, kh, kw] -> [nnz, kh, kw, bo, bi]``, contiguous (a small copy)."""
     return values.permute(0, 3, 4, 1, 2).contiguous()
