@@ -26,17 +26,22 @@ demo: $(STAMP)
 
 ## bench: the benchmarks at sizes that suit this machine (writes JSON under benchmarks/results)
 bench: $(STAMP)
-	$(VPY) -m benchmarks.linear $(if $(shell $(VPY) -c "import torch; print(torch.cuda.is_available() or '')"),,--quick) --out-dir benchmarks/results
+	quick=$$($(VPY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"); \
+	$(VPY) -m benchmarks.linear $$quick --out-dir benchmarks/results; \
+	$(VPY) -m benchmarks.conv $$quick --out-dir benchmarks/results
 	$(VPY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
-## gpu-check: on a CUDA machine without a package registry: GPU tests + benchmark, results in benchmarks/results
+## gpu-check: on a CUDA machine without a package registry: GPU tests + benchmarks, results in benchmarks/results
+## (tests use one kernel config per shape, SPARSE_KERNELS_AUTOTUNE=0; the benchmarks autotune)
+GPU_BENCH_ARGS ?= --min-seconds 0.3
 gpu-check:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	@python3 -c "import diffusers" 2>/dev/null || echo "note: diffusers is not installed here; what needs it is skipped"
 	mkdir -p benchmarks/results
 	gpu=$$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))"); \
-	python3 -m pytest -q -m gpu tests 2>&1 | tee "benchmarks/results/gpu-tests-$$(date +%F)-$$gpu.log"; \
-	python3 -m benchmarks.linear --out-dir benchmarks/results
+	SPARSE_KERNELS_AUTOTUNE=0 python3 -m pytest -q -m gpu tests 2>&1 | tee "benchmarks/results/gpu-tests-$$(date +%F)-$$gpu.log"
+	python3 -m benchmarks.linear $(GPU_BENCH_ARGS) --out-dir benchmarks/results
+	python3 -m benchmarks.conv $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks

@@ -9,7 +9,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,6 +59,25 @@ def measure_ms(fn: Callable[[], object], device: torch.device, min_seconds: floa
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000.0
+
+
+def time_step(step: Optional[Callable[[], object]], device: torch.device, min_seconds: float) -> Tuple[Optional[float], Optional[str]]:
+    """``(median ms, None)``; ``(None, None)`` for no step; ``(None, error)`` where the
+    step fails (torch's BSR lacks some dtype/device pairs, say)."""
+    if step is None:
+        return None, None
+    try:
+        return measure_ms(step, device, min_seconds), None
+    except (RuntimeError, NotImplementedError) as error:
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
+def add_vs_dense(rows: List[Dict[str, object]], group: Sequence[str]) -> None:
+    """Sets ``vs_dense`` = ms / the ``dense`` row's ms with the same values of ``group``."""
+    dense = {tuple(r[k] for k in group): r["ms"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        base = dense.get(tuple(r[k] for k in group))
+        r["vs_dense"] = r["ms"] / base if r["ms"] and base else None
 
 
 def result_path(out: Optional[str], out_dir: Optional[str], suite: str, env: Dict[str, object]) -> Optional[Path]:

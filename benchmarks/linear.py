@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import sparse_kernels as sk
 from sparse_kernels.nn import blocks_for_density, random_blocks_mask
 
-from .common import environment, measure_ms, print_table, result_path, write_json
+from .common import add_vs_dense, environment, print_table, result_path, time_step, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Step = Callable[[], object]
@@ -77,16 +77,6 @@ def build_methods(
     return methods, layout
 
 
-def _time(step: Optional[Step], device: torch.device, min_seconds: float) -> Tuple[Optional[float], Optional[str]]:
-    """``(median ms, None)``, or ``(None, error)`` where torch's BSR lacks the dtype/device."""
-    if step is None:
-        return None, None
-    try:
-        return measure_ms(step, device, min_seconds), None
-    except (RuntimeError, NotImplementedError) as error:
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-
-
 def run(args: argparse.Namespace) -> Dict[str, object]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -105,7 +95,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 if name == "dense" and dense_ms:
                     continue  # dense does not depend on the density: timed once per block
                 for pass_name, step in (("fwd", forward), ("fwd+bwd", forward_backward)):
-                    ms, error = _time(step, device, args.min_seconds)
+                    ms, error = time_step(step, device, args.min_seconds)
                     if name == "dense":
                         dense_ms[pass_name] = ms
                     if step is not None:
@@ -120,10 +110,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 def _add_ratios(rows: List[Dict[str, object]]) -> None:
     """``vs_dense`` = time / dense time of the same block and pass; the BSR variants merged."""
-    dense = {(r["block"], r["pass"]): r["ms"] for r in rows if r["method"] == "dense"}
-    for r in rows:
-        base = dense.get((r["block"], r["pass"]))
-        r["vs_dense"] = r["ms"] / base if r["ms"] and base else None
+    add_vs_dense(rows, ("block", "pass"))
     best: Dict[Tuple, Dict[str, object]] = {}
     for r in rows:
         if r["method"].startswith("torch_bsr_") and r["ms"] is not None:
@@ -157,21 +144,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--in-features", type=int, default=4096)
-    parser.add_argument("--out-features", type=int, default=4096)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--tokens", type=int, default=None, help="default 16384 (quick: 2048)")
+    parser.add_argument("--in-features", type=int, default=None, help="default 4096 (quick: 1024)")
+    parser.add_argument("--out-features", type=int, default=None, help="default 4096 (quick: 1024)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=None, help="default 32 64 128 (quick: 32 64)")
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="timing budget per measurement")
-    parser.add_argument("--quick", action="store_true", help="2048 tokens, 1024 x 1024, blocks 32 64")
+    parser.add_argument("--min-seconds", type=float, default=None, help="timing budget per measurement")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized defaults: 2048 tokens, 1024 x 1024")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
     args = parser.parse_args(argv)
+    defaults = (
+        {"tokens": 2048, "in_features": 1024, "out_features": 1024, "blocks": [32, 64], "min_seconds": 0.3}
+        if args.quick
+        else {"tokens": 16384, "in_features": 4096, "out_features": 4096, "blocks": [32, 64, 128], "min_seconds": 1.0}
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.quick:
-        args.tokens, args.in_features, args.out_features = 2048, 1024, 1024
-        args.blocks, args.min_seconds = [32, 64], min(args.min_seconds, 0.3)
     return args
 
 

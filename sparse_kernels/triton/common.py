@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Tuple
 
 import torch
@@ -14,10 +15,16 @@ _INTERPRET = triton_interpreting()
 
 
 def autotune_configs(gpu_configs):
-    """Autotune configs from ``(BLOCK_M, num_warps, num_stages)`` triples on a GPU; one
-    fixed config under the interpreter (nothing to time there)."""
+    """Autotune configs from ``(BLOCK_M, num_warps, num_stages)`` triples on a GPU.
+
+    One fixed config under the interpreter (nothing to time there), and only the first
+    GPU config with ``SPARSE_KERNELS_AUTOTUNE=0`` (correctness runs that should not
+    spend minutes compiling and timing variants). Read when the kernels are defined.
+    """
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
+    if os.environ.get("SPARSE_KERNELS_AUTOTUNE", "1") == "0":
+        gpu_configs = gpu_configs[:1]
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in gpu_configs]
 
 
