@@ -92,11 +92,12 @@ def conv_cases(capability, dtype, common, block_out, block_in, sweep):
     """The conv kernels for one block shape: 3x3 (every config when sweeping), and 1x1 at block 64."""
     for kh, kw in ((3, 3), (1, 1)) if block_out == block_in else ((3, 3),):
         every = sweep and (kh, kw) == (3, 3)
-        taps = {"KH": kh, "KW": kw}
+        taps = {"KH": kh, "KW": kw, "STRIDE_H": 1, "STRIDE_W": 1}
         for name, out, red, transposed in (("fwd", block_out, block_in, False), ("grad_input", block_in, block_out, True)):
             kernel = conv_kernels._bsr_conv_dsd_kernel
+            strides = {"STRIDE_H": 2, "STRIDE_W": 2} if transposed else {}  # the divisibility path
             yield capability, f"conv-dsd-{name}-{kh}x{kw}", kernel, dtype, {
-                **common, **taps, "TRANSPOSED": transposed, "HAS_BIAS": not transposed,
+                **common, **taps, **strides, "TRANSPOSED": transposed, "HAS_BIAS": not transposed,
                 "BLOCK_OUT": out, "BLOCK_RED": red, "BLOCK_N": min(out, 128), "BLOCK_K": min(red, 64),
             }, kernel.configs if every else kernel.configs[:1]
         kernel = conv_kernels._bsr_conv_sdd_kernel

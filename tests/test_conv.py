@@ -193,3 +193,28 @@ def test_torch_compile_fullgraph(backend, device, monkeypatch):
     torch.testing.assert_close(y, y_eager)
     for compiled_grad, p in zip(compiled_grads, model.parameters()):
         torch.testing.assert_close(compiled_grad, p.grad)
+
+
+def test_ops_refuse_mismatched_channels_when_called_directly():
+    layout = sk.BlockSparseLayout.from_block_mask(torch.ones(2, 3, dtype=torch.bool), 16)
+    index = list(layout.tensors())
+    values = torch.randn(6, 16, 16, 3, 3)
+    conv = ([1, 1], [1, 1], [1, 1])
+    ops = torch.ops.sparse_kernels
+    with pytest.raises(ValueError, match=r"x of shape \(1, 32, 5, 5\) must have 48"):
+        ops.bsr_conv2d(torch.randn(1, 32, 5, 5), values, None, index, *conv)
+    with pytest.raises(ValueError, match=r"grad_out of shape \(1, 48, 5, 5\) must have 32"):
+        ops.bsr_conv2d_grad_input(torch.randn(1, 48, 5, 5), values, index, [5, 5], *conv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_input_follows_the_input_memory_format(backend, monkeypatch):
+    """Channels-last x gets a channels-last dx, whatever layout the upstream grad has."""
+    use_backend(monkeypatch, backend, "cpu")
+    conv = sk.BlockSparseConv2d(16, 16, 3, padding=1, block_size=16, density=1.0)
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_y = torch.randn(2, 16, 5, 5)  # NCHW-contiguous
+    conv(x).backward(grad_y)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.grad.conv2d_input(x.shape, conv.to_dense().detach(), grad_y, padding=1)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)

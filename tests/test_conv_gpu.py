@@ -24,4 +24,15 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[1]}to{c[2]}-{c[3]}-k{c[4]}-s{c[5]}-b{c[8]}-{c[9]}")
 def test_triton_conv_on_gpu_matches_masked_dense(case, dtype, channels_last, monkeypatch):
     use_backend(monkeypatch, "triton", "cuda")
+    # fp32 follows cuDNN's TF32 setting (on by default, as for F.conv2d): compare exact fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     run_conv_case(case, dtype, "cuda", channels_last=channels_last)
+
+
+def test_fp32_conv_uses_tf32_where_cudnn_does(monkeypatch):
+    from sparse_kernels.triton.common import precision_and_upcast
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert precision_and_upcast(torch.float32, conv=True)[0] == "tf32"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert precision_and_upcast(torch.float32, conv=True)[0] == "ieee"

@@ -213,3 +213,17 @@ def test_runs_on_a_second_gpu(monkeypatch):
         pytest.skip("needs two CUDA devices")
     use_backend(monkeypatch, "triton", "cuda")
     run_case(((64,), 32, (4, 4), "random", True), torch.float16, "cuda:1")
+
+
+def test_ops_refuse_mismatched_features_when_called_directly():
+    """The custom ops check their operands against the index (no host sync needed)."""
+    layout = sk.BlockSparseLayout.from_block_mask(torch.ones(2, 3, dtype=torch.bool), 16)
+    index = list(layout.tensors())
+    values = torch.randn(6, 16, 16)
+    ops = torch.ops.sparse_kernels
+    with pytest.raises(ValueError, match=r"x of shape \(4, 32\) must have 48 features"):
+        ops.bsr_linear(torch.randn(4, 32), values, None, index)
+    with pytest.raises(ValueError, match=r"grad_out of shape \(4, 48\) must have 32 features"):
+        ops.bsr_linear_grad_input(torch.randn(4, 48), values, index)
+    with pytest.raises(ValueError, match=r"x of shape \(4, 32\) must have 48"):
+        ops.bsr_linear_grad_weight(torch.randn(4, 32), torch.randn(4, 32), 16, 16, index)

@@ -24,6 +24,17 @@ def backend_for(t: Tensor, block_size: Sequence[int]) -> str:
     return select_backend(t.device, t.dtype, (int(block_size[0]), int(block_size[1])))
 
 
+def check_features(op: str, name: str, t: Tensor, index: Sequence[Tensor], block: int, side: str) -> None:
+    """Refuses ``t`` unless its dim 1 spans the layout's block-rows (``side="out"``) or
+    block-columns (``side="in"``) times ``block``: the check of a direct ``torch.ops`` call."""
+    blocks = index[2].shape[0] - 1 if side == "out" else index[4].shape[0] - 1
+    if t.dim() < 2 or t.shape[1] != blocks * block:
+        raise ValueError(
+            f"{op}: {name} of shape {tuple(t.shape)} must have {blocks * block} features in dim 1 "
+            f"({blocks} blocks of {block})"
+        )
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """Output length of one spatial axis of a convolution, as ``F.conv2d`` computes it."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1

@@ -27,7 +27,7 @@ from ..reference import (
     bsr_conv2d_grad_weight_reference,
     bsr_conv2d_reference,
 )
-from .common import backend_for, check_activation, check_bias, conv_output_size, layout_of
+from .common import backend_for, check_activation, check_bias, check_features, conv_output_size, layout_of
 from .linear import bsr_linear
 
 IntPair = Union[int, Sequence[int]]
@@ -52,6 +52,7 @@ def _bsr_conv2d_op(
     dilation: List[int],
 ) -> Tensor:
     block_size = values.shape[1:3]
+    check_features("bsr_conv2d", "x", x, index, block_size[1], "in")
     if backend_for(x, block_size) == "triton":
         from ..triton.conv import bsr_conv2d_fwd
 
@@ -83,6 +84,7 @@ def _bsr_conv2d_grad_input_op(
     dilation: List[int],
 ) -> Tensor:
     block_size = values.shape[1:3]
+    check_features("bsr_conv2d_grad_input", "grad_out", grad_out, index, block_size[0], "out")
     if backend_for(grad_out, block_size) == "triton":
         from ..triton.conv import bsr_conv2d_grad_input
 
@@ -113,6 +115,8 @@ def _bsr_conv2d_grad_weight_op(
     dilation: List[int],
 ) -> Tensor:
     block_size = block_shape[:2]
+    check_features("bsr_conv2d_grad_weight", "grad_out", grad_out, index, block_size[0], "out")
+    check_features("bsr_conv2d_grad_weight", "x", x, index, block_size[1], "in")
     if backend_for(x, block_size) == "triton":
         from ..triton.conv import bsr_conv2d_grad_weight
 
@@ -140,6 +144,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    # grad_out arrives strided like y, i.e. in x's memory format (autograd restrides it).
     x, values, *index = ctx.saved_tensors
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:

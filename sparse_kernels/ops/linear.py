@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockSparseLayout, check_values
-from .common import backend_for, check_activation, check_bias, layout_of
+from .common import backend_for, check_activation, check_bias, check_features, layout_of
 from ..reference import (
     bsr_linear_grad_input_reference,
     bsr_linear_grad_weight_reference,
@@ -32,6 +32,7 @@ from ..reference import (
 @torch.library.custom_op("sparse_kernels::bsr_linear", mutates_args=())
 def _bsr_linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
+    check_features("bsr_linear", "x", x, index, block_size[1], "in")
     if backend_for(x, block_size) == "triton":
         from ..triton.linear import bsr_linear_fwd
 
@@ -49,6 +50,7 @@ def _(x, values, bias, index):
 @torch.library.custom_op("sparse_kernels::bsr_linear_grad_input", mutates_args=())
 def _bsr_linear_grad_input_op(grad_out: Tensor, values: Tensor, index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
+    check_features("bsr_linear_grad_input", "grad_out", grad_out, index, block_size[0], "out")
     if backend_for(grad_out, block_size) == "triton":
         from ..triton.linear import bsr_linear_grad_input
 
@@ -67,6 +69,8 @@ def _bsr_linear_grad_weight_op(
     grad_out: Tensor, x: Tensor, block_out: int, block_in: int, index: List[Tensor]
 ) -> Tensor:
     block_size = (block_out, block_in)
+    check_features("bsr_linear_grad_weight", "grad_out", grad_out, index, block_out, "out")
+    check_features("bsr_linear_grad_weight", "x", x, index, block_in, "in")
     if backend_for(x, block_size) == "triton":
         from ..triton.linear import bsr_linear_grad_weight
 

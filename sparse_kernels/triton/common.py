@@ -53,27 +53,40 @@ def check_operands(
         raise ValueError(f"{name}: {reason}")
 
 
-def precision_and_upcast(dtype: torch.dtype) -> Tuple[str, bool]:
+def precision_and_upcast(dtype: torch.dtype, conv: bool = False) -> Tuple[str, bool]:
     """``input_precision`` for ``tl.dot`` and whether to upcast tiles to fp32.
 
-    fp32 follows torch: TF32 only where torch's CUDA matmul setting allows it.
+    fp32 follows torch: TF32 only where torch's setting for the dense op allows it, the
+    CUDA matmul setting for linear, the cuDNN convolution setting (TF32 by default, as
+    ``F.conv2d``) for conv.
     """
-    precision = "tf32" if dtype == torch.float32 and _tf32_allowed() and not _INTERPRET else "ieee"
+    tf32 = _conv_tf32_allowed() if conv else _matmul_tf32_allowed()
+    precision = "tf32" if dtype == torch.float32 and tf32 and not _INTERPRET else "ieee"
     return precision, _INTERPRET and dtype == torch.bfloat16
 
 
-def _tf32_allowed() -> bool:
+def _matmul_tf32_allowed() -> bool:
     """torch's TF32 setting for CUDA matmuls, however it was set.
 
-    torch >= 2.9 has ``fp32_precision`` (which also reflects ``allow_tf32`` and
-    ``set_float32_matmul_precision``); reading ``allow_tf32`` raises there once the new
-    API was used.
+    torch >= 2.9 has ``fp32_precision`` (which also reflects ``allow_tf32``,
+    ``set_float32_matmul_precision`` and the global setting); reading ``allow_tf32``
+    raises there once the new API was used.
     """
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     if precision is not None:
         return precision == "tf32"
     return bool(matmul.allow_tf32)
+
+
+def _conv_tf32_allowed() -> bool:
+    """torch's TF32 setting for cuDNN convolutions (``cudnn.conv.fp32_precision`` on
+    torch >= 2.9, ``cudnn.allow_tf32`` before)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
 
 
 def on_device(t: torch.Tensor):

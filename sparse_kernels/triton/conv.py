@@ -32,7 +32,7 @@ Pair = Tuple[int, int]
 
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
-    configs=autotune_configs([(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3)]),
+    configs=autotune_configs([(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]),
     key=["M_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "KH", "KW", "TRANSPOSED", "HAS_BIAS", "PRECISION"],
 )
 @triton.jit
@@ -44,7 +44,8 @@ def _bsr_conv_dsd_kernel(
     stride_sn, stride_sc, stride_sh, stride_sw,
     stride_vs, stride_vr, stride_vt, stride_vk, stride_vn,
     stride_on, stride_oc, stride_oh, stride_ow,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    pad_h, pad_w, dil_h, dil_w,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -57,10 +58,11 @@ def _bsr_conv_dsd_kernel(
     ``block_slots[block_ptr[j]:block_ptr[j + 1]]``; slot ``s`` reads source channels
     ``slot_block_idx[s] * BLOCK_RED ...`` and its tap ``(r, t)`` element ``(k, n)`` is at
     ``values + s*stride_vs + r*stride_vr + t*stride_vt + k*stride_vk + n*stride_vn``.
-    Forward (``TRANSPOSED=False``): out pixel ``h`` reads src row ``h*conv_sh - pad_h + r*dil_h``.
+    Forward (``TRANSPOSED=False``): out pixel ``h`` reads src row ``h*STRIDE_H - pad_h + r*dil_h``.
     Grad-input (``TRANSPOSED=True``): out pixel ``h`` (an input pixel) reads the src row
-    (an output pixel) ``(h + pad_h - r*dil_h) / conv_sh`` when that divides exactly.
-    ``M_BUCKET`` is only an autotune key.
+    (an output pixel) ``(h + pad_h - r*dil_h) / STRIDE_H`` when that divides exactly.
+    The strides are compile-time constants (divisions by them become shifts); ``M_BUCKET``
+    is only an autotune key.
     """
     pid = tl.program_id(0)
     pid_m = pid // NUM_N_TILES
@@ -77,6 +79,13 @@ def _bsr_conv_dsd_kernel(
     out_h = pixel // OUT_W
     out_w = pixel % OUT_W
     src_images = src_ptr + image.to(tl.int64) * stride_sn
+    # The source row/column of tap (0, 0); each tap adds (or, transposed, subtracts) r * dil.
+    if TRANSPOSED:
+        base_h = out_h + pad_h
+        base_w = out_w + pad_w
+    else:
+        base_h = out_h * STRIDE_H - pad_h
+        base_w = out_w * STRIDE_W - pad_w
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -94,17 +103,17 @@ def _bsr_conv_dsd_kernel(
         t = tap % KW
         if TRANSPOSED:
             # Divide non-negative numerators only: the same in C and in the interpreter.
-            num_h = out_h + pad_h - r * dil_h
-            num_w = out_w + pad_w - t * dil_w
+            num_h = base_h - r * dil_h
+            num_w = base_w - t * dil_w
             num_h_pos = tl.maximum(num_h, 0)
             num_w_pos = tl.maximum(num_w, 0)
-            src_h = num_h_pos // conv_sh
-            src_w = num_w_pos // conv_sw
-            valid = (num_h >= 0) & (num_w >= 0) & (num_h_pos % conv_sh == 0) & (num_w_pos % conv_sw == 0)
+            src_h = num_h_pos // STRIDE_H
+            src_w = num_w_pos // STRIDE_W
+            valid = (num_h >= 0) & (num_w >= 0) & (num_h_pos % STRIDE_H == 0) & (num_w_pos % STRIDE_W == 0)
             valid = valid & (src_h < SRC_H) & (src_w < SRC_W)
         else:
-            src_h = out_h * conv_sh - pad_h + r * dil_h
-            src_w = out_w * conv_sw - pad_w + t * dil_w
+            src_h = base_h + r * dil_h
+            src_w = base_w + t * dil_w
             valid = (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W)
         valid = valid & m_mask
         k_in_block = (step % K_STEPS) * BLOCK_K + offs_k
@@ -143,8 +152,8 @@ def _bsr_conv_sdd_kernel(
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_psplit, stride_pslot, stride_pr, stride_pt, stride_po, stride_pi,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    pad_h, pad_w, dil_h, dil_w,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
     TILE_O: tl.constexpr, TILE_I: tl.constexpr, BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -185,8 +194,8 @@ def _bsr_conv_sdd_kernel(
         pixel = offs_m % (OUT_H * OUT_W)
         out_h = pixel // OUT_W
         out_w = pixel % OUT_W
-        in_h = out_h * conv_sh - pad_h + r * dil_h
-        in_w = out_w * conv_sw - pad_w + t * dil_w
+        in_h = out_h * STRIDE_H + (r * dil_h - pad_h)
+        in_w = out_w * STRIDE_W + (t * dil_w - pad_w)
         valid = m_mask & (in_h >= 0) & (in_h < IN_H) & (in_w >= 0) & (in_w < IN_W)
         dy_pixels = dy_ptr + image * stride_dyn + out_h.to(tl.int64) * stride_dyh + out_w.to(tl.int64) * stride_dyw
         x_pixels = x_ptr + image * stride_xn + in_h.to(tl.int64) * stride_xh + in_w.to(tl.int64) * stride_xw
@@ -250,7 +259,7 @@ def _conv_dsd(
     stride_vk, stride_vn = (stride_vo, stride_vi) if transposed else (stride_vi, stride_vo)
     block_n = min(block_out, 128)
     num_n_tiles = out_channels // block_n
-    precision, upcast = precision_and_upcast(src.dtype)
+    precision, upcast = precision_and_upcast(src.dtype, conv=True)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * num_n_tiles,)  # noqa: E731
     with on_device(src):
         _bsr_conv_dsd_kernel[grid](
@@ -261,7 +270,8 @@ def _conv_dsd(
             *src.stride(),
             weights.stride(0), weights.stride(1), weights.stride(2), stride_vk, stride_vn,
             *out.stride(),
-            *stride, *padding, *dilation,
+            *padding, *dilation,
+            STRIDE_H=stride[0], STRIDE_W=stride[1],
             KH=kh, KW=kw, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
             BLOCK_OUT=block_out, BLOCK_RED=block_red,
             BLOCK_N=block_n, BLOCK_K=min(block_red, 64),
@@ -360,15 +370,15 @@ def bsr_conv2d_grad_weight(
     chunk = triton.cdiv(triton.cdiv(M, splits), 256) * 256  # a multiple of every BLOCK_M
     splits = triton.cdiv(M, chunk)
     partial = torch.empty(splits, nnz, kh, kw, bo, bi, device=x.device, dtype=torch.float32)
-    precision, upcast = precision_and_upcast(x.dtype)
+    precision, upcast = precision_and_upcast(x.dtype, conv=True)
     with on_device(x):
         _bsr_conv_sdd_kernel[(base_programs, splits)](
             grad_out, x, partial, row_slots, row_idx, col_idx,
             M, triton.next_power_of_2(M), chunk,
             out_h, out_w, x.shape[2], x.shape[3],
             *grad_out.stride(), *x.stride(), *partial.stride(),
-            *stride, *padding, *dilation,
-            KH=kh, KW=kw, BLOCK_OUT=bo, BLOCK_IN=bi, TILE_O=tile_o, TILE_I=tile_i,
+            *padding, *dilation,
+            STRIDE_H=stride[0], STRIDE_W=stride[1], KH=kh, KW=kw, BLOCK_OUT=bo, BLOCK_IN=bi, TILE_O=tile_o, TILE_I=tile_i,
             UPCAST=upcast, PRECISION=precision,
         )
     return partial.sum(0).permute(0, 3, 4, 1, 2).to(x.dtype).contiguous()
