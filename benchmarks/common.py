@@ -80,6 +80,28 @@ def add_vs_dense(rows: List[Dict[str, object]], group: Sequence[str]) -> None:
         r["vs_dense"] = r["ms"] / base if r["ms"] and base else None
 
 
+def fill_defaults(args, quick: Dict[str, object], full: Dict[str, object]) -> None:
+    """Sets every argument left at ``None`` from ``quick`` (with ``--quick``) or ``full``,
+    and the dtype from the device (bf16 on CUDA, fp32 elsewhere)."""
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+
+
+def synchronized(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``step`` followed by a device synchronisation on CUDA (for wall-clock timers)."""
+    if device.type != "cuda":
+        return step
+
+    def run():
+        step()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
 def result_path(out: Optional[str], out_dir: Optional[str], suite: str, env: Dict[str, object]) -> Optional[Path]:
     """``out`` as given, or ``out_dir/<suite>-<date>-<device name>.json``."""
     if out:

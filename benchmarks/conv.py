@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import sparse_kernels as sk
 from sparse_kernels.nn import blocks_for_density, random_blocks_mask
 
-from .common import add_vs_dense, environment, print_table, result_path, time_step, write_json
+from .common import add_vs_dense, environment, fill_defaults, print_table, result_path, time_step, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (Cin, Cout, H = W, kernel): the 3x3 convolutions of a latent-diffusion UNet, and a 1x1.
@@ -133,16 +133,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
     args = parser.parse_args(argv)
-    defaults = (
-        {"batch": 4, "shapes": QUICK_SHAPES, "blocks": [32], "min_seconds": 0.3}
-        if args.quick
-        else {"batch": 32, "shapes": UNET_SHAPES, "blocks": [32, 64], "min_seconds": 1.0}
+    fill_defaults(
+        args,
+        quick={"batch": 4, "shapes": QUICK_SHAPES, "blocks": [32], "min_seconds": 0.3},
+        full={"batch": 32, "shapes": UNET_SHAPES, "blocks": [32, 64], "min_seconds": 1.0},
     )
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
 
 

@@ -7,6 +7,7 @@ Each group (one pass, one density) times dense beside the others.
 import pytest
 import torch
 
+from .common import synchronized
 from .conv import build_methods
 
 CUDA = torch.cuda.is_available()
@@ -14,17 +15,6 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 BATCH, SHAPE = (32, (256, 256, 32, 3)) if CUDA else (4, (128, 128, 16, 3))
 BLOCK = 32
-
-
-def _sync(step):
-    if not CUDA:
-        return step
-
-    def synced():
-        step()
-        torch.cuda.synchronize()
-
-    return synced
 
 
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.25, 0.1])
@@ -37,4 +27,4 @@ def test_conv(benchmark, pass_name, method, density):
     step = forward if pass_name == "fwd" else forward_backward
     benchmark.group = f"conv {SHAPE} {pass_name} density {density} block {BLOCK} {DTYPE} {DEVICE}"
     benchmark.extra_info.update(method=method, density=density, block=BLOCK, batch=BATCH, shape=SHAPE)
-    benchmark(_sync(step))
+    benchmark(synchronized(step, DEVICE))

@@ -7,6 +7,7 @@ density) times dense beside the others, so every ratio against dense is side by 
 import pytest
 import torch
 
+from .common import synchronized
 from .linear import build_methods
 
 CUDA = torch.cuda.is_available()
@@ -14,17 +15,6 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOKENS, FEATURES = (16384, 4096) if CUDA else (2048, 1024)
 BLOCK = 64
-
-
-def _sync(step):
-    if not CUDA:
-        return step
-
-    def synced():
-        step()
-        torch.cuda.synchronize()
-
-    return synced
 
 
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.25, 0.1])
@@ -39,4 +29,4 @@ def test_linear(benchmark, pass_name, method, density):
         pytest.skip(f"{method} has no backward")
     benchmark.group = f"linear {pass_name} density {density} block {BLOCK} {DTYPE} {DEVICE}"
     benchmark.extra_info.update(method=method, density=density, block=BLOCK, tokens=TOKENS, features=FEATURES)
-    benchmark(_sync(step))
+    benchmark(synchronized(step, DEVICE))

@@ -101,3 +101,18 @@ def run_case(case, dtype, device, make_x=None):
     )
     if has_bias:
         assert_close_to_truth(bias.grad, g64.reshape(-1, out_features).sum(0), dtype, "grad_bias")
+
+
+def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """``torch.compile(fullgraph=True, backend="aot_eager")`` traces ``model`` without a
+    graph break and gives the eager outputs and parameter gradients."""
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for compiled_grad, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(compiled_grad, p.grad)

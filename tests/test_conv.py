@@ -6,6 +6,7 @@ from helpers import (
     BACKENDS,
     DEVICES,
     assert_close_to_truth,
+    assert_compiled_matches_eager,
     naive_blocks,
     naive_dense_weight,
     random_block_mask,
@@ -183,16 +184,7 @@ def test_torch_compile_fullgraph(backend, device, monkeypatch):
         sk.BlockSparseConv2d(32, 16, 1, block_size=16, density=0.5),
     ).to(device)
     x = torch.randn(2, 16, 6, 7, device=device)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    y.square().sum().backward()
-    compiled_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    y_eager = model(x)
-    y_eager.square().sum().backward()
-    torch.testing.assert_close(y, y_eager)
-    for compiled_grad, p in zip(compiled_grads, model.parameters()):
-        torch.testing.assert_close(compiled_grad, p.grad)
+    assert_compiled_matches_eager(model, x)
 
 
 def test_ops_refuse_mismatched_channels_when_called_directly():

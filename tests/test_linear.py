@@ -5,7 +5,7 @@ without CUDA). bf16 tiles are upcast before ``tl.dot`` there, so bf16 is tested 
 """
 import pytest
 import torch
-from helpers import BACKENDS, DEVICES, run_case, use_backend
+from helpers import BACKENDS, DEVICES, assert_compiled_matches_eager, run_case, use_backend
 
 import sparse_kernels as sk
 
@@ -163,16 +163,7 @@ def test_torch_compile_fullgraph(backend, device, monkeypatch):
         sk.BlockSparseLinear(64, 16, block_size=16, density=0.5),
     ).to(device)
     x = torch.randn(3, 7, 32, device=device)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    y.square().sum().backward()
-    compiled_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    y_eager = model(x)
-    y_eager.square().sum().backward()
-    torch.testing.assert_close(y, y_eager)
-    for compiled_grad, p in zip(compiled_grads, model.parameters()):
-        torch.testing.assert_close(compiled_grad, p.grad)
+    assert_compiled_matches_eager(model, x)
 
 
 # --------------------------------------------------------------------------- strides and flags
