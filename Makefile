@@ -9,11 +9,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo bench gpu-check clean
 
-$(STAMP): pyproject.toml setup.py
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+# The editable install also builds the compiled extension sparse_kernels._C (csrc/):
+# CPU always, CUDA too where torch is a CUDA build and the toolkit is found.
+$(STAMP): pyproject.toml setup.py $(CSRC)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q setuptools wheel
+	$(VPY) -m pip install -q setuptools wheel ninja
 	$(VPY) -m pip install -q torch
-	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	MAX_JOBS=2 $(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 ## test: the test suite on CPU (Triton kernels under the interpreter)
@@ -28,20 +32,24 @@ demo: $(STAMP)
 bench: $(STAMP)
 	quick=$$($(VPY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"); \
 	$(VPY) -m benchmarks.linear $$quick --out-dir benchmarks/results; \
-	$(VPY) -m benchmarks.conv $$quick --out-dir benchmarks/results
+	$(VPY) -m benchmarks.conv $$quick --out-dir benchmarks/results; \
+	$(VPY) -m benchmarks.masks $$quick --out-dir benchmarks/results
 	$(VPY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
 ## gpu-check: on a CUDA machine without a package registry: GPU tests + benchmarks, results in benchmarks/results
 ## (tests use one kernel config per shape, SPARSE_KERNELS_AUTOTUNE=0; the benchmarks autotune)
 GPU_BENCH_ARGS ?= --min-seconds 0.3
 gpu-check:
-	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	MAX_JOBS=8 python3 -m pip install -q --no-deps --no-build-isolation -e .
+	python3 -m sparse_kernels info
 	@python3 -c "import diffusers" 2>/dev/null || echo "note: diffusers is not installed here; what needs it is skipped"
 	mkdir -p benchmarks/results
 	gpu=$$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))"); \
 	SPARSE_KERNELS_AUTOTUNE=0 python3 -m pytest -q -m gpu tests 2>&1 | tee "benchmarks/results/gpu-tests-$$(date +%F)-$$gpu.log"
 	python3 -m benchmarks.linear $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 	python3 -m benchmarks.conv $(GPU_BENCH_ARGS) --out-dir benchmarks/results
+	python3 -m benchmarks.masks $(GPU_BENCH_ARGS) --out-dir benchmarks/results
+	python3 -m benchmarks.masks --device cpu $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks sparse_kernels/_C*.so

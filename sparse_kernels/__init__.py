@@ -7,6 +7,9 @@
     layer = sk.BlockSparseLinear(1024, 1024, block_size=32, density=0.25)
     conv = sk.BlockSparseConv2d(128, 128, 3, padding=1, block_size=32, density=0.25)
 """
+import warnings as _warnings
+
+from . import extension
 from .backend import select_backend
 from .layout import BlockSparseLayout, from_dense, to_dense
 from .nn import BlockSparseConv2d, BlockSparseLinear
@@ -27,3 +30,6 @@ __all__ = [
     "to_dense",
 ]
 __version__ = "0.1.0"
+
+if not extension.LOADED:
+    _warnings.warn(extension.missing_message(), RuntimeWarning, stacklevel=2)

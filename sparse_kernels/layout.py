@@ -12,6 +12,9 @@ Two index structures, rebuilt whenever the slots' coordinates change:
 * column-sorted: ``col_slots`` lists the slots ordered by ``(col, row)`` and block-column
   ``c`` owns ``col_slots[col_ptr[c]:col_ptr[c + 1]]``. The grad-input ``dy @ W`` walks it,
   so values are never transposed in memory.
+
+Both are built by :func:`sparse_kernels.masks.build_index` (the compiled extension's
+counting sort where it is available).
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
-BlockSize = Union[int, Sequence[int]]
+from .masks import INDEX_DTYPE, build_index
 
-INDEX_DTYPE = torch.int32
+BlockSize = Union[int, Sequence[int]]
 
 
 def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
@@ -37,37 +40,6 @@ def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
     if pair[0] < 1 or pair[1] < 1:
         raise ValueError(f"block_size must be positive, got {block_size!r}")
     return pair
-
-
-def build_index(
-    row_idx: torch.Tensor, col_idx: torch.Tensor, grid: Tuple[int, int]
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-sorted and column-sorted slot orders with their pointer arrays.
-
-    The one builder of the index structures. Runs on the tensors' device with no host
-    synchronisation (a stable sort and a ``searchsorted``, no ``bincount``).
-
-    Args:
-        row_idx, col_idx: ``[nnz]`` integer block coordinates of each slot.
-        grid: ``(R, C)``, the number of block-rows and block-columns.
-    Returns:
-        ``(row_ptr [R + 1], row_slots [nnz], col_ptr [C + 1], col_slots [nnz])``, int32.
-    """
-    num_rows, num_cols = grid
-    rows = row_idx.long()
-    cols = col_idx.long()
-    device = row_idx.device
-    # Linear keys make one stable sort order by (row, col) and by (col, row).
-    row_slots = torch.argsort(rows * num_cols + cols, stable=True)
-    col_slots = torch.argsort(cols * num_rows + rows, stable=True)
-    row_ptr = torch.searchsorted(rows[row_slots], torch.arange(num_rows + 1, device=device))
-    col_ptr = torch.searchsorted(cols[col_slots], torch.arange(num_cols + 1, device=device))
-    return (
-        row_ptr.to(INDEX_DTYPE),
-        row_slots.to(INDEX_DTYPE),
-        col_ptr.to(INDEX_DTYPE),
-        col_slots.to(INDEX_DTYPE),
-    )
 
 
 class BlockSparseLayout:

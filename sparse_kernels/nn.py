@@ -13,7 +13,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layout import BlockSize, BlockSparseLayout, build_index, from_dense, normalize_block_size, to_dense
+from .layout import BlockSize, BlockSparseLayout, from_dense, normalize_block_size, to_dense
+from .masks import block_norms, build_index
 from .ops.conv import bsr_conv2d
 from .ops.linear import bsr_linear
 
@@ -26,14 +27,6 @@ def blocks_for_density(density: float, total_blocks: int) -> int:
         raise ValueError(f"density must be a number in [0, 1], got {density!r}")
     live = round(density * total_blocks)
     return max(live, 1) if density > 0 and total_blocks > 0 else live
-
-
-def block_norms(weight: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:
-    """Frobenius norm of every block of a dense weight ``[out, in, ...]`` -> ``[R, C]``."""
-    bo, bi = block_size
-    out_features, in_features = weight.shape[:2]
-    blocks = weight.detach().float().reshape(out_features // bo, bo, in_features // bi, bi, -1)
-    return blocks.pow(2).sum(dim=(1, 3, 4)).sqrt()
 
 
 def largest_blocks_mask(scores: torch.Tensor, live: int) -> torch.Tensor:

@@ -119,8 +119,8 @@ def test_bad_input_is_refused(mutate, error, match):
 
 
 def test_bad_backend_name(monkeypatch):
-    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "cutlass")
     x, values, layout = _operands()
+    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "cutlass")
     with pytest.raises(ValueError, match="cutlass"):
         sk.bsr_linear(x, values, layout)
 

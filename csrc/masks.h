@@ -1,0 +1,57 @@
+// Shared by the CPU and CUDA mask-update kernels: how scores become selection keys.
+//
+// A selection picks the k candidates with the smallest 64-bit composite key
+//   (ordered score << 32) | flat block index,
+// which is unique per block, so "the k smallest" is one well-defined set on every
+// device: ties in score go to the lower flat block index, bit for bit alike.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#ifdef __CUDACC__
+#define SK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SK_HOST_DEVICE inline
+#endif
+
+namespace sparse_kernels {
+
+// Keys of non-finite drop scores: after every finite score (dropped last).
+constexpr uint32_t kWorstKey = 0xFFFFFFFFu;
+
+SK_HOST_DEVICE bool finite_score(float s) {
+  // Exponent bits all ones means inf or nan.
+  uint32_t bits;
+#ifdef __CUDA_ARCH__
+  bits = __float_as_uint(s);
+#else
+  std::memcpy(&bits, &s, sizeof(bits));
+#endif
+  return (bits & 0x7F800000u) != 0x7F800000u;
+}
+
+// Monotone map of a finite float to uint32: a < b  <=>  key(a) < key(b); -0 == +0.
+SK_HOST_DEVICE uint32_t ordered_key(float s) {
+  s = s + 0.0f;  // -0.0 + 0.0 == +0.0
+  uint32_t bits;
+#ifdef __CUDA_ARCH__
+  bits = __float_as_uint(s);
+#else
+  std::memcpy(&bits, &s, sizeof(bits));
+#endif
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Drop: smallest score first; non-finite scores last.
+SK_HOST_DEVICE uint64_t drop_key(float score, uint32_t flat) {
+  uint32_t key = finite_score(score) ? ordered_key(score) : kWorstKey;
+  return (static_cast<uint64_t>(key) << 32) | flat;
+}
+
+// Grow: largest score first (only finite scores are candidates).
+SK_HOST_DEVICE uint64_t grow_key(float score, uint32_t flat) {
+  return (static_cast<uint64_t>(ordered_key(-score)) << 32) | flat;
+}
+
+}  // namespace sparse_kernels

@@ -1,0 +1,21 @@
+// Declarations shared by the CPU and CUDA implementations of the sparse_kernels ops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace sparse_kernels {
+
+// Argument checks of prune_and_regrow, shared by both devices (ValueError / TypeError).
+// Returns the number of layers.
+int64_t check_prune_and_regrow(
+    at::TensorList row_idx, at::TensorList col_idx, at::TensorList row_ptr, at::TensorList row_slots,
+    at::TensorList col_ptr, at::TensorList col_slots, at::TensorList drop_scores, at::TensorList grow_scores,
+    c10::IntArrayRef num_rows, c10::IntArrayRef num_cols, c10::IntArrayRef k, at::TensorList zero_tensors,
+    c10::IntArrayRef zero_layer);
+
+void check_build_index(const at::Tensor& row_idx, const at::Tensor& col_idx, int64_t num_rows, int64_t num_cols);
+
+void check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t block_in);
+
+}  // namespace sparse_kernels

@@ -1,0 +1,246 @@
+"""Mask updates on the device: the Python face of the compiled ops, and their references.
+
+* :func:`build_index`: the row-sorted and column-sorted index of a layout (a counting sort);
+* :func:`prune_and_regrow`: RigL/SET's update for many layers in one call: each layer
+  drops its ``k`` live blocks with the smallest drop score, grows the ``k`` dead blocks
+  with the largest grow score into the freed slots, zeroes those slots in the given
+  tensors (values, optimizer state) and rebuilds its index;
+* :func:`block_norms`: the Frobenius norm of every block of a dense weight.
+
+Each runs the compiled extension (:mod:`sparse_kernels.extension`) where it has a kernel
+for the tensors' device, and otherwise its pure-torch reference here (also with
+``SPARSE_KERNELS_BACKEND=reference``). Both give identical results: selections compare
+unique keys (score, then flat block index ``row * C + col``), so ties go to the lower
+block index; non-finite drop scores are dropped last and non-finite grow scores never
+grow. ``k`` is capped at the live blocks and at the growable dead blocks, so nnz never
+changes. Dropped slots (ascending) take the grown blocks (ascending).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import extension
+from .backend import requested_backend
+
+if TYPE_CHECKING:  # layout imports this module
+    from .layout import BlockSparseLayout
+
+INDEX_DTYPE = torch.int32
+Index = Tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _compiled(op: str, device: torch.device) -> bool:
+    return requested_backend() != "reference" and extension.has_kernel(op, device.type)
+
+
+# --------------------------------------------------------------------------- index build
+def build_index_reference(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Index:
+    """Pure torch: stable sorts by ``(row, col)`` and ``(col, row)``, pointers by
+    ``searchsorted`` (no ``bincount``, so no host synchronisation on CUDA)."""
+    num_rows, num_cols = grid
+    rows, cols = row_idx.long(), col_idx.long()
+    device = row_idx.device
+    row_slots = torch.argsort(rows * num_cols + cols, stable=True)
+    col_slots = torch.argsort(cols * num_rows + rows, stable=True)
+    row_ptr = torch.searchsorted(rows[row_slots], torch.arange(num_rows + 1, device=device))
+    col_ptr = torch.searchsorted(cols[col_slots], torch.arange(num_cols + 1, device=device))
+    return tuple(t.to(INDEX_DTYPE) for t in (row_ptr, row_slots, col_ptr, col_slots))
+
+
+def build_index(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Index:
+    """Row-sorted and column-sorted slot orders with their pointer arrays.
+
+    Args:
+        row_idx, col_idx: ``[nnz]`` integer block coordinates of each slot (distinct blocks).
+        grid: ``(R, C)``.
+    Returns:
+        ``(row_ptr [R + 1], row_slots [nnz], col_ptr [C + 1], col_slots [nnz])``, int32:
+        block-row ``r`` owns ``row_slots[row_ptr[r]:row_ptr[r + 1]]`` (ascending column),
+        block-column ``c`` owns ``col_slots[col_ptr[c]:col_ptr[c + 1]]`` (ascending row).
+    """
+    if _compiled("build_index", row_idx.device):
+        return tuple(
+            torch.ops.sparse_kernels.build_index(
+                row_idx.to(INDEX_DTYPE).contiguous(), col_idx.to(INDEX_DTYPE).contiguous(), grid[0], grid[1]
+            )
+        )
+    return build_index_reference(row_idx, col_idx, grid)
+
+
+# --------------------------------------------------------------------------- prune and regrow
+@dataclass
+class LayerUpdate:
+    """One layer's part of a :func:`prune_and_regrow` call.
+
+    Attributes:
+        layout: the layer's layout; its ``row_idx``, ``col_idx`` and index tensors are
+            rewritten in place (a module's ``layout`` shares the module's buffers).
+        drop_scores: ``[nnz]``, one per slot: the smallest are dropped (e.g. block norms of
+            the weight).
+        grow_scores: ``[R, C]`` (or ``[R * C]``): the largest dead blocks grow (e.g. block
+            norms of the dense gradient). Scores at live blocks are ignored.
+        k: how many blocks to move (capped as the module docstring says).
+        zero: tensors with one row per slot (``[nnz, ...]``, contiguous): values and
+            optimizer state; the rows of the reused slots are set to zero.
+    """
+
+    layout: "BlockSparseLayout"
+    drop_scores: Tensor
+    grow_scores: Tensor
+    k: int
+    zero: Sequence[Tensor] = field(default_factory=list)
+
+
+def _check_update(i: int, update: LayerUpdate) -> Tuple[Tensor, Tensor]:
+    """Validates one layer's update; returns its scores as contiguous fp32."""
+    layout = update.layout
+    nnz, (rows, cols) = layout.nnz, layout.grid
+    device = layout.device
+    if not isinstance(update.k, int) or update.k < 0:
+        raise ValueError(f"layer {i}: k must be a non-negative int, got {update.k!r}")
+    scores = []
+    for name, t, size in (("drop_scores", update.drop_scores, nnz), ("grow_scores", update.grow_scores, rows * cols)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"layer {i}: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.numel() != size:
+            raise ValueError(f"layer {i}: {name} must have {size} elements, got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"layer {i}: {name} is on {t.device} but the layout is on {device}")
+        scores.append(t.detach().reshape(-1).float().contiguous())
+    for j, t in enumerate(update.zero):
+        if t.dim() < 1 or t.shape[0] != nnz or not t.is_contiguous() or t.device != device:
+            raise ValueError(
+                f"layer {i}: zero[{j}] must be a contiguous [{nnz}, ...] tensor on {device}, "
+                f"got {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})"
+            )
+    return scores[0], scores[1]
+
+
+def prune_and_regrow(updates: Sequence[LayerUpdate]) -> Tensor:
+    """Drops and regrows blocks in every layer of ``updates``, in place, in one call.
+
+    Returns:
+        int64 ``[len(updates)]``: how many blocks moved in each layer, on the layers'
+        device (reading it synchronises; the update itself does not).
+    """
+    if not updates:
+        return torch.zeros(0, dtype=torch.int64)
+    device = updates[0].layout.device
+    for i, update in enumerate(updates):
+        if update.layout.device != device:
+            raise ValueError(f"layer {i} is on {update.layout.device}, layer 0 on {device}")
+    scores = [_check_update(i, update) for i, update in enumerate(updates)]
+    if not _compiled("prune_and_regrow", device):
+        return prune_and_regrow_reference(updates)
+    zero = [t for update in updates for t in update.zero]
+    zero_layer = [i for i, update in enumerate(updates) for _ in update.zero]
+    layouts = [update.layout for update in updates]
+    return torch.ops.sparse_kernels.prune_and_regrow(
+        *([getattr(layout, name) for layout in layouts] for name in _INDEX_NAMES),
+        [drop for drop, _ in scores],
+        [grow for _, grow in scores],
+        [layout.grid[0] for layout in layouts],
+        [layout.grid[1] for layout in layouts],
+        [update.k for update in updates],
+        zero,
+        zero_layer,
+    )
+
+
+_INDEX_NAMES = ("row_idx", "col_idx", "row_ptr", "row_slots", "col_ptr", "col_slots")
+
+
+def prune_and_regrow_reference(updates: Sequence[LayerUpdate]) -> Tensor:
+    """Pure-torch :func:`prune_and_regrow`: one layer after another, with host syncs."""
+    moved = [_update_layer_reference(update) for update in updates]
+    device = updates[0].layout.device if updates else "cpu"
+    return torch.tensor(moved, dtype=torch.int64, device=device)
+
+
+def _update_layer_reference(update: LayerUpdate) -> int:
+    layout = update.layout
+    (rows, cols), nnz = layout.grid, layout.nnz
+    flat = layout.row_idx.long() * cols + layout.col_idx.long()
+    live = torch.zeros(rows * cols, dtype=torch.bool, device=layout.device)
+    live[flat] = True
+    grow = update.grow_scores.detach().reshape(-1).float()
+    growable = torch.nonzero(~live & torch.isfinite(grow)).flatten()  # ascending flat index
+    moved = min(update.k, nnz, growable.numel())
+    if moved > 0:
+        # Largest grow score first; the stable sort keeps ties in ascending flat order.
+        grown = growable[torch.argsort(-grow[growable], stable=True)[:moved]].sort().values
+        # Smallest drop score first, non-finite last; ties in ascending flat order.
+        drop = update.drop_scores.detach().reshape(-1).float()
+        drop = torch.where(torch.isfinite(drop), drop, torch.full_like(drop, math.inf))
+        by_flat = torch.argsort(flat, stable=True)
+        dropped = by_flat[torch.argsort(drop[by_flat], stable=True)[:moved]].sort().values
+        layout.row_idx[dropped] = (grown // cols).to(INDEX_DTYPE)
+        layout.col_idx[dropped] = (grown % cols).to(INDEX_DTYPE)
+        with torch.no_grad():
+            for t in update.zero:
+                t[dropped] = 0
+    for name, t in zip(_INDEX_NAMES[2:], build_index_reference(layout.row_idx, layout.col_idx, layout.grid)):
+        getattr(layout, name).copy_(t)
+    return moved
+
+
+# --------------------------------------------------------------------------- block norms
+def block_norms_reference(weight: Tensor, block_size: Tuple[int, int]) -> Tensor:
+    """Pure torch: the Frobenius norm of every ``bo x bi`` block (all taps) -> fp32 ``[R, C]``."""
+    bo, bi = block_size
+    out_features, in_features = weight.shape[:2]
+    blocks = weight.detach().float().reshape(out_features // bo, bo, in_features // bi, bi, -1)
+    return blocks.pow(2).sum(dim=(1, 3, 4)).sqrt()
+
+
+def block_norms(weight: Tensor, block_size: Tuple[int, int]) -> Tensor:
+    """Frobenius norm of every block of a dense weight ``[out, in, *taps]`` -> fp32 ``[R, C]``.
+
+    Used for RigL's grow scores (the dense gradient's block norms) and for keeping the
+    largest blocks of a dense weight.
+    """
+    bo, bi = block_size
+    if weight.dim() < 2 or weight.shape[0] % bo or weight.shape[1] % bi:
+        raise ValueError(f"block size {tuple(block_size)} does not divide the weight of shape {tuple(weight.shape)}")
+    if _compiled("block_norms", weight.device):
+        return torch.ops.sparse_kernels.block_norms(weight.detach(), bo, bi)
+    return block_norms_reference(weight, block_size)
+
+
+# --------------------------------------------------------------------------- fake kernels
+if extension.LOADED:
+
+    @torch.library.register_fake("sparse_kernels::build_index")
+    def _(row_idx, col_idx, num_rows, num_cols):
+        nnz = row_idx.shape[0]
+        return (
+            row_idx.new_empty(num_rows + 1),
+            row_idx.new_empty(nnz),
+            row_idx.new_empty(num_cols + 1),
+            row_idx.new_empty(nnz),
+        )
+
+    @torch.library.register_fake("sparse_kernels::prune_and_regrow")
+    def _(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, drop_scores, grow_scores, num_rows, num_cols,
+          k, zero_tensors, zero_layer):
+        return torch.empty(len(row_idx), dtype=torch.int64, device=row_idx[0].device if len(row_idx) else "cpu")
+
+    @torch.library.register_fake("sparse_kernels::block_norms")
+    def _(weight, block_out, block_in):
+        return weight.new_empty(weight.shape[0] // block_out, weight.shape[1] // block_in, dtype=torch.float32)
+
+
+__all__: List[str] = [
+    "LayerUpdate",
+    "block_norms",
+    "block_norms_reference",
+    "build_index",
+    "build_index_reference",
+    "prune_and_regrow",
+    "prune_and_regrow_reference",
+]
