@@ -20,26 +20,22 @@ namespace sparse_kernels {
 // Keys of non-finite drop scores: after every finite score (dropped last).
 constexpr uint32_t kWorstKey = 0xFFFFFFFFu;
 
-SK_HOST_DEVICE bool finite_score(float s) {
-  // Exponent bits all ones means inf or nan.
-  uint32_t bits;
+SK_HOST_DEVICE uint32_t float_bits(float s) {
 #ifdef __CUDA_ARCH__
-  bits = __float_as_uint(s);
+  return __float_as_uint(s);
 #else
+  uint32_t bits;
   std::memcpy(&bits, &s, sizeof(bits));
+  return bits;
 #endif
-  return (bits & 0x7F800000u) != 0x7F800000u;
 }
+
+// Exponent bits all ones means inf or nan.
+SK_HOST_DEVICE bool finite_score(float s) { return (float_bits(s) & 0x7F800000u) != 0x7F800000u; }
 
 // Monotone map of a finite float to uint32: a < b  <=>  key(a) < key(b); -0 == +0.
 SK_HOST_DEVICE uint32_t ordered_key(float s) {
-  s = s + 0.0f;  // -0.0 + 0.0 == +0.0
-  uint32_t bits;
-#ifdef __CUDA_ARCH__
-  bits = __float_as_uint(s);
-#else
-  std::memcpy(&bits, &s, sizeof(bits));
-#endif
+  const uint32_t bits = float_bits(s + 0.0f);  // -0.0 + 0.0 == +0.0
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 

@@ -80,12 +80,14 @@ int64_t check_prune_and_regrow(
   return layers;
 }
 
-void check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t block_in) {
+BlockGrid check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t block_in) {
   TORCH_CHECK_VALUE(block_out > 0 && block_in > 0, "block sizes must be positive, got ", block_out, " x ", block_in);
   TORCH_CHECK_VALUE(weight.dim() >= 2 && weight.size(0) % block_out == 0 && weight.size(1) % block_in == 0,
                     "block (", block_out, ", ", block_in, ") does not divide the weight of shape ", weight.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "weight must be floating point, got ",
                    weight.scalar_type());
+  const int64_t matrix = weight.size(0) * weight.size(1);
+  return {weight.size(0) / block_out, weight.size(1) / block_in, matrix ? weight.numel() / matrix : 1};
 }
 
 TORCH_LIBRARY(sparse_kernels, m) {

@@ -16,6 +16,12 @@ int64_t check_prune_and_regrow(
 
 void check_build_index(const at::Tensor& row_idx, const at::Tensor& col_idx, int64_t num_rows, int64_t num_cols);
 
-void check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t block_in);
+// The block grid of a weight [out, in, *taps] for block_norms: rows, cols and taps per element.
+struct BlockGrid {
+  int64_t rows, cols, taps;
+};
+
+// Checks block_norms' arguments (ValueError / TypeError) and returns the block grid.
+BlockGrid check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t block_in);
 
 }  // namespace sparse_kernels

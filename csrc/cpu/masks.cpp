@@ -169,10 +169,8 @@ at::Tensor prune_and_regrow_cpu(at::TensorList row_idx, at::TensorList col_idx, 
 }
 
 at::Tensor block_norms_cpu(const at::Tensor& weight_in, int64_t block_out, int64_t block_in) {
-  check_block_norms(weight_in, block_out, block_in);
+  const auto [rows, cols, taps] = check_block_norms(weight_in, block_out, block_in);
   const at::Tensor weight = weight_in.contiguous();
-  const int64_t rows = weight.size(0) / block_out, cols = weight.size(1) / block_in;
-  const int64_t taps = weight.numel() / std::max<int64_t>(weight.size(0) * weight.size(1), 1);
   const int64_t in_features = weight.size(1);
   at::Tensor norms = at::empty({rows, cols}, weight.options().dtype(at::kFloat));
   float* out = norms.data_ptr<float>();

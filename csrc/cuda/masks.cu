@@ -338,11 +338,9 @@ __global__ void block_norms_kernel(const scalar_t* weight, float* norms, int64_t
 }
 
 at::Tensor block_norms_cuda(const at::Tensor& weight_in, int64_t block_out, int64_t block_in) {
-  check_block_norms(weight_in, block_out, block_in);
+  const auto [rows, cols, taps] = check_block_norms(weight_in, block_out, block_in);
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const at::Tensor weight = weight_in.contiguous();
-  const int64_t rows = weight.size(0) / block_out, cols = weight.size(1) / block_in;
-  const int64_t taps = weight.numel() / std::max<int64_t>(weight.size(0) * weight.size(1), 1);
   at::Tensor norms = at::empty({rows, cols}, weight.options().dtype(at::kFloat));
   if (rows * cols == 0) return norms;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "block_norms_cuda", [&] {
