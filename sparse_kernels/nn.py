@@ -15,7 +15,7 @@ from torch import nn
 
 from .layout import BlockSize, BlockSparseLayout, from_dense, normalize_block_size, to_dense
 from .masks import block_norms, build_index
-from .ops.conv import bsr_conv2d
+from .ops.conv import bsr_conv2d, explicit_padding
 from .ops.linear import bsr_linear
 
 _DERIVED_INDEX = ("row_ptr", "row_slots", "col_ptr", "col_slots")
@@ -132,15 +132,24 @@ class BlockSparseModule(nn.Module):
 
     @classmethod
     def _from_dense_weight(
-        cls, weight: torch.Tensor, bias: Optional[torch.Tensor], block_size: BlockSize, density: float, **kwargs
+        cls,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        block_size: BlockSize,
+        density: float,
+        block_mask: Optional[torch.Tensor],
+        **kwargs,
     ):
-        """A module of this class with ``weight``'s largest-norm blocks (ties: lower index).
+        """A module of this class with ``weight``'s values at the blocks of ``block_mask``,
+        or (``None``) at its ``density`` largest-norm blocks (ties: lower index).
 
         ``kwargs`` are the constructor's shape arguments.
         """
         block = normalize_block_size(block_size)
         grid = _check_divisible(cls.__name__, tuple(weight.shape[:2]), block)
-        mask = largest_blocks_mask(block_norms(weight, block), blocks_for_density(density, grid[0] * grid[1]))
+        mask = block_mask
+        if mask is None:
+            mask = largest_blocks_mask(block_norms(weight, block), blocks_for_density(density, grid[0] * grid[1]))
         module = cls(
             **kwargs, bias=bias is not None, block_size=block, device=weight.device, dtype=weight.dtype, block_mask=mask
         )
@@ -195,18 +204,31 @@ class BlockSparseLinear(BlockSparseModule):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, block_size: BlockSize = 32, density: float = 0.25) -> "BlockSparseLinear":
-        """A block-sparse copy of ``linear`` keeping its largest-norm blocks (ties: lower index)."""
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        block_size: BlockSize = 32,
+        density: float = 0.25,
+        block_mask: Optional[torch.Tensor] = None,
+    ) -> "BlockSparseLinear":
+        """A block-sparse copy of ``linear``: its largest-norm blocks (ties: lower index), or
+        the blocks of ``block_mask`` (bool ``[out / bo, in / bi]``) when given."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
         return cls._from_dense_weight(
-            linear.weight, linear.bias, block_size, density,
+            linear.weight, linear.bias, block_size, density, block_mask,
             in_features=linear.in_features, out_features=linear.out_features,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in_features]`` -> ``[..., out_features]``."""
         return bsr_linear(x, self.values, self.layout, self.bias)
+
+    def dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The gradient of the whole dense weight ``[out, in]`` (fp32) for one call with input
+        ``x [..., in]`` and output gradient ``grad_out [..., out]``, dead blocks included
+        (RigL's grow scores). Costs a dense product: for update steps only."""
+        return grad_out.reshape(-1, self.out_features).float().T @ x.reshape(-1, self.in_features).float()
 
     def extra_repr(self) -> str:
         return (
@@ -269,8 +291,15 @@ class BlockSparseConv2d(BlockSparseModule):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, block_size: BlockSize = 32, density: float = 0.25) -> "BlockSparseConv2d":
-        """A block-sparse copy of ``conv`` keeping its largest-norm blocks (ties: lower index).
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        block_size: BlockSize = 32,
+        density: float = 0.25,
+        block_mask: Optional[torch.Tensor] = None,
+    ) -> "BlockSparseConv2d":
+        """A block-sparse copy of ``conv``: its largest-norm blocks (ties: lower index), or
+        the blocks of ``block_mask`` (bool ``[Cout / bo, Cin / bi]``) when given.
 
         Refuses (``ValueError``) what the kernels cannot take: groups, a padding mode other
         than zeros, channels not divisible by the block.
@@ -279,7 +308,7 @@ class BlockSparseConv2d(BlockSparseModule):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         _check_conv_options(cls.__name__, conv.groups, conv.padding_mode)
         return cls._from_dense_weight(
-            conv.weight, conv.bias, block_size, density,
+            conv.weight, conv.bias, block_size, density, block_mask,
             in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
             stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
         )
@@ -287,6 +316,18 @@ class BlockSparseConv2d(BlockSparseModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[N, Cin, H, W]`` -> ``[N, Cout, OH, OW]``."""
         return bsr_conv2d(x, self.values, self.layout, self.bias, self.stride, self.padding, self.dilation)
+
+    def dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The gradient of the whole dense weight ``[Cout, Cin, kh, kw]`` (fp32) for one call
+        with input ``x`` and output gradient ``grad_out``, dead blocks included (RigL's grow
+        scores). Costs a dense weight-gradient convolution: for update steps only."""
+        padding = explicit_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        if x.dim() == 3:  # unbatched
+            x, grad_out = x.unsqueeze(0), grad_out.unsqueeze(0)
+        weight_shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        return torch.nn.grad.conv2d_weight(
+            x.float(), weight_shape, grad_out.float(), self.stride, padding, self.dilation
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -171,7 +171,7 @@ def _pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
     return pair
 
 
-def _padding(padding, kernel: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
+def explicit_padding(padding, kernel: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
     """Explicit ``(pad_h, pad_w)`` from an int, a pair, ``"valid"`` or ``"same"``."""
     if padding == "valid":
         return (0, 0)
@@ -232,7 +232,7 @@ def bsr_conv2d(
     kernel = (values.shape[3], values.shape[4])
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)
-    padding = _padding(padding, kernel, stride, dilation)
+    padding = explicit_padding(padding, kernel, stride, dilation)
     out_hw = [conv_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2)]
     if min(out_hw) <= 0:
         raise ValueError(

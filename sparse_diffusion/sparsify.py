@@ -1,0 +1,245 @@
+"""Model surgery: swap a model's ``nn.Linear`` / ``nn.Conv2d`` for block-sparse modules.
+
+:func:`sparsify` picks each layer's density (uniform, ER or ERK, as RigL defines them),
+chooses its live blocks (at random, or the largest blocks of the current weights), and
+replaces the layer in place. It returns a :class:`SparsityReport`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import sparse_kernels as sk
+from sparse_kernels.layout import BlockSize, normalize_block_size
+from sparse_kernels.masks import block_norms
+from sparse_kernels.nn import blocks_for_density, largest_blocks_mask, random_blocks_mask
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+INITS = ("random", "magnitude")
+WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+# --------------------------------------------------------------------------- densities
+def layer_densities(shapes: Sequence[Tuple[int, ...]], sparsity: float, distribution: str = "erk") -> List[float]:
+    """Per-layer densities whose weighted mean is ``1 - sparsity``.
+
+    Args:
+        shapes: weight shapes ``[out, in, *taps]``.
+        distribution: ``uniform`` (every layer ``1 - sparsity``); ``er`` (density
+            proportional to ``(out + in) / (out * in)``); ``erk`` (proportional to
+            ``sum(shape) / prod(shape)``, RigL's Erdos-Renyi-Kernel). ER and ERK cap
+            densities at 1: the layer with the highest density is made dense and the
+            budget is spread again over the others, until none exceeds 1 (as RigL does).
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    density = 1.0 - sparsity
+    if distribution == "uniform":
+        return [density] * len(shapes)
+    sizes = [math.prod(shape) for shape in shapes]
+    if distribution == "erk":
+        raw = [sum(shape) / math.prod(shape) for shape in shapes]
+    else:
+        raw = [(shape[0] + shape[1]) / (shape[0] * shape[1]) for shape in shapes]
+    dense: set = set()
+    while True:
+        sparse = [i for i in range(len(shapes)) if i not in dense]
+        budget = density * sum(sizes) - sum(sizes[i] for i in dense)
+        scale = budget / sum(raw[i] * sizes[i] for i in sparse) if sparse else 0.0
+        highest = max(sparse, key=lambda i: raw[i], default=None)
+        if highest is None or scale * raw[highest] <= 1.0:
+            break
+        dense.add(highest)
+    return [1.0 if i in dense else max(scale * raw[i], 0.0) for i in range(len(shapes))]
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class LayerReport:
+    """One weight layer of a sparsified model.
+
+    ``macs_*`` count multiply-accumulates per output position (token or output pixel):
+    multiply by the number of positions for the FLOPs (x2) of one forward.
+    """
+
+    name: str
+    kind: str  # "Linear" or "Conv2d"
+    shape: Tuple[int, ...]
+    block: Optional[Tuple[int, int]]
+    density: float
+    live_blocks: int
+    total_blocks: int
+    path: str  # "triton", "reference", "reference (masked, block 1)" or "dense: <why>"
+    params_dense: int
+    params_sparse: int
+    macs_dense: int
+    macs_sparse: int
+
+    @property
+    def sparse(self) -> bool:
+        return not self.path.startswith("dense")
+
+
+@dataclass
+class SparsityReport:
+    """What :func:`sparsify` did, layer by layer; ``str()`` is a readable table."""
+
+    layers: List[LayerReport]
+    sparsity: float
+    distribution: str
+    block_size: Tuple[int, int]
+
+    @property
+    def sparse_layers(self) -> List[LayerReport]:
+        return [layer for layer in self.layers if layer.sparse]
+
+    @property
+    def global_sparsity(self) -> float:
+        """Fraction of weights removed over the sparsified layers."""
+        dense = sum(layer.params_dense for layer in self.sparse_layers)
+        return 1.0 - sum(layer.params_sparse for layer in self.sparse_layers) / dense if dense else 0.0
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "weight", "block", "density", "live/total", "params", "MACs/pos", "path")
+        rows = [header]
+        for layer in self.layers:
+            rows.append((
+                layer.name, layer.kind, "x".join(map(str, layer.shape)),
+                "x".join(map(str, layer.block)) if layer.block else "-",
+                f"{layer.density:.3f}", f"{layer.live_blocks}/{layer.total_blocks}" if layer.block else "-",
+                f"{layer.params_sparse:,}/{layer.params_dense:,}", f"{layer.macs_sparse:,}/{layer.macs_dense:,}",
+                layer.path,
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        total_dense = sum(layer.params_dense for layer in self.layers)
+        total_sparse = sum(layer.params_sparse for layer in self.layers)
+        lines.append(
+            f"{len(self.sparse_layers)}/{len(self.layers)} weight layers sparsified ({self.distribution}, block "
+            f"{self.block_size[0]}x{self.block_size[1]}): sparsity {self.global_sparsity:.4f} over them "
+            f"(asked {self.sparsity}); weight parameters {total_sparse:,}/{total_dense:,} in all"
+        )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- surgery
+def _refusal(module: nn.Module, block: Tuple[int, int]) -> Optional[str]:
+    """Why the block-sparse kernels cannot take ``module``, or ``None``."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode}"
+    out_features, in_features = module.weight.shape[:2]
+    if out_features % block[0] or in_features % block[1]:
+        return f"{out_features}x{in_features} channels not divisible by block {block[0]}x{block[1]}"
+    return None
+
+
+def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def sparsify(
+    model: nn.Module,
+    sparsity: float,
+    block_size: BlockSize = 32,
+    distribution: str = "erk",
+    keep_dense: Optional[Sequence[str]] = None,
+    init: str = "random",
+) -> SparsityReport:
+    """Replaces ``model``'s ``nn.Linear`` / ``nn.Conv2d`` layers by block-sparse ones, in place.
+
+    Args:
+        model: any module; only layers of exactly these two types are replaced (a subclass
+            may read ``.weight`` and is left alone).
+        sparsity: fraction of weights removed over the sparsified layers, in [0, 1).
+        block_size: ``b`` or ``(bo, bi)``; ``1`` is unstructured sparsity, run on the
+            masked reference path (the report says so).
+        distribution: ``uniform``, ``er`` or ``erk`` (see :func:`layer_densities`).
+        keep_dense: module-name globs left dense; ``None`` keeps the first and the last
+            weight layer dense (``[]`` keeps none).
+        init: ``random`` draws the live blocks at random (sparse from scratch, torch's RNG);
+            ``magnitude`` keeps the largest blocks of the current weights. Either way live
+            values keep their current (dense) initialisation.
+    Returns:
+        A :class:`SparsityReport`. Create the optimizer after this call.
+    """
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    block = normalize_block_size(block_size)
+    weight_layers = [(name, m) for name, m in model.named_modules() if type(m) in WEIGHT_LAYERS]
+    if not weight_layers:
+        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
+    if keep_dense is None:
+        keep_dense = [weight_layers[0][0], weight_layers[-1][0]]
+
+    reasons: Dict[str, str] = {}
+    for name, module in weight_layers:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in keep_dense):
+            reasons[name] = "dense: kept (keep_dense)"
+        elif (why := _refusal(module, block)) is not None:
+            reasons[name] = f"dense: {why}"
+    chosen = [(name, m) for name, m in weight_layers if name not in reasons]
+    if not chosen:
+        raise ValueError(
+            f"no layer can be sparsified with block size {block} (kept dense: "
+            + "; ".join(f"{name}: {why[7:]}" for name, why in reasons.items()) + ")"
+        )
+    densities = dict(zip(
+        (name for name, _ in chosen),
+        layer_densities([tuple(m.weight.shape) for _, m in chosen], sparsity, distribution),
+    ))
+
+    layers = []
+    for name, module in weight_layers:
+        if name in reasons:
+            layers.append(_dense_report(name, module, reasons[name]))
+            continue
+        sparse_module = _sparse_copy(module, block, densities[name], init)
+        parent, child = _parent(model, name)
+        setattr(parent, child, sparse_module)
+        layers.append(_sparse_report(name, module, sparse_module, block))
+    return SparsityReport(layers, sparsity, distribution, block)
+
+
+def _sparse_copy(module: nn.Module, block: Tuple[int, int], density: float, init: str) -> nn.Module:
+    grid = (module.weight.shape[0] // block[0], module.weight.shape[1] // block[1])
+    live = blocks_for_density(min(density, 1.0), grid[0] * grid[1])
+    with torch.no_grad():
+        if init == "magnitude":
+            mask = largest_blocks_mask(block_norms(module.weight, block), live)
+        else:
+            mask = random_blocks_mask(grid, live, module.weight.device)
+    cls = sk.BlockSparseLinear if isinstance(module, nn.Linear) else sk.BlockSparseConv2d
+    sparse_module = cls.from_dense(module, block_size=block, block_mask=mask)
+    sparse_module.train(module.training)
+    return sparse_module
+
+
+def _dense_report(name: str, module: nn.Module, reason: str) -> LayerReport:
+    n = module.weight.numel()
+    return LayerReport(name, type(module).__name__, tuple(module.weight.shape), None, 1.0, 0, 0, reason, n, n, n, n)
+
+
+def _sparse_report(name: str, dense: nn.Module, sparse_module: nn.Module, block: Tuple[int, int]) -> LayerReport:
+    values = sparse_module.values
+    backend = sk.select_backend(values.device, values.dtype, block)
+    path = "reference (masked, block 1)" if block == (1, 1) else backend
+    # One multiply-accumulate per (live) weight per output position.
+    n, live = dense.weight.numel(), values.numel()
+    total_blocks = sparse_module.grid[0] * sparse_module.grid[1]
+    return LayerReport(
+        name, type(dense).__name__, tuple(dense.weight.shape), block, live / n, sparse_module.nnz, total_blocks,
+        path, n, live, n, live,
+    )
