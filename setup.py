@@ -3,7 +3,8 @@
 The C++ (CPU) sources are always built. The CUDA sources are added when torch is a CUDA
 build and the CUDA toolkit is found; ``SPARSE_KERNELS_FORCE_CUDA=1`` makes a missing
 toolkit an error, ``SPARSE_KERNELS_NO_CUDA=1`` skips CUDA. ``TORCH_CUDA_ARCH_LIST`` is
-respected (default "8.0;9.0"); ``MAX_JOBS`` bounds the parallel compile jobs.
+respected (default "8.0;9.0+PTX": machine code for A100 and H100/H200, and PTX that newer
+GPUs compile at load time); ``MAX_JOBS`` bounds the parallel compile jobs.
 
 The toolkit is looked for in ``CUDA_HOME``, ``CUDA_PATH``, /usr/local/cuda and
 /usr/local/cuda-*: an ``nvcc`` on the PATH may be a wrapper outside the toolkit, from
@@ -67,7 +68,7 @@ def extension_modules():
         raise RuntimeError(f"SPARSE_KERNELS_FORCE_CUDA=1 but CUDA cannot be built: {why}")
     if use_cuda:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     info = "cpu"

@@ -47,7 +47,10 @@ int64_t check_prune_and_regrow(
                     "prune_and_regrow: every per-layer list must have ", n, " entries");
   TORCH_CHECK_VALUE(zero_tensors.size() == zero_layer.size(), "prune_and_regrow: zero_tensors has ",
                     zero_tensors.size(), " entries but zero_layer has ", zero_layer.size());
-  if (layers == 0) return 0;
+  if (layers == 0) {
+    TORCH_CHECK_VALUE(zero_tensors.empty(), "prune_and_regrow: zero_tensors given, but there are no layers");
+    return 0;
+  }
   const c10::Device device = row_idx[0].device();
   for (size_t l = 0; l < n; ++l) {
     const int64_t nnz = row_idx[l].numel(), rows = num_rows[l], cols = num_cols[l];
@@ -87,7 +90,9 @@ BlockGrid check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), "weight must be floating point, got ",
                    weight.scalar_type());
   const int64_t matrix = weight.size(0) * weight.size(1);
-  return {weight.size(0) / block_out, weight.size(1) / block_in, matrix ? weight.numel() / matrix : 1};
+  const int64_t rows = weight.size(0) / block_out, cols = weight.size(1) / block_in;
+  TORCH_CHECK_VALUE(rows * cols < (int64_t{1} << 31), "block grid ", rows, " x ", cols, " is too large");
+  return {rows, cols, matrix ? weight.numel() / matrix : 1};
 }
 
 TORCH_LIBRARY(sparse_kernels, m) {

@@ -245,6 +245,20 @@ def test_bad_updates_are_refused(changes, error, match):
         masks.prune_and_regrow([_one_update(**changes)])
 
 
+@needs_extension
+def test_the_compiled_op_checks_its_lists():
+    ops = torch.ops.sparse_kernels
+    empty = [[] for _ in range(6)]
+    with pytest.raises(ValueError, match="no layers"):  # once a segfault (zero_layer out of range)
+        ops.prune_and_regrow(*empty, [], [], [], [], [], [torch.zeros(2)], [1000])
+    layout = sk.BlockSparseLayout.from_block_mask(torch.eye(2, dtype=torch.bool), 4)
+    index = [[t] for t in layout.tensors()]
+    with pytest.raises(ValueError, match="not a layer index"):
+        ops.prune_and_regrow(*index, [torch.zeros(2)], [torch.zeros(4)], [2], [2], [1], [torch.zeros(2)], [3])
+    with pytest.raises(ValueError, match="every per-layer list"):
+        ops.prune_and_regrow(*index, [torch.zeros(2)], [], [2], [2], [1], [], [])
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @needs_extension
