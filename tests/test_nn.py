@@ -191,3 +191,22 @@ def test_conv_state_dict_round_trip():
     assert torch.equal(target.layout.block_mask(), source.layout.block_mask())
     x = torch.randn(1, 32, 5, 5)
     assert torch.equal(source(x), target(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_follow_autocast(backend, monkeypatch):
+    """Under autocast, fp32 modules run in bf16 and their fp32 parameters get fp32 grads."""
+    use_backend(monkeypatch, backend, "cpu")
+    torch.manual_seed(0)
+    linear = sk.BlockSparseLinear(64, 32, block_size=16, density=0.5)
+    conv = sk.BlockSparseConv2d(16, 16, 3, padding=1, block_size=16, density=1.0)
+    x = torch.randn(4, 64)
+    image = torch.randn(1, 16, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x.bfloat16())
+        z = conv(image)
+    assert y.dtype == z.dtype == torch.bfloat16
+    (y.float().sum() + z.float().sum()).backward()
+    assert linear.values.grad.dtype == conv.values.grad.dtype == torch.float32
+    expected = x @ linear.to_dense().detach().T + linear.bias.detach()
+    torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from ..backend import select_backend
@@ -38,6 +39,23 @@ def check_features(op: str, name: str, t: Tensor, index: Sequence[Tensor], block
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """Output length of one spatial axis of a convolution, as ``F.conv2d`` computes it."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def autocast_operands(x: Tensor, values: Tensor, bias: Optional[Tensor]):
+    """Under an enabled ``torch.autocast`` for ``x``'s device, the floating operands in its
+    dtype (as torch's own matmuls and convolutions run); otherwise unchanged. The casts are
+    differentiable: fp32 ``values`` get fp32 gradients."""
+    if not (isinstance(x, Tensor) and isinstance(values, Tensor)):
+        return x, values, bias
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return x, values, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+    return cast(x), cast(values), cast(bias)
 
 
 def check_activation(name: str, x: Tensor, values: Tensor) -> None:

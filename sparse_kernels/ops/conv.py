@@ -27,7 +27,15 @@ from ..reference import (
     bsr_conv2d_grad_weight_reference,
     bsr_conv2d_reference,
 )
-from .common import backend_for, check_activation, check_bias, check_features, conv_output_size, layout_of
+from .common import (
+    autocast_operands,
+    backend_for,
+    check_activation,
+    check_bias,
+    check_features,
+    conv_output_size,
+    layout_of,
+)
 from .linear import bsr_linear
 
 IntPair = Union[int, Sequence[int]]
@@ -210,10 +218,12 @@ def bsr_conv2d(
         groups: must be 1; grouped convolutions are refused.
     Returns:
         ``[N, Cout, OH, OW]`` (or ``[Cout, OH, OW]``), differentiable in ``x``, ``values``
-        and ``bias``; channels-last when ``x`` is.
+        and ``bias``; channels-last when ``x`` is. Under ``torch.autocast`` the operands
+        run in its dtype.
     """
     if groups != 1:
         raise ValueError(f"bsr_conv2d supports groups=1 only, got groups={groups!r}")
+    x, values, bias = autocast_operands(x, values, bias)
     if isinstance(values, Tensor) and values.dim() != 5:
         raise ValueError(f"values must be [nnz, bo, bi, kh, kw], got shape {tuple(values.shape)}")
     check_values(values, layout, taps=2)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockSparseLayout, check_values
-from .common import backend_for, check_activation, check_bias, check_features, layout_of
+from .common import autocast_operands, backend_for, check_activation, check_bias, check_features, layout_of
 from ..reference import (
     bsr_linear_grad_input_reference,
     bsr_linear_grad_weight_reference,
@@ -122,8 +122,9 @@ def bsr_linear(
         bias: ``[out]`` or ``None``.
     Returns:
         ``y: [..., out]``, differentiable in ``x``, ``values`` and ``bias``. Kernels
-        accumulate in fp32.
+        accumulate in fp32. Under ``torch.autocast`` the operands run in its dtype.
     """
+    x, values, bias = autocast_operands(x, values, bias)
     check_values(values, layout)
     check_activation("x", x, values)
     out_features, in_features = layout.shape
