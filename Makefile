@@ -33,7 +33,8 @@ bench: $(STAMP)
 	quick=$$($(VPY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"); \
 	$(VPY) -m benchmarks.linear $$quick --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.conv $$quick --out-dir benchmarks/results; \
-	$(VPY) -m benchmarks.masks $$quick --out-dir benchmarks/results
+	$(VPY) -m benchmarks.masks $$quick --out-dir benchmarks/results; \
+	$(VPY) -m benchmarks.train_step --out-dir benchmarks/results
 	$(VPY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
 ## gpu-check: on a CUDA machine without a package registry: GPU tests + benchmarks, results in benchmarks/results
@@ -50,6 +51,8 @@ gpu-check:
 	python3 -m benchmarks.conv $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 	python3 -m benchmarks.masks $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 	python3 -m benchmarks.masks --device cpu $(GPU_BENCH_ARGS) --out-dir benchmarks/results
+	@python3 -c "import diffusers" 2>/dev/null && python3 -m benchmarks.train_step --repeats 3 --out-dir benchmarks/results \
+		|| echo "skipped benchmarks.train_step: it needs diffusers"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks sparse_kernels/_C*.so

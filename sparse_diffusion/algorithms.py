@@ -179,10 +179,15 @@ class DynamicSparsity:
         (which holds the masks) and the optimizer's too, for an exact resume."""
         if state.get("config") != self._config():
             warnings.warn(f"resuming with another configuration: {state.get('config')} -> {self._config()}")
-        self.step_count = state["step"]
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
         self.ever_live = [mask.to(m.values.device) for mask, (_, m) in zip(state["ever_live"], self.layers)]
+        self.set_step(state["step"])
+
+    def set_step(self, step: int) -> None:
+        """Positions the schedule after ``step`` optimizer steps (and, for RigL, arms the
+        dense-gradient collection if the next step updates the masks)."""
+        self.step_count = step
         self._arm_if_next_updates()
 
     def _config(self) -> Dict:
