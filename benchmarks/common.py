@@ -90,6 +90,14 @@ def fill_defaults(args, quick: Dict[str, object], full: Dict[str, object]) -> No
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
 
 
+def forward_backward(
+    forward: Callable[[], torch.Tensor], inputs: Tuple[torch.Tensor, ...], grad: torch.Tensor
+) -> Callable[[], object]:
+    """A step that runs ``forward`` and the gradients of ``inputs`` for output gradient ``grad``
+    (``autograd.grad``: nothing accumulates in ``.grad`` between repetitions)."""
+    return lambda: torch.autograd.grad(forward(), inputs, grad)
+
+
 def synchronized(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """``step`` followed by a device synchronisation on CUDA (for wall-clock timers)."""
     if device.type != "cuda":

@@ -23,7 +23,16 @@ import torch.nn.functional as F
 import sparse_kernels as sk
 from sparse_kernels.nn import blocks_for_density, random_blocks_mask
 
-from .common import add_vs_dense, environment, fill_defaults, print_table, result_path, time_step, write_json
+from .common import (
+    add_vs_dense,
+    environment,
+    fill_defaults,
+    forward_backward,
+    print_table,
+    result_path,
+    time_step,
+    write_json,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (Cin, Cout, H = W, kernel): the 3x3 convolutions of a latent-diffusion UNet, and a 1x1.
@@ -62,13 +71,10 @@ def build_methods(
     def masked():
         return F.conv2d(x, weight * element_mask, bias, padding=padding)
 
-    def forward_backward(forward, inputs):
-        return lambda: torch.autograd.grad(forward(), inputs, grad_y)
-
     methods = {
-        "dense": (dense, forward_backward(dense, (x, weight, bias))),
-        "ours": (ours, forward_backward(ours, (x, values, bias))),
-        "masked_dense": (masked, forward_backward(masked, (x, weight, bias))),
+        "dense": (dense, forward_backward(dense, (x, weight, bias), grad_y)),
+        "ours": (ours, forward_backward(ours, (x, values, bias), grad_y)),
+        "masked_dense": (masked, forward_backward(masked, (x, weight, bias), grad_y)),
     }
     return methods, layout
 
@@ -86,10 +92,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             for density in args.densities:
                 torch.manual_seed(0)
                 methods, layout = build_methods(args.batch, shape, block, density, dtype, device)
-                for name, (forward, forward_backward) in methods.items():
+                for name, (forward, backward_step) in methods.items():
                     if name == "dense" and density != args.densities[0]:
                         continue  # dense does not depend on the density: timed once per shape and block
-                    for pass_name, step in (("fwd", forward), ("fwd+bwd", forward_backward)):
+                    for pass_name, step in (("fwd", forward), ("fwd+bwd", backward_step)):
                         ms, error = time_step(step, device, args.min_seconds)
                         rows.append({
                             "method": name, "pass": pass_name, "shape": "x".join(map(str, shape)),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import sparse_kernels as sk
 
-from .common import environment, measure_ms
+from .common import environment, forward_backward, measure_ms
 
 
 def interpreter_check() -> None:
@@ -58,9 +58,6 @@ def main(argv=None) -> None:
     x = torch.randn(args.tokens, args.features, device=device, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(args.tokens, args.features, device=device, dtype=dtype)
 
-    def forward_backward(forward, params):
-        return lambda: torch.autograd.grad(forward(), (x, *params), grad_y)
-
     print(f"\nx [{args.tokens}, {args.features}] -> W [{args.features}, {args.features}], "
           f"block {args.block_size}, forward+backward")
     print(f"{'density':>8} {'max |err|':>10} {'dense ms':>9} {'masked ms':>10} {'sparse ms':>10} {'sparse/dense':>13}")
@@ -72,8 +69,8 @@ def main(argv=None) -> None:
         def masked():
             return F.linear(x, masked_weight * mask, dense.bias)
 
-        sparse_grads = forward_backward(lambda: layer(x), (layer.values, layer.bias))()
-        masked_grads = forward_backward(masked, (masked_weight, dense.bias))()
+        sparse_grads = forward_backward(lambda: layer(x), (x, layer.values, layer.bias), grad_y)()
+        masked_grads = forward_backward(masked, (x, masked_weight, dense.bias), grad_y)()
         errors = [
             (layer(x) - masked()).abs().max(),
             (sparse_grads[0] - masked_grads[0]).abs().max(),
@@ -82,9 +79,9 @@ def main(argv=None) -> None:
         ]
         error = max(e.item() for e in errors)
         # Dense is timed again in every row, beside the others, so each ratio is side by side.
-        dense_ms = measure_ms(forward_backward(lambda: dense(x), (dense.weight, dense.bias)), device)
-        masked_ms = measure_ms(forward_backward(masked, (masked_weight, dense.bias)), device)
-        sparse_ms = measure_ms(forward_backward(lambda: layer(x), (layer.values, layer.bias)), device)
+        dense_ms = measure_ms(forward_backward(lambda: dense(x), (x, dense.weight, dense.bias), grad_y), device)
+        masked_ms = measure_ms(forward_backward(masked, (x, masked_weight, dense.bias), grad_y), device)
+        sparse_ms = measure_ms(forward_backward(lambda: layer(x), (x, layer.values, layer.bias), grad_y), device)
         print(f"{density:>8.2f} {error:>10.2e} {dense_ms:>9.1f} {masked_ms:>10.1f} {sparse_ms:>10.1f} "
               f"{sparse_ms / dense_ms:>12.2f}x")
     if device.type == "cpu":

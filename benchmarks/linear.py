@@ -25,14 +25,19 @@ import torch.nn.functional as F
 import sparse_kernels as sk
 from sparse_kernels.nn import blocks_for_density, random_blocks_mask
 
-from .common import add_vs_dense, environment, fill_defaults, print_table, result_path, time_step, write_json
+from .common import (
+    add_vs_dense,
+    environment,
+    fill_defaults,
+    forward_backward,
+    print_table,
+    result_path,
+    time_step,
+    write_json,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Step = Callable[[], object]
-
-
-def _forward_backward(forward: Callable[[], torch.Tensor], inputs: Tuple[torch.Tensor, ...], grad: torch.Tensor) -> Step:
-    return lambda: torch.autograd.grad(forward(), inputs, grad)
 
 
 def build_methods(
@@ -68,9 +73,9 @@ def build_methods(
         return (weight_bsr @ x.detach().T).T + bias.detach()
 
     methods = {
-        "dense": (dense, _forward_backward(dense, (x, weight, bias), grad_y)),
-        "ours": (ours, _forward_backward(ours, (x, values, bias), grad_y)),
-        "masked_dense": (masked, _forward_backward(masked, (x, weight, bias), grad_y)),
+        "dense": (dense, forward_backward(dense, (x, weight, bias), grad_y)),
+        "ours": (ours, forward_backward(ours, (x, values, bias), grad_y)),
+        "masked_dense": (masked, forward_backward(masked, (x, weight, bias), grad_y)),
         "torch_bsr_linear": (bsr_linear, None),
         "torch_bsr_mm": (bsr_mm, None),
     }
@@ -91,10 +96,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             methods, layout = build_methods(
                 args.tokens, args.in_features, args.out_features, block, density, dtype, device
             )
-            for name, (forward, forward_backward) in methods.items():
+            for name, (forward, backward_step) in methods.items():
                 if name == "dense" and dense_ms:
                     continue  # dense does not depend on the density: timed once per block
-                for pass_name, step in (("fwd", forward), ("fwd+bwd", forward_backward)):
+                for pass_name, step in (("fwd", forward), ("fwd+bwd", backward_step)):
                     ms, error = time_step(step, device, args.min_seconds)
                     if name == "dense":
                         dense_ms[pass_name] = ms

@@ -23,8 +23,8 @@ BLOCK = 32
 def test_conv(benchmark, pass_name, method, density):
     torch.manual_seed(0)
     methods, _ = build_methods(BATCH, SHAPE, BLOCK, density, DTYPE, DEVICE)
-    forward, forward_backward = methods[method]
-    step = forward if pass_name == "fwd" else forward_backward
+    forward, backward_step = methods[method]
+    step = forward if pass_name == "fwd" else backward_step
     benchmark.group = f"conv {SHAPE} {pass_name} density {density} block {BLOCK} {DTYPE} {DEVICE}"
     benchmark.extra_info.update(method=method, density=density, block=BLOCK, batch=BATCH, shape=SHAPE)
     benchmark(synchronized(step, DEVICE))

@@ -23,8 +23,8 @@ BLOCK = 64
 def test_linear(benchmark, pass_name, method, density):
     torch.manual_seed(0)
     methods, _ = build_methods(TOKENS, FEATURES, FEATURES, BLOCK, density, DTYPE, DEVICE)
-    forward, forward_backward = methods[method]
-    step = forward if pass_name == "fwd" else forward_backward
+    forward, backward_step = methods[method]
+    step = forward if pass_name == "fwd" else backward_step
     if step is None:
         pytest.skip(f"{method} has no backward")
     benchmark.group = f"linear {pass_name} density {density} block {BLOCK} {DTYPE} {DEVICE}"

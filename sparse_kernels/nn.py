@@ -95,6 +95,14 @@ class BlockSparseModule(nn.Module):
         for name in _DERIVED_INDEX:
             self.register_buffer(name, getattr(layout, name), persistent=False)
 
+    def _uniform_init(self, fan_in: int) -> None:
+        """Values and bias uniform in ``+-1 / sqrt(fan_in)``: the scale ``nn.Linear`` and
+        ``nn.Conv2d`` give their dense weights (``fan_in`` counts the dense inputs)."""
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(self.values, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
     @property
     def layout(self) -> BlockSparseLayout:
         return BlockSparseLayout(
@@ -198,10 +206,7 @@ class BlockSparseLinear(BlockSparseModule):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-        nn.init.uniform_(self.values, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._uniform_init(self.in_features)
 
     @classmethod
     def from_dense(
@@ -284,11 +289,7 @@ class BlockSparseConv2d(BlockSparseModule):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        nn.init.uniform_(self.values, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._uniform_init(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
 
     @classmethod
     def from_dense(
