@@ -1,4 +1,5 @@
 """Data parallel: two CPU processes (gloo) keep identical masks through RigL and MagRan updates."""
+import datetime
 import os
 import tempfile
 
@@ -11,9 +12,11 @@ from torch import nn
 
 def _worker(rank, world_size, init_file, algo_name, results):
     os.environ["SPARSE_KERNELS_BACKEND"] = "reference"
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: containers may resolve the host name elsewhere
     import sparse_diffusion as sd
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)  # the same initial model and masks on every rank
         model = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 32))

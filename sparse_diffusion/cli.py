@@ -1,0 +1,163 @@
+"""``sparse-diffusion``: train, sample and evaluate sparse diffusion models.
+
+    sparse-diffusion train --model pixel --dataset fashion-mnist --method rigl --sparsity 0.5 --out runs/rigl
+    sparse-diffusion train-autoencoder --dataset images:PATH --out runs/ae
+    sparse-diffusion train --model ldm --autoencoder runs/ae --dataset images:PATH --out runs/ldm
+    sparse-diffusion sample --run runs/rigl --num 64 --out grid.png
+    sparse-diffusion evaluate --run runs/rigl --num-samples 1000
+    sparse-diffusion demo                     # dense vs RigL-50% on Fashion-MNIST, on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .train import METHODS, PRECISIONS, TrainConfig
+
+# Errors a user can cause: reported in one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    add = parser.add_argument
+    add("--model", choices=["pixel", "ldm", "chirodiff"], default=defaults.model,
+        help="pixel-space UNet, latent diffusion (needs --autoencoder), or ChiroDiff on strokes")
+    add("--dataset", default=defaults.dataset,
+        help="fashion-mnist | kanjivg | images:PATH | quickdraw:PATH | vmnist:PATH")
+    add("--method", choices=sorted(METHODS), default=defaults.method)
+    add("--sparsity", type=float, default=defaults.sparsity, help="fraction of weights removed (sparsified layers)")
+    add("--block-size", type=int, default=defaults.block_size, help="1 = unstructured (masked reference path)")
+    add("--distribution", choices=["uniform", "er", "erk"], default=defaults.distribution)
+    add("--drop-fraction", type=float, default=defaults.drop_fraction, help="the paper's prune-and-regrowth ratio")
+    add("--update-interval", type=int, default=defaults.update_interval)
+    add("--steps", type=int, default=defaults.steps)
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--lr", type=float, default=defaults.lr)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--grad-clip", type=float, default=None)
+    add("--precision", choices=PRECISIONS, default=defaults.precision)
+    add("--seed", type=int, default=defaults.seed)
+    add("--preset", choices=["tiny", "demo", "small", "paper"], default=defaults.preset,
+        help="model size: tiny (tests), demo (CPU), small, paper (the paper's LDM UNet; GPU)")
+    add("--image-size", type=int, default=None, help="resize images (default: the dataset's own)")
+    add("--max-len", type=int, default=defaults.max_len, help="points per stroke sequence")
+    add("--chirodiff-kind", choices=["gru", "transformer"], default=defaults.chirodiff_kind)
+    add("--autoencoder", default=None, help="a diffusers AutoencoderKL folder (for --model ldm)")
+    add("--ema-decay", type=float, default=defaults.ema_decay)
+    add("--sampler", choices=["ddim", "ddpm"], default=defaults.sampler)
+    add("--sample-steps", type=int, default=defaults.sample_steps)
+    add("--sample-every", type=int, default=defaults.sample_every, help="steps between sample grids (0: at the end)")
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    add("--eval-samples", type=int, default=defaults.eval_samples, help="samples for FID at the end (0: none)")
+    add("--data-dir", default=None, help="where Fashion-MNIST's files are (default: Debian's location)")
+    add("--limit", type=int, default=None, help="use only the first N training items")
+    add("--device", default=defaults.device)
+    add("--out", required=True, help="the run folder")
+    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-diffusion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_arguments(commands.add_parser("train", help="train a (sparse) diffusion model"))
+
+    autoencoder = commands.add_parser("train-autoencoder", help="train an AutoencoderKL for latent diffusion")
+    autoencoder.add_argument("--dataset", default="fashion-mnist")
+    autoencoder.add_argument("--out", required=True, help="the diffusers folder to write")
+    autoencoder.add_argument("--preset", choices=["tiny", "demo", "paper"], default="demo")
+    autoencoder.add_argument("--image-size", type=int, default=None)
+    autoencoder.add_argument("--steps", type=int, default=2000)
+    autoencoder.add_argument("--batch-size", type=int, default=64)
+    autoencoder.add_argument("--lr", type=float, default=1e-3)
+    autoencoder.add_argument("--seed", type=int, default=0)
+    autoencoder.add_argument("--data-dir", default=None)
+    autoencoder.add_argument("--limit", type=int, default=None)
+    autoencoder.add_argument("--device", default="auto")
+
+    sample = commands.add_parser("sample", help="draw a grid of samples from a run (EMA weights)")
+    sample.add_argument("--run", required=True)
+    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--out", required=True, help="PNG file")
+    sample.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    sample.add_argument("--steps", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=1234)
+    sample.add_argument("--device", default="auto")
+
+    evaluate = commands.add_parser("evaluate", help="FID / KID of a run's samples; updates its metrics.json")
+    evaluate.add_argument("--run", required=True)
+    evaluate.add_argument("--num-samples", type=int, default=1000)
+    evaluate.add_argument("--device", default="auto")
+
+    demo = commands.add_parser("demo", help="dense vs RigL at 50%% on Fashion-MNIST, trained and compared here")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per model")
+    demo.add_argument("--eval-samples", type=int, default=None, help="samples per model for FID")
+    demo.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
+    demo.add_argument("--data-dir", default=None)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .metrics.inception import MetricUnavailableError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except USER_ERRORS + (MetricUnavailableError,) as error:
+        print(f"sparse-diffusion {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .train import train
+
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        results = train(config, resume=args.resume)
+        print(json.dumps(results, indent=2))
+    elif args.command == "train-autoencoder":
+        from .autoencoder_training import train_autoencoder
+
+        path = train_autoencoder(**{k: v for k, v in vars(args).items() if k != "command"})
+        print(f"autoencoder written to {path}; use it with --model ldm --autoencoder {path}")
+    elif args.command == "sample":
+        from .io import save_image_grid
+        from .metrics.raster import rasterize_strokes
+        from .train import load_run
+
+        trainer = load_run(args.run, args.device)
+        if args.sampler:
+            trainer.config.sampler = args.sampler
+        if args.steps:
+            trainer.config.sample_steps = args.steps
+        samples = trainer.generate(args.num, seed=args.seed)
+        if isinstance(samples, tuple):
+            samples = rasterize_strokes(samples[0].cpu(), samples[1].cpu(), size=64)
+        save_image_grid(samples.cpu(), Path(args.out))
+        print(f"wrote {args.out}")
+    elif args.command == "evaluate":
+        from .train import load_run
+
+        trainer = load_run(args.run, args.device)
+        metrics = trainer.evaluate(args.num_samples)
+        path = Path(args.run) / "metrics.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results["metrics"] = metrics
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(metrics, indent=2))
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, steps=args.steps, eval_samples=args.eval_samples, quick=args.quick, data_dir=args.data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Pen-stroke datasets: KanjiVG, QuickDraw (``.ndjson`` or sketch-rnn ``.npz``) and
+vectorised MNIST (sketch-rnn ``.npz``). Items are made by :func:`strokes.strokes_to_points`
+(see that module for the normalisation and resampling).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import pickle
+import re
+import zipfile
+import zlib
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import DatasetFormatError, DatasetNotFoundError
+from .strokes import (
+    DEFAULT_SPACING,
+    TEST_EVERY,
+    drawing_to_strokes,
+    parse_svg_strokes,
+    stroke3_to_strokes,
+    strokes_to_points,
+)
+
+
+class _Records:
+    """The records of one file (or of a folder of SVGs) that a split keeps.
+
+    ``kind`` "svg": ``items`` are file paths; "ndjson": rows (byte offset, 1-based line
+    number) of ``file``; "stroke3": the records of ``file``'s array ``array``, numbered
+    from 0.
+    """
+
+    def __init__(self, kind: str, items, file: str = "", array: str = ""):
+        self.kind, self.items, self.file, self.array = kind, items, file, array
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def head(self, n: int) -> "_Records":
+        return _Records(self.kind, self.items[:n], self.file, self.array)
+
+    def where(self, i: int) -> str:
+        if self.kind == "svg":
+            return self.items[i]
+        if self.kind == "ndjson":
+            return f"{self.file}: line {self.items[i][1]}"
+        return f"{self.file}: array {self.array!r} record {i}"
+
+    def strokes(self, i: int) -> list[np.ndarray]:
+        if self.kind == "svg":
+            return parse_svg_strokes(self.items[i])
+        if self.kind == "stroke3":
+            return stroke3_to_strokes(self.items[i], self.where(i))
+        with open(self.file, "rb") as f:
+            f.seek(int(self.items[i][0]))
+            line = f.readline()
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise DatasetFormatError(f"{self.where(i)}: not valid JSON: {e}") from e
+        return drawing_to_strokes(record, self.where(i))
+
+
+def _ndjson_records(file: str, split: str) -> _Records:
+    """Non-blank lines of ``file``; record r is "test" when r % 20 == 0, else "train"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"ndjson split must be 'train' or 'test', got {split!r} ({file})")
+    rows, record, pos = [], 0, 0
+    with open(file, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():  # blank lines are not records
+                if (record % TEST_EVERY == 0) == (split == "test"):
+                    rows.append((pos, number))
+                record += 1
+            pos += len(line)
+    return _Records("ndjson", np.array(rows, dtype=np.int64).reshape(-1, 2), file)
+
+
+def _npz_records(file: str, split: str, with_labels: bool = False):
+    """The stroke-3 records of ``file``'s array ``split`` (and its "{split}_labels" or None).
+
+    The arrays are pickled object arrays: load only files you trust.
+    """
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f".npz split must be 'train', 'valid' or 'test', got {split!r} ({file})")
+    if not zipfile.is_zipfile(file):
+        raise DatasetFormatError(f"{file}: not a .npz (zip) file")
+    try:
+        with np.load(file, allow_pickle=True, encoding="latin1") as z:
+            if split not in z.files:
+                raise DatasetFormatError(f"{file}: no array {split!r} (it has {', '.join(z.files)})")
+            records, labels = z[split], z.get(f"{split}_labels") if with_labels else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ImportError) as e:
+        if isinstance(e, DatasetFormatError):
+            raise
+        raise DatasetFormatError(f"{file}: not a readable .npz file: {e}") from e
+    if not (records.ndim == 1 or (records.ndim == 3 and records.shape[2] == 3)):
+        raise DatasetFormatError(f"{file}: array {split!r} must hold stroke-3 records, got shape {records.shape}")
+    return _Records("stroke3", records, file, split), labels
+
+
+def _short_name(kind: str, path: str, files: list[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(os.path.normpath(path)))[0])
+    digest = hashlib.sha1("\n".join([os.path.abspath(path), *files]).encode()).hexdigest()[:8]
+    return f"{kind}-{base}-{digest}"
+
+
+# --------------------------------------------------------------------------- datasets
+class StrokeDataset(Dataset):
+    """Drawings as ``(points float32 [max_len, 3], length int64 scalar)``; see the module doc.
+
+    ``labels`` is int64 [N] (stroke items carry no label) or None; ``num_classes`` likewise.
+    """
+
+    kind = "stroke"
+
+    def __init__(self, sources: list, name: str, split: str, max_len: int, spacing: float,
+                 limit: int | None = None, labels: list | None = None, num_classes: int | None = None,
+                 cache: bool = False):
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+        if limit is not None:
+            kept, left = [], limit
+            for source in sources:
+                kept.append(source.head(left))
+                left -= len(kept[-1])
+            sources = kept
+        self._sources = sources
+        self._starts = np.cumsum([0] + [len(s) for s in sources])
+        self.labels = None if labels is None else torch.tensor(labels[:len(self)], dtype=torch.int64)
+        self.num_classes, self.max_len, self.spacing, self.split = num_classes, max_len, float(spacing), split
+        extra = "" if spacing == DEFAULT_SPACING else f"-s{spacing:g}"
+        self.name = f"{name}-{split}-L{max_len}{extra}" + ("" if limit is None else f"-first{limit}")
+        self._cache = {} if cache else None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, index = len(self), int(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {self.name} of {n} items")
+        index %= n
+        if self._cache is not None and index in self._cache:
+            return tuple(t.clone() for t in self._cache[index])
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        source, i = self._sources[k], index - int(self._starts[k])
+        item = strokes_to_points(source.strokes(i), self.max_len, self.spacing, source.where(i))
+        if self._cache is not None:
+            self._cache[index] = tuple(t.clone() for t in item)
+        return item
+
+
+def kanjivg_dir() -> str:
+    """The folder of SVG files that the ``kanjivg`` wheel installs."""
+    try:
+        return str(importlib.metadata.distribution("kanjivg").locate_file("kanji"))
+    except importlib.metadata.PackageNotFoundError as e:
+        raise DatasetNotFoundError("KanjiVG not found: `pip install kanjivg`, or pass --data-dir "
+                                   "with a folder of KanjiVG .svg files") from e
+
+
+def kanjivg_split(file_name: str) -> str:
+    """"test" for about 1 in 20 file names (crc32 of the name % 20 == 0), else "train"."""
+    return "test" if zlib.crc32(file_name.encode()) % TEST_EVERY == 0 else "train"
+
+
+class KanjiVG(StrokeDataset):
+    """KanjiVG characters (11,662 SVGs, variants included), strokes in stroke order.
+
+    Split by file name: ``kanjivg_split``, deterministic and stable when files are added.
+    Files are parsed on first use and the items kept in memory. No labels.
+    """
+
+    def __init__(self, split: str = "train", max_len: int = 64, spacing: float = DEFAULT_SPACING,
+                 svg_dir: str | None = None, limit: int | None = None, cache: bool = True):
+        if split not in ("train", "test"):
+            raise ValueError(f"KanjiVG split must be 'train' or 'test', got {split!r}")
+        folder = kanjivg_dir() if svg_dir is None else os.path.expanduser(svg_dir)
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".svg")) if os.path.isdir(folder) else []
+        if not names:
+            raise DatasetNotFoundError(f"no KanjiVG .svg files in {folder}")
+        files = [os.path.join(folder, n) for n in names if kanjivg_split(n) == split]
+        name = "kanjivg" if svg_dir is None else _short_name("kanjivg", folder, names)
+        super().__init__([_Records("svg", files)], name, split, max_len, spacing, limit, cache=cache)
+
+
+class QuickDraw(StrokeDataset):
+    """QuickDraw drawings from one .ndjson or .npz file, or a folder of them (one class each).
+
+    ``.ndjson``: one JSON object per line whose "drawing" is a list of strokes [xs, ys]
+    (simplified) or [xs, ys, ts] (raw; times ignored); other fields are ignored. Records
+    are the non-blank lines; record r goes to "test" when r % 20 == 0, else to "train".
+    ``.npz``: sketch-rnn's files, arrays "train", "valid" and "test" of int16 stroke-3
+    records [N, 3] (dx, dy, pen_lifted); ``split`` picks the array. For a folder, files are
+    classes in sorted order and ``labels`` holds each item's class. Records are parsed
+    lazily; a malformed one raises DatasetFormatError naming the file and line or record.
+    """
+
+    def __init__(self, path: str, split: str = "train", max_len: int = 64,
+                 spacing: float = DEFAULT_SPACING, limit: int | None = None):
+        path = os.path.expanduser(path)
+        suffixes = (".ndjson", ".npz")
+        if os.path.isdir(path):
+            files = sorted(f for f in os.listdir(path) if f.lower().endswith(suffixes))
+            if not files:
+                raise DatasetNotFoundError(f"no .ndjson or .npz files in {path}")
+            full = [os.path.join(path, f) for f in files]
+        elif os.path.isfile(path):
+            if not path.lower().endswith(suffixes):
+                raise ValueError(f"QuickDraw file {path} must end in .ndjson or .npz")
+            files, full = [os.path.basename(path)], [path]
+        else:
+            raise DatasetNotFoundError(f"QuickDraw data {path} does not exist")
+        sources = [_ndjson_records(f, split) if f.lower().endswith(".ndjson") else _npz_records(f, split)[0]
+                   for f in full]
+        labelled = os.path.isdir(path)
+        labels = [k for k, s in enumerate(sources) for _ in range(len(s))] if labelled else None
+        self.classes = [os.path.splitext(f)[0] for f in files] if labelled else None
+        super().__init__(sources, _short_name("quickdraw", path, files), split, max_len, spacing, limit,
+                         labels=labels, num_classes=len(files) if labelled else None)
+
+
+class VMNIST(StrokeDataset):
+    """Vectorised MNIST digits from one sketch-rnn style ``.npz`` file.
+
+    Expected format (there is no single standard one): arrays "train", "test" and
+    optionally "valid", each a 1-D object array whose records are int stroke-3 arrays
+    [N_i, 3] of (dx, dy, pen_lifted), dx, dy offsets from the previous point and
+    pen_lifted = 1 on the last point of a stroke; and optionally "train_labels",
+    "valid_labels", "test_labels": int arrays [R] of digits 0..9 parallel to the records.
+    With the split's labels present, ``labels`` is int64 [N] and ``num_classes`` 10;
+    otherwise both are None.
+    """
+
+    def __init__(self, path: str, split: str = "train", max_len: int = 64,
+                 spacing: float = DEFAULT_SPACING, limit: int | None = None):
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            raise DatasetNotFoundError(f"VMNIST file {path} does not exist")
+        source, labels = _npz_records(path, split, with_labels=True)
+        if labels is not None:
+            ok = labels.shape == (len(source),) and np.issubdtype(labels.dtype, np.integer)
+            if not ok or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+                raise DatasetFormatError(f"{path}: array '{split}_labels' must be ints 0..9 of shape "
+                                         f"({len(source)},), got {labels.dtype} {labels.shape}")
+            labels = labels.tolist()
+        super().__init__([source], _short_name("vmnist", path, []), split, max_len, spacing, limit,
+                         labels=labels, num_classes=None if labels is None else 10)

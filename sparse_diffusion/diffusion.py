@@ -1,0 +1,161 @@
+"""Diffusion tasks: the training loss and the sampler of each kind of model.
+
+* :class:`ImageDiffusion`: a diffusers ``UNet2DModel`` predicting the noise of images in
+  pixel space, or of their latents under a frozen ``AutoencoderKL`` (latent diffusion);
+  class-conditional when the UNet has ``num_class_embeds``.
+* :class:`StrokeDiffusion`: ChiroDiff, a network predicting the noise of stroke sequences
+  ``(x, y, pen)``; the pen bit is diffused as ``+-1`` and thresholded at 0 when sampling.
+
+Training uses ``DDPMScheduler`` (noise prediction); sampling uses DDIM or DDPM with the
+same betas. All randomness comes from a generator the caller passes, so a run that
+resumes from a checkpoint draws exactly what the uninterrupted run drew.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def make_scheduler(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02):
+    """The training noise schedule (linear betas, as DDPM and latent diffusion)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                         beta_schedule="linear")
+
+
+def sampling_scheduler(train_scheduler, sampler: str, steps: int):
+    """A DDIM or DDPM scheduler sharing ``train_scheduler``'s betas, set to ``steps`` steps."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    scheduler = cls.from_config(train_scheduler.config)
+    scheduler.set_timesteps(min(steps, train_scheduler.config.num_train_timesteps))
+    return scheduler
+
+
+def _noise_and_timesteps(x0: Tensor, scheduler, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+    return noise, timesteps.to(x0.device)
+
+
+class ImageDiffusion(nn.Module):
+    """Noise prediction on images ``[B, C, H, W]`` in [-1, 1], in pixel or latent space.
+
+    Args:
+        unet: the denoiser (trained, possibly block-sparse).
+        scheduler: the training ``DDPMScheduler``.
+        autoencoder: a frozen ``AutoencoderKL`` for latent diffusion, or ``None``.
+        latent_scale: multiplies latents to unit variance (see ``models.autoencoder.latent_scale``).
+    """
+
+    def __init__(self, unet: nn.Module, scheduler, autoencoder: Optional[nn.Module] = None, latent_scale: float = 1.0):
+        super().__init__()
+        self.unet, self.scheduler, self.latent_scale = unet, scheduler, latent_scale
+        self.autoencoder = autoencoder
+        if autoencoder is not None:
+            autoencoder.requires_grad_(False).eval()
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def conditional(self) -> bool:
+        return self.unet.config.num_class_embeds is not None
+
+    def encode(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        if self.autoencoder is None:
+            return images
+        with torch.no_grad():
+            posterior = self.autoencoder.encode(images).latent_dist
+            sample = posterior.mean + posterior.std * torch.randn(
+                posterior.mean.shape, generator=generator
+            ).to(posterior.mean.device, posterior.mean.dtype)
+        return sample * self.latent_scale
+
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.autoencoder is None:
+            return latents
+        return self.autoencoder.decode(latents / self.latent_scale).sample
+
+    def loss(self, batch, generator: torch.Generator) -> Tensor:
+        """The noise-prediction MSE of one batch ``(images, labels)``."""
+        images, labels = batch
+        x0 = self.encode(images, generator)
+        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator)
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, class_labels=labels if self.conditional else None).sample
+        return F.mse_loss(prediction.float(), noise.float())
+
+    @torch.no_grad()
+    def sample(self, num: int, generator: torch.Generator, labels: Optional[Tensor] = None,
+               sampler: str = "ddim", steps: int = 50) -> Tensor:
+        """``num`` images ``[num, C, H, W]`` in [-1, 1]; ``labels [num]`` for a conditional UNet
+        (default: the classes in turn)."""
+        device = next(self.unet.parameters()).device
+        config = self.unet.config
+        if self.conditional and labels is None:
+            labels = torch.arange(num) % config.num_class_embeds
+        labels = labels.to(device) if labels is not None and self.conditional else None
+        scheduler = sampling_scheduler(self.scheduler, sampler, steps)
+        x = torch.randn(num, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+        x = x.to(device)
+        for t in scheduler.timesteps:
+            prediction = self.unet(x, t.to(device).expand(num), class_labels=labels).sample
+            x = scheduler.step(prediction, t, x, generator=generator).prev_sample
+        return self.decode(x).clamp(-1, 1)
+
+
+class StrokeDiffusion(nn.Module):
+    """ChiroDiff: noise prediction on stroke sequences ``points [B, L, 3]`` with ``lengths [B]``.
+
+    The pen channel (1 at the last point of a stroke) is diffused as ``2 * pen - 1``; the
+    loss counts valid points only. Sampling draws lengths from ``length_counts`` (the
+    training set's histogram) and thresholds the pen channel at 0.
+    """
+
+    def __init__(self, net: nn.Module, scheduler, length_counts: Tensor):
+        super().__init__()
+        self.net, self.scheduler = net, scheduler
+        self.register_buffer("length_counts", length_counts.float())
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.net
+
+    def loss(self, batch, generator: torch.Generator) -> Tensor:
+        points, lengths = batch
+        valid = (torch.arange(points.shape[1], device=points.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        x0 = torch.cat([points[..., :2], 2 * points[..., 2:] - 1], dim=-1) * valid
+        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator)
+        noisy = self.scheduler.add_noise(x0, noise * valid, timesteps)
+        prediction = self.net(noisy, timesteps, lengths)
+        squared = (prediction.float() - (noise * valid).float()).square() * valid
+        return squared.sum() / (valid.sum() * points.shape[-1]).clamp_min(1)
+
+    @torch.no_grad()
+    def sample(self, num: int, generator: torch.Generator, sampler: str = "ddim", steps: int = 50,
+               lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``(points [num, L, 3] with pen in {0, 1}, lengths [num])``."""
+        device = self.length_counts.device
+        max_len = self.length_counts.numel() - 1
+        if lengths is None:
+            lengths = torch.multinomial(self.length_counts.cpu(), num, replacement=True, generator=generator)
+        lengths = lengths.clamp(1, max_len).to(device)
+        valid = (torch.arange(max_len, device=device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        scheduler = sampling_scheduler(self.scheduler, sampler, steps)
+        x = torch.randn(num, max_len, 3, generator=generator).to(device) * valid
+        for t in scheduler.timesteps:
+            prediction = self.net(x, t.to(device).expand(num), lengths)
+            x = scheduler.step(prediction, t, x, generator=generator).prev_sample * valid
+        pen = (x[..., 2:] > 0).to(x.dtype)
+        last = torch.nn.functional.one_hot(lengths - 1, max_len).unsqueeze(-1).to(x.dtype)
+        pen = torch.maximum(pen, last) * valid  # every sample ends a stroke at its last point
+        return torch.cat([x[..., :2], pen], dim=-1), lengths

@@ -1,0 +1,377 @@
+"""sparse_diffusion.data: the loaders on small fixture files, plus the installed data sets."""
+import gzip
+import json
+import os
+import re
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparse_diffusion.data import (
+    DatasetFormatError,
+    DatasetNotFoundError,
+    FashionMNIST,
+    ImageFolder,
+    KanjiVG,
+    QuickDraw,
+    VMNIST,
+    fashion_mnist_arrays,
+    get_dataset,
+    parse_svg_path,
+    parse_svg_strokes,
+    resample_strokes,
+    strokes_to_points,
+)
+from sparse_diffusion.data.images import FASHION_MNIST_DIR
+from sparse_diffusion.data.stroke_datasets import kanjivg_dir
+from sparse_diffusion.data.strokes import stroke3_to_strokes
+
+
+def check_stroke_item(item, max_len, strokes=None):
+    """Shape, dtype, padding, pen flags and normalisation of a stroke item."""
+    points, length = item
+    assert points.shape == (max_len, 3) and points.dtype == torch.float32
+    assert length.dtype == torch.int64 and length.dim() == 0
+    n = int(length)
+    assert 1 <= n <= max_len
+    assert torch.all(points[n:] == 0)
+    pen = points[:n, 2]
+    assert set(pen.tolist()) <= {0.0, 1.0} and pen[-1] == 1
+    if strokes is not None:
+        assert int(pen.sum()) == strokes
+    xy = points[:n, :2].double()
+    assert torch.allclose(xy.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-5)
+    assert abs(float(xy.std(unbiased=False)) - 1.0) < 1e-5
+    return points[:n].numpy()
+
+
+def split_at_pens(points):
+    ends = np.flatnonzero(points[:, 2] == 1) + 1
+    return np.split(points[:, :2], ends)[:-1]
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+def write_idx(path, magic, dims, payload):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(f">I{len(dims)}I", magic, *dims) + np.asarray(payload, np.uint8).tobytes())
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 7), ("t10k", 3)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", 0x803, (n, 28, 28), rng.integers(0, 256, n * 784))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", 0x801, (n,), np.arange(n) % 10)
+    return tmp_path
+
+
+def test_idx_pair_loads(idx_dir):
+    images, labels = fashion_mnist_arrays(str(idx_dir), "train")
+    assert images.shape == (7, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == list(range(7)) and labels.dtype == np.int64
+    ds = get_dataset("fashion-mnist", split="test", data_dir=str(idx_dir))
+    assert (len(ds), ds.kind, ds.channels, ds.num_classes, ds.name) == (3, "image", 1, 10, "fashion-mnist-test-28")
+    image, label = ds[2]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and label.dtype == torch.int64
+    assert torch.equal(image[0], torch.from_numpy(fashion_mnist_arrays(str(idx_dir), "test")[0][2]).float() / 127.5 - 1)
+    big = FashionMNIST("train", image_size=40, data_dir=str(idx_dir), limit=5)
+    assert len(big) == 5 and big[0][0].shape == (1, 40, 40) and big.name == "fashion-mnist-train-40-first5"
+    assert big.images.min() >= -1 and big.images.max() <= 1
+
+
+def test_idx_errors_name_the_file(idx_dir):
+    bad = idx_dir / "train-images-idx3-ubyte.gz"
+    write_idx(bad, 0x801, (7, 28, 28), np.zeros(7 * 784))
+    with pytest.raises(DatasetFormatError, match=re.escape(str(bad)) + ".*magic"):
+        fashion_mnist_arrays(str(idx_dir), "train")
+    write_idx(bad, 0x803, (7, 28, 28), np.zeros(6 * 784))  # one image short
+    with pytest.raises(DatasetFormatError, match=re.escape(str(bad)) + ".*truncated"):
+        fashion_mnist_arrays(str(idx_dir), "train")
+    write_idx(bad, 0x803, (7, 28, 28), np.zeros(7 * 784))
+    bad.write_bytes(bad.read_bytes()[:-20])  # the gzip stream itself cut short
+    with pytest.raises(DatasetFormatError, match=re.escape(str(bad))):
+        fashion_mnist_arrays(str(idx_dir), "train")
+    write_idx(bad, 0x803, (7, 27, 28), np.zeros(7 * 27 * 28))
+    with pytest.raises(DatasetFormatError, match="item shape"):
+        fashion_mnist_arrays(str(idx_dir), "train")
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as e:
+        get_dataset("fashion-mnist", data_dir=str(tmp_path))
+    assert str(tmp_path) in str(e.value) and "--data-dir" in str(e.value)
+    assert "sudo apt-get install -y dataset-fashion-mnist" in str(e.value)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist():
+    train, test = get_dataset("fashion-mnist"), get_dataset("fashion-mnist", split="test")
+    assert (len(train), len(test), train.num_classes, train.name) == (60000, 10000, 10, "fashion-mnist-train-28")
+    assert set(train.labels.tolist()) == set(range(10)) == set(test.labels.tolist())
+    image, label = train[0]
+    assert image.shape == (1, 28, 28) and label.dim() == 0 and 0 <= int(label) < 10
+    assert train.images.min() == -1 and train.images.max() == 1
+
+
+# --------------------------------------------------------------------------- image folder
+@pytest.fixture
+def png_dir(tmp_path):
+    root = tmp_path / "imgs"
+    for cls, n in (("cat", 12), ("dog", 8)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            pixels = np.zeros((10, 30, 3), np.uint8)
+            pixels[:, 10:20] = 255  # white centre square, black sides that the crop removes
+            Image.fromarray(pixels).save(root / cls / f"{i:02d}.png")
+    (root / "dog" / "zz_corrupt.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def test_image_folder_classes_split_and_crop(png_dir):
+    train = get_dataset(f"images:{png_dir}", image_size=16)
+    test = ImageFolder(str(png_dir), "test", image_size=16)
+    assert (len(train), len(test)) == (19, 2)  # 21 files, indices 0 and 20 go to test
+    assert (train.kind, train.channels, train.image_size, train.num_classes) == ("image", 3, 16, 2)
+    assert os.path.basename(test.files[1]) == "zz_corrupt.png"  # file 20 of the sorted 21
+    image, label = train[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label.dtype == torch.int64
+    assert torch.allclose(image, torch.ones(3, 16, 16))  # only the white centre survives the crop
+    assert train.labels.tolist() == [0] * 11 + [1] * 8
+    assert train.name.startswith("images-imgs-") and train.name.endswith("-train-16")
+    with pytest.raises(DatasetFormatError, match="zz_corrupt.png"):
+        test[1]
+
+
+def test_image_folder_without_classes_and_empty(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "flat" / "a.jpg")
+    Image.new("L", (9, 5), 0).save(tmp_path / "flat" / "b.bmp")
+    ds = get_dataset(f"images:{tmp_path / 'flat'}", split="train", data_dir="/ignored")
+    assert ds.num_classes is None and len(ds) == 1
+    image, label = ds[0]
+    assert int(label) == -1 and image.shape == (3, 64, 64) and image.min() >= -1 and image.max() <= 1
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="empty"):
+        get_dataset(f"images:{tmp_path / 'empty'}")
+    with pytest.raises(DatasetNotFoundError, match="nowhere"):
+        get_dataset(f"images:{tmp_path / 'nowhere'}")
+
+
+# --------------------------------------------------------------------------- SVG and strokes
+SVG = """<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" width="109" height="109" viewBox="0 0 109 109">
+<g id="kvg:StrokePaths_test">{}</g></svg>"""
+
+
+def write_svg(path, *ds):
+    paths = "".join(f'<path id="kvg:test-s{k + 1}" d="{d}"/>' for k, d in enumerate(ds))
+    path.write_text(SVG.format(paths))
+    return str(path)
+
+
+def near(points, xy):
+    return np.min(np.hypot(*(points - np.asarray(xy)).T)) < 1e-9
+
+
+def test_svg_commands(tmp_path):
+    file = write_svg(
+        tmp_path / "a.svg",
+        "M10,10 L20,10 l0,10",                       # absolute and relative lines
+        "M10,30c5,0,10,5,10,10s5,10,10,10",          # relative cubic and smooth cubic
+        "m40,40 C50,40 60,50 60,60 S70,80 80,80 z",  # absolute C, S and closepath
+        "M0,0 L10,0 L10,10 Z M20,20 L30,30",        # two subpaths: two strokes
+    )
+    s = parse_svg_strokes(file)
+    assert len(s) == 5 and all(x.ndim == 2 and x.shape[1] == 2 for x in s)
+    assert np.allclose(s[0][[0, -1]], [[10, 10], [20, 20]]) and near(s[0], (20, 10))
+    assert np.allclose(s[1][[0, -1]], [[10, 30], [30, 50]])
+    # s reflects the control point (20, 35) about (20, 40): B(0.5) of (20,40) (20,45) (25,50) (30,50)
+    assert near(s[1], (23.125, 46.875)) and near(s[1], (20, 40))
+    assert np.allclose(s[2][[0, -1]], [[40, 40], [40, 40]]) and near(s[2], (80, 80))
+    assert np.allclose(s[3][[0, -1]], [[0, 0], [0, 0]]) and np.allclose(s[4][[0, -1]], [[20, 20], [30, 30]])
+    assert np.allclose(parse_svg_path("M1-2l3-4")[0][[0, -1]], [[1, -2], [4, -6]])
+    assert np.allclose(parse_svg_path("M.5.5L1e1,2E0")[0][[0, -1]], [[0.5, 0.5], [10, 2]])
+
+
+@pytest.mark.parametrize("d", ["M10,10 c1,2,3", "M10,10 Q1,2,3,4", "M10,10 c1,2,3,4,5,x6", "5,5 L1,1", "M1,1"])
+def test_malformed_svg_path_names_file_and_id(tmp_path, d):
+    file = write_svg(tmp_path / "bad.svg", "M1,1 L2,2", d)
+    with pytest.raises(DatasetFormatError, match=re.escape(file) + ".*kvg:test-s2"):
+        parse_svg_strokes(file)
+
+
+def test_kanjivg_fixture_folder(tmp_path):
+    for k in range(6):
+        write_svg(tmp_path / f"0{k:04x}.svg", "M10,10 L90,10", f"M{10 + k},20c0,20,5,40,30,60")
+    train, test = KanjiVG("train", svg_dir=str(tmp_path)), KanjiVG("test", svg_dir=str(tmp_path))
+    assert len(train) + len(test) == 6 and train.num_classes is None and train.kind == "stroke"
+    item = train[0]
+    check_stroke_item(item, 64, strokes=2)
+    assert all(torch.equal(a, b) for a, b in zip(item, train[0]))  # cached and unchanged
+
+
+def test_pen_flags_padding_and_normalisation():
+    strokes = [np.array([[0.0, y], [10.0, y]]) for y in (0.0, 5.0, 10.0)] + [np.array([[3.0, 3.0]])]
+    points = check_stroke_item(strokes_to_points(strokes, max_len=96, spacing=0.1), 96, strokes=4)
+    pieces = split_at_pens(points)
+    assert len(pieces) == 4 and len(pieces[3]) == 1
+    for piece in pieces[:3]:  # a horizontal stroke: one y, drawn left to right, ends on its last point
+        assert np.ptp(piece[:, 1]) < 1e-6 and np.all(np.diff(piece[:, 0]) > 0)
+    assert len({round(float(p[0, 1]), 4) for p in pieces[:3]}) == 3
+
+
+def test_arc_length_resampling_is_even():
+    theta = np.linspace(0, np.pi / 2, 400)
+    arc = np.stack([np.cos(theta), np.sin(theta)], 1)
+    uneven = np.array([[0.0, 0.0], [0.01, 0.0], [1.0, 0.0], [1.0, 0.7]])
+    for stroke, length in ((arc, np.pi / 2), (uneven, 1.7)):
+        (out,) = resample_strokes([stroke], 0.05)
+        gaps = np.hypot(*np.diff(out, axis=0).T)
+        assert len(out) == int(np.ceil(length / 0.05)) + 1 and np.allclose(out[[0, -1]], stroke[[0, -1]])
+        assert gaps.max() <= 0.05 + 1e-9 and gaps.max() / gaps.min() < 1.25
+    (dot,) = resample_strokes([np.array([[2.0, 3.0], [2.0, 3.0]])], 0.05)
+    assert dot.shape == (1, 2)
+
+
+def test_long_samples_are_coarsened_not_truncated():
+    zigzag = np.array([[i % 2, i] for i in range(40)], dtype=float)
+    points = check_stroke_item(strokes_to_points([zigzag, zigzag + [5, 0]], max_len=24, spacing=0.01), 24, 2)
+    assert len(points) >= 20  # the coarsest spacing that fits, not far below max_len
+    for piece in split_at_pens(points):
+        gaps = np.hypot(*np.diff(piece, axis=0).T)
+        assert gaps.max() / gaps.min() < 1.3
+        assert piece[-1, 1] > piece[0, 1] + 2  # the whole stroke is still there
+    with pytest.raises(DatasetFormatError, match="record 7.*max_len=5"):
+        strokes_to_points([zigzag] * 3, max_len=5, where="record 7")
+
+
+# --------------------------------------------------------------------------- QuickDraw and VMNIST
+def drawing(k):
+    return [[[0, 50 + k, 100], [10, 10, 20]], [[20, 20], [0, 90 + k]]]
+
+
+def write_ndjson(path, raw=False, bad_line=None, bad_text="{not json"):
+    lines = []
+    for k in range(22):
+        strokes = [s + [list(range(len(s[0])))] for s in drawing(k)] if raw else drawing(k)
+        lines.append(json.dumps({"word": "cat", "recognized": True, "drawing": strokes}))
+    if bad_line is not None:
+        lines[bad_line - 1] = bad_text
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_quickdraw_ndjson(tmp_path, raw):
+    file = write_ndjson(tmp_path / "cat.ndjson", raw=raw)
+    train, test = get_dataset(f"quickdraw:{file}", max_len=32), QuickDraw(file, "test", max_len=32)
+    assert (len(train), len(test), train.num_classes, train.labels) == (20, 2, None, None)
+    for ds in (train, test):
+        for i in range(len(ds)):
+            check_stroke_item(ds[i], 32, strokes=2)
+    assert get_dataset(f"quickdraw:{file}", limit=3).name.endswith("-train-L64-first3")
+
+
+@pytest.mark.parametrize("bad_text", ["{not json", '{"word": "cat"}', '{"drawing": [[[1, 2], [3]]]}',
+                                      '{"drawing": [[[1, "2"], [3, 4]]]}', '{"drawing": []}'])
+def test_quickdraw_malformed_line_names_file_and_line(tmp_path, bad_text):
+    file = write_ndjson(tmp_path / "cat.ndjson", bad_line=4, bad_text=bad_text)
+    ds = QuickDraw(file)
+    ds[1]
+    with pytest.raises(DatasetFormatError, match=re.escape(file) + ": line 4"):
+        ds[2]  # train items are records 1, 2, 3, ...: index 2 is record 3, line 4
+
+
+def test_quickdraw_folder_is_classes(tmp_path):
+    write_ndjson(tmp_path / "b_dog.ndjson")
+    write_ndjson(tmp_path / "a_cat.ndjson", raw=True)
+    ds = get_dataset(f"quickdraw:{tmp_path}")
+    assert ds.num_classes == 2 and ds.classes == ["a_cat", "b_dog"] and len(ds) == 40
+    assert ds.labels.tolist() == [0] * 20 + [1] * 20
+    check_stroke_item(ds[25], 64, strokes=2)
+
+
+def to_stroke3(strokes):
+    rows, prev = [], np.zeros(2)
+    for s in strokes:
+        for k, p in enumerate(s):
+            rows.append([*(p - prev), k == len(s) - 1])
+            prev = p
+    return np.array(rows, dtype=np.int16)
+
+
+def object_array(items):
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+@pytest.fixture
+def npz_file(tmp_path):
+    def records(n, base):
+        return object_array([to_stroke3([np.array(s, float).T for s in drawing(base + k)]) for k in range(n)])
+    path = tmp_path / "sketch.npz"
+    np.savez(path, train=records(5, 0), valid=records(2, 10), test=records(3, 20),
+             train_labels=np.arange(5), test_labels=np.array([9, 0, 3]))
+    return str(path)
+
+
+def test_npz_stroke3(npz_file):
+    arrays = np.load(npz_file, allow_pickle=True, encoding="latin1")
+    strokes = stroke3_to_strokes(arrays["train"][1], "x")
+    assert len(strokes) == 2 and np.array_equal(strokes[0], np.array(drawing(1)[0], float).T)
+    assert np.array_equal(strokes[1], np.array(drawing(1)[1], float).T)
+    lengths = {split: len(get_dataset(f"quickdraw:{npz_file}", split=split)) for split in ("train", "valid", "test")}
+    assert lengths == {"train": 5, "valid": 2, "test": 3}
+    check_stroke_item(QuickDraw(npz_file, "valid")[1], 64, strokes=2)
+    digits = get_dataset(f"vmnist:{npz_file}", split="test", max_len=48)
+    assert digits.num_classes == 10 and digits.labels.tolist() == [9, 0, 3] and digits.kind == "stroke"
+    check_stroke_item(digits[2], 48, strokes=2)
+    unlabelled = VMNIST(npz_file, "valid")
+    assert unlabelled.num_classes is None and unlabelled.labels is None
+
+
+def test_npz_malformed_record_names_file_and_record(tmp_path):
+    path = str(tmp_path / "bad.npz")
+    good = to_stroke3([np.array([[0, 0], [5, 5]], float)])
+    np.savez(path, train=object_array([good, good, good[:, :2]]), test=object_array([good]),
+             test_labels=np.array([12]))
+    ds = QuickDraw(path)
+    ds[1]
+    with pytest.raises(DatasetFormatError, match=re.escape(path) + ".*'train' record 2"):
+        ds[2]
+    with pytest.raises(DatasetFormatError, match=re.escape(path) + ".*test_labels"):
+        VMNIST(path, "test")
+    with pytest.raises(DatasetFormatError, match="no array 'valid'"):
+        QuickDraw(path, "valid")
+
+
+# --------------------------------------------------------------------------- KanjiVG and specs
+def test_real_kanjivg_parses():
+    folder = kanjivg_dir()
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".svg"))
+    assert len(names) == 11662
+    picked = names[::583][:19] + ["06f22.svg"]
+    for name in picked:
+        text = open(os.path.join(folder, name), encoding="utf-8").read()
+        ds = re.findall(r'<path [^>]*\bd="([^"]*)"', text)
+        strokes = parse_svg_strokes(os.path.join(folder, name))
+        assert len(strokes) == len(ds) > 0
+        for d, stroke in zip(ds, strokes):
+            x, y = map(float, re.match(r"\s*[Mm]\s*([-+.\d]+)[\s,]*([-+.\d]+)", d).groups())
+            assert np.allclose(stroke[0], (x, y)) and len(stroke) > 1
+            assert stroke.min() > -10 and stroke.max() < 120  # within the 109 x 109 box
+    ds = KanjiVG("train", limit=20)
+    assert ds.name == "kanjivg-train-L64-first20" and len(ds) == 20
+    for i in range(20):
+        check_stroke_item(ds[i], 64)
+    assert get_dataset("kanjivg").name == "kanjivg-train-L64"
+
+
+@pytest.mark.parametrize("spec", ["mnist", "images", "images:", "fashion-mnist:x", "kanjivg:/tmp", "svg:a"])
+def test_unknown_spec_lists_the_valid_forms(spec):
+    with pytest.raises(ValueError, match="fashion-mnist, kanjivg, images:PATH, quickdraw:PATH, vmnist:PATH"):
+        get_dataset(spec)
