@@ -49,6 +49,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--chirodiff-kind", choices=["gru", "transformer"], default=defaults.chirodiff_kind)
     add("--autoencoder", default=None, help="a diffusers AutoencoderKL folder (for --model ldm)")
     add("--ema-decay", type=float, default=defaults.ema_decay)
+    add("--prediction", choices=["epsilon", "v"], default=defaults.prediction,
+        help="the network predicts the noise or the velocity (v: faster to train at small budgets)")
     add("--sampler", choices=["ddim", "ddpm"], default=defaults.sampler)
     add("--sample-steps", type=int, default=defaults.sample_steps)
     add("--sample-every", type=int, default=defaults.sample_every, help="steps between sample grids (0: at the end)")

@@ -18,14 +18,15 @@ from typing import Dict, Optional
 
 from .train import TrainConfig, Trainer
 
-DEMO_STEPS = 900
-DEMO_EVAL_SAMPLES = 256
+DEMO_STEPS = 600
+DEMO_EVAL_SAMPLES = 200
 
 
 def demo_configs(out: str, steps: int, data_dir: Optional[str]) -> Dict[str, TrainConfig]:
     base = dict(
-        model="pixel", dataset="fashion-mnist", preset="demo", steps=steps, batch_size=64, lr=2e-3,
-        ema_decay=0.995, sample_steps=25, checkpoint_every=max(steps // 3, 1), data_dir=data_dir, seed=0,
+        model="pixel", dataset="fashion-mnist", preset="demo", steps=steps, batch_size=32, lr=2e-3,
+        ema_decay=0.995, prediction="v", sample_steps=25, checkpoint_every=max(steps // 3, 1), data_dir=data_dir,
+        seed=0,
     )
     interval = max(1, min(100, steps // 4))
     return {

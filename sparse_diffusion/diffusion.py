@@ -6,8 +6,8 @@
 * :class:`StrokeDiffusion`: ChiroDiff, a network predicting the noise of stroke sequences
   ``(x, y, pen)``; the pen bit is diffused as ``+-1`` and thresholded at 0 when sampling.
 
-Training uses ``DDPMScheduler`` (noise prediction); sampling uses DDIM or DDPM with the
-same betas. All randomness comes from a generator the caller passes, so a run that
+Training uses ``DDPMScheduler`` (noise or velocity prediction); sampling uses DDIM or DDPM
+with the same betas. All randomness comes from a generator the caller passes, so a run that
 resumes from a checkpoint draws exactly what the uninterrupted run drew.
 """
 from __future__ import annotations
@@ -19,12 +19,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def make_scheduler(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02):
-    """The training noise schedule (linear betas, as DDPM and latent diffusion)."""
+def make_scheduler(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                   prediction: str = "epsilon"):
+    """The training noise schedule (linear betas, as DDPM and latent diffusion); the network
+    predicts the noise (``epsilon``) or the velocity (``v``, faster to train at small budgets)."""
     from diffusers import DDPMScheduler
 
+    if prediction not in ("epsilon", "v"):
+        raise ValueError(f"prediction must be 'epsilon' or 'v', got {prediction!r}")
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                         beta_schedule="linear")
+                         beta_schedule="linear", prediction_type="epsilon" if prediction == "epsilon" else "v_prediction")
+
+
+def _target(scheduler, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the network learns to predict: the noise, or the velocity."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    return noise
 
 
 def sampling_scheduler(train_scheduler, sampler: str, steps: int):
@@ -92,7 +103,7 @@ class ImageDiffusion(nn.Module):
         noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator)
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
         prediction = self.unet(noisy, timesteps, class_labels=labels if self.conditional else None).sample
-        return F.mse_loss(prediction.float(), noise.float())
+        return F.mse_loss(prediction.float(), _target(self.scheduler, x0, noise, timesteps).float())
 
     @torch.no_grad()
     def sample(self, num: int, generator: torch.Generator, labels: Optional[Tensor] = None,
@@ -137,7 +148,8 @@ class StrokeDiffusion(nn.Module):
         noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator)
         noisy = self.scheduler.add_noise(x0, noise * valid, timesteps)
         prediction = self.net(noisy, timesteps, lengths)
-        squared = (prediction.float() - (noise * valid).float()).square() * valid
+        target = _target(self.scheduler, x0, noise * valid, timesteps)
+        squared = (prediction.float() - target.float()).square() * valid
         return squared.sum() / (valid.sum() * points.shape[-1]).clamp_min(1)
 
     @torch.no_grad()

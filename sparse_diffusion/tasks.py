@@ -25,7 +25,7 @@ def build_task(config, device: torch.device) -> Tuple[nn.Module, torch.utils.dat
                               limit=config.limit)
         if dataset.kind != "stroke":
             raise ValueError(f"--model chirodiff needs a stroke dataset (kanjivg, quickdraw:, vmnist:), got {config.dataset}")
-        scheduler = make_scheduler()
+        scheduler = make_scheduler(prediction=config.prediction)
         net = ChiroDiffNet(kind=config.chirodiff_kind, num_train_timesteps=scheduler.config.num_train_timesteps,
                            **CHIRODIFF_PRESETS.get(config.preset, {}))
         lengths = torch.stack([dataset[i][1] for i in range(len(dataset))])
@@ -37,7 +37,7 @@ def build_task(config, device: torch.device) -> Tuple[nn.Module, torch.utils.dat
         raise ValueError(f"--model {config.model} needs an image dataset (fashion-mnist, images:), got {config.dataset}")
     if config.model == "pixel":
         unet = build_unet(config.preset, dataset.image_size, dataset.channels, dataset.num_classes)
-        return ImageDiffusion(unet, make_scheduler()), dataset
+        return ImageDiffusion(unet, make_scheduler(prediction=config.prediction)), dataset
     from diffusers import AutoencoderKL
 
     autoencoder = AutoencoderKL.from_pretrained(config.autoencoder)
@@ -45,7 +45,7 @@ def build_task(config, device: torch.device) -> Tuple[nn.Module, torch.utils.dat
     unet = build_unet(config.preset, dataset.image_size // factor, autoencoder.config.latent_channels,
                       dataset.num_classes)
     scale = float(getattr(autoencoder.config, "scaling_factor", 1.0))
-    return ImageDiffusion(unet, make_scheduler(), autoencoder, scale), dataset
+    return ImageDiffusion(unet, make_scheduler(prediction=config.prediction), autoencoder, scale), dataset
 
 
 def draw_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device):

@@ -30,6 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 IDENTITY = (
     "model", "dataset", "method", "sparsity", "block_size", "distribution", "preset", "image_size", "max_len",
     "chirodiff_kind", "seed", "batch_size", "drop_fraction", "update_interval", "autoencoder", "limit",
+    "prediction",
 )
 
 
@@ -59,6 +60,7 @@ class TrainConfig:
     chirodiff_kind: str = "gru"
     autoencoder: Optional[str] = None
     ema_decay: float = 0.999
+    prediction: str = "epsilon"  # epsilon | v
     sampler: str = "ddim"
     sample_steps: int = 50
     sample_every: int = 0
@@ -199,14 +201,17 @@ class Trainer:
             self.ema.restore(parameters)
             self.denoiser.train()
 
-    def save_samples(self, num: int = 64) -> Path:
+    def save_samples(self, rows: int = 8) -> Path:
+        """A grid of ``rows`` rows of samples; a class-conditional model gets one class per column."""
         from .metrics.raster import rasterize_strokes
 
-        samples = self.generate(num)
+        columns = getattr(self.dataset, "num_classes", None) if getattr(self.task, "conditional", False) else None
+        columns = columns or 8
+        samples = self.generate(rows * columns)  # conditional: labels 0, 1, ..., C-1, 0, 1, ...
         if isinstance(samples, tuple):
             samples = rasterize_strokes(samples[0].cpu(), samples[1].cpu(), size=64)
         path = self.out / "samples" / f"step-{self.step:07d}.png"
-        save_image_grid(samples.cpu(), path, columns=8)
+        save_image_grid(samples.cpu(), path, columns=columns)
         return path
 
     def save_checkpoint(self) -> None:

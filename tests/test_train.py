@@ -1,0 +1,194 @@
+"""End to end: tiny runs of every model and method, exact resume, atomic checkpoints, the CLI."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sparse_diffusion.train as train_module
+from sparse_diffusion import cli
+from sparse_diffusion.train import TrainConfig, Trainer, train
+
+
+@pytest.fixture(autouse=True)
+def _fast_and_private(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "reference")  # the kernels have their own tests
+    monkeypatch.setenv("SPARSE_DIFFUSION_CACHE", str(tmp_path / "cache"))
+
+
+def tiny(out, **changes) -> TrainConfig:
+    fields = dict(
+        out=str(out), model="pixel", preset="tiny", dataset="fashion-mnist", image_size=16, steps=4,
+        batch_size=4, update_interval=2, block_size=16, sample_steps=2, limit=64, checkpoint_every=2,
+    )
+    fields.update(changes)
+    return TrainConfig(**fields)
+
+
+RUN_FILES = ("checkpoint.pt", "config.json", "loss.png", "metrics.json", "summary.md")
+
+
+@pytest.mark.parametrize("method", ["dense", "static", "rigl", "magran"])
+def test_pixel_model_with_every_method(tmp_path, method):
+    results = train(tiny(tmp_path / "run", method=method))
+    for name in RUN_FILES:
+        assert (tmp_path / "run" / name).exists(), name
+    assert (tmp_path / "run" / "samples" / "step-0000004.png").exists()
+    assert results["steps"] == 4 and results["flops_per_sample"] > 0
+    assert (results["sparsity"] > 0.3) == (method != "dense")
+    assert results.get("mask_updates", 0) == (1 if method in ("rigl", "magran") else 0)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    expected = "dense model (no sparsity)" if method == "dense" else "weight layers sparsified"
+    assert "## Sparsity" in summary and expected in summary
+
+
+@pytest.mark.parametrize("kind, method", [("gru", "dense"), ("gru", "rigl"), ("transformer", "magran")])
+def test_chirodiff_on_kanjivg(tmp_path, kind, method):
+    results = train(tiny(tmp_path / "run", model="chirodiff", dataset="kanjivg", max_len=16, limit=16,
+                         chirodiff_kind=kind, method=method))
+    assert results["steps"] == 4 and (tmp_path / "run" / "samples" / "step-0000004.png").exists()
+
+
+def test_latent_diffusion_with_a_trained_autoencoder(tmp_path):
+    from sparse_diffusion.autoencoder_training import train_autoencoder
+
+    path = train_autoencoder("fashion-mnist", str(tmp_path / "ae"), preset="tiny", image_size=16, steps=3,
+                             batch_size=4, limit=64)
+    assert (path / "config.json").exists() and (path / "reconstructions.png").exists()
+    results = train(tiny(tmp_path / "ldm", model="ldm", autoencoder=str(path), method="rigl"))
+    assert results["steps"] == 4
+
+
+def test_user_supplied_image_folder_and_quickdraw(tmp_path):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    results = train(tiny(tmp_path / "img", dataset=f"images:{tmp_path / 'images'}", method="static"))
+    assert results["steps"] == 4
+    drawings = [{"drawing": [[[0, 10 + i, 20], [0, 5, 10]], [[5, 5], [0, 20]]]} for i in range(8)]
+    (tmp_path / "cat.ndjson").write_text("\n".join(json.dumps(d) for d in drawings) + "\n")
+    results = train(tiny(tmp_path / "qd", model="chirodiff", dataset=f"quickdraw:{tmp_path / 'cat.ndjson'}",
+                         max_len=16, method="dense"))
+    assert results["steps"] == 4
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    full = Trainer(tiny(tmp_path / "full", method="rigl", steps=6, checkpoint_every=3))
+    full.train()
+
+    config = tiny(tmp_path / "crashed", method="rigl", steps=6, checkpoint_every=3)
+    crashing = Trainer(config)
+    draw_batch, calls = train_module.draw_batch, []
+
+    def crash_at_step_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return draw_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "draw_batch", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    monkeypatch.setattr(train_module, "draw_batch", draw_batch)
+    resumed = Trainer(config, resume=True)
+    assert resumed.step == 3
+    resumed.train()
+    assert resumed.losses == full.losses
+    for (name, a), b in zip(full.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(full.ema.shadow_params, resumed.ema.shadow_params):
+        assert torch.equal(a, b)
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path / "run"))
+    trainer.train()
+    path = tmp_path / "run" / "checkpoint.pt"
+    before = path.read_bytes()
+
+    def failing_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert torch.load(path, weights_only=False)["step"] == 4
+
+
+# --------------------------------------------------------------------------- CLI
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+TINY_ARGS = ("--preset", "tiny", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--limit", "64",
+             "--sample-steps", "2", "--block-size", "16", "--update-interval", "2")
+
+
+def test_cli_train_sample_and_evaluate(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", *TINY_ARGS, "--method", "rigl", "--out", str(run))
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 2
+    code, _, err = run_cli(capsys, "sample", "--run", str(run), "--num", "4", "--out", str(tmp_path / "grid.png"))
+    assert code == 0 and (tmp_path / "grid.png").exists(), err
+    code, out, err = run_cli(capsys, "evaluate", "--run", str(run), "--num-samples", "8")
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert {"fid", "kid_mean", "fd_local"} <= set(metrics) and metrics["num_samples"] == 8
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (("--model", "ldm"), "--autoencoder"),
+        (("--model", "chirodiff"), "stroke dataset"),
+        (("--data-dir", "{tmp}/nothing-here"), "apt-get install -y dataset-fashion-mnist"),
+        (("--steps", "1", "--method", "rigl"), r"--steps \(1\) must be at least --update-interval"),
+    ],
+)
+def test_cli_argument_errors(tmp_path, capsys, extra, match):
+    import re
+
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    code, _, err = run_cli(capsys, "train", *TINY_ARGS, *extra, "--out", str(tmp_path / "run"))
+    assert code == 2 and re.search(match, err), err
+
+
+def test_cli_refuses_unwritable_output_and_bad_resumes(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, "train", *TINY_ARGS, "--out", str(blocker / "run"))
+    assert code == 2 and "cannot write to the output folder" in err
+    run = str(tmp_path / "run")
+    code, _, err = run_cli(capsys, "train", *TINY_ARGS, "--resume", "--out", run)
+    assert code == 2 and "no checkpoint" in err
+    assert run_cli(capsys, "train", *TINY_ARGS, "--method", "rigl", "--out", run)[0] == 0
+    code, _, err = run_cli(capsys, "train", *TINY_ARGS, "--method", "rigl", "--out", run)
+    assert code == 2 and "already holds a run" in err
+    code, _, err = run_cli(capsys, "train", *TINY_ARGS, "--method", "rigl", "--sparsity", "0.75", "--resume",
+                           "--out", run)
+    assert code == 2 and "cannot resume" in err and "sparsity" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--method", "snip", "--out", run])
+
+
+def test_demo_quick(tmp_path, capsys):
+    from sparse_diffusion.demo import run_demo
+
+    results = run_demo(str(tmp_path / "demo"), quick=True)
+    assert set(results) == {"dense", "rigl-50%"}
+    assert results["rigl-50%"]["parameters"] < 0.7 * results["dense"]["parameters"]
+    table = (tmp_path / "demo" / "summary.md").read_text()
+    assert "| dense |" in table and "| rigl-50% |" in table and "FID@16" in table
+    assert Path(tmp_path / "demo" / "dense" / "samples").exists()
