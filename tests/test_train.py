@@ -29,9 +29,30 @@ def tiny(out, **changes) -> TrainConfig:
 RUN_FILES = ("checkpoint.pt", "config.json", "loss.png", "metrics.json", "summary.md")
 
 
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory):
+    from sparse_diffusion.autoencoder_training import train_autoencoder
+
+    path = train_autoencoder("fashion-mnist", str(tmp_path_factory.mktemp("ae") / "ae"), preset="tiny",
+                             image_size=16, steps=3, batch_size=4, limit=64)
+    assert (path / "config.json").exists() and (path / "reconstructions.png").exists()
+    return str(path)
+
+
+MODELS = {
+    "pixel": {},
+    "ldm": {"model": "ldm"},
+    "chirodiff": {"model": "chirodiff", "dataset": "kanjivg", "max_len": 16, "limit": 16},
+}
+
+
 @pytest.mark.parametrize("method", ["dense", "static", "rigl", "magran"])
-def test_pixel_model_with_every_method(tmp_path, method):
-    results = train(tiny(tmp_path / "run", method=method))
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_model_with_every_method(tmp_path, autoencoder, model, method):
+    changes = dict(MODELS[model], method=method)
+    if model == "ldm":
+        changes["autoencoder"] = autoencoder
+    results = train(tiny(tmp_path / "run", **changes))
     for name in RUN_FILES:
         assert (tmp_path / "run" / name).exists(), name
     assert (tmp_path / "run" / "samples" / "step-0000004.png").exists()
@@ -43,21 +64,10 @@ def test_pixel_model_with_every_method(tmp_path, method):
     assert "## Sparsity" in summary and expected in summary
 
 
-@pytest.mark.parametrize("kind, method", [("gru", "dense"), ("gru", "rigl"), ("transformer", "magran")])
-def test_chirodiff_on_kanjivg(tmp_path, kind, method):
+def test_chirodiff_transformer(tmp_path):
     results = train(tiny(tmp_path / "run", model="chirodiff", dataset="kanjivg", max_len=16, limit=16,
-                         chirodiff_kind=kind, method=method))
-    assert results["steps"] == 4 and (tmp_path / "run" / "samples" / "step-0000004.png").exists()
-
-
-def test_latent_diffusion_with_a_trained_autoencoder(tmp_path):
-    from sparse_diffusion.autoencoder_training import train_autoencoder
-
-    path = train_autoencoder("fashion-mnist", str(tmp_path / "ae"), preset="tiny", image_size=16, steps=3,
-                             batch_size=4, limit=64)
-    assert (path / "config.json").exists() and (path / "reconstructions.png").exists()
-    results = train(tiny(tmp_path / "ldm", model="ldm", autoencoder=str(path), method="rigl"))
-    assert results["steps"] == 4
+                         chirodiff_kind="transformer", method="rigl"))
+    assert results["steps"] == 4 and results["sparsity"] > 0.3
 
 
 def test_user_supplied_image_folder_and_quickdraw(tmp_path):
