@@ -5,6 +5,8 @@
   class-conditional when the UNet has ``num_class_embeds``.
 * :class:`StrokeDiffusion`: ChiroDiff, a network predicting the noise of stroke sequences
   ``(x, y, pen)``; the pen bit is diffused as ``+-1`` and thresholded at 0 when sampling.
+  It shares the images' 1000-step linear schedule (the ChiroDiff paper used 35 steps; the
+  sampler's step count, ``--sample-steps``, is what sets the cost of sampling).
 
 Training uses ``DDPMScheduler`` (noise or velocity prediction); sampling uses DDIM or DDPM
 with the same betas. All randomness comes from a generator the caller passes, so a run that
