@@ -1,5 +1,5 @@
 // The schemas of the compiled ops, declared once; argument checks shared by the devices.
-// Implementations: cpu/masks.cpp (CPU) and cuda/masks.cu (CUDA).
+// Implementations: cpu/*.cpp (CPU) and cuda/masks.cu (CUDA).
 #include "ops.h"
 
 #include <Python.h>
@@ -103,6 +103,23 @@ TORCH_LIBRARY(sparse_kernels, m) {
       "int[] num_cols, int[] k, Tensor(g!)[] zero_tensors, int[] zero_layer) -> Tensor");
   m.def("block_norms(Tensor weight, int block_out, int block_in) -> Tensor");
   m.def("build_info() -> str", &build_info);
+  m.def("cpu_isa() -> str", &cpu::selected_isa);
+  // Block-sparse linear and conv2d on CPU tensors, fp32 (cpu/linear.cpp, cpu/conv.cpp): the
+  // kernels behind the sparse_kernels.bsr_linear / bsr_conv2d custom ops' CPU backend.
+  m.def("bsr_linear_cpu(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor row_slots, Tensor col_idx) -> Tensor");
+  m.def("bsr_linear_grad_input_cpu(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor col_slots, Tensor row_idx) -> Tensor");
+  m.def(
+      "bsr_linear_grad_weight_cpu(Tensor grad_out, Tensor x, Tensor row_idx, Tensor col_idx, Tensor col_slots, "
+      "int block_out, int block_in) -> Tensor");
+  m.def(
+      "bsr_conv2d_cpu(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor row_slots, Tensor col_idx, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "bsr_conv2d_grad_input_cpu(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor col_slots, Tensor row_idx, "
+      "int[2] input_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "bsr_conv2d_grad_weight_cpu(Tensor grad_out, Tensor x, Tensor row_idx, Tensor col_idx, Tensor col_slots, "
+      "int[4] block_shape, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
 }
 
 }  // namespace sparse_kernels

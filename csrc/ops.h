@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <string>
+
 namespace sparse_kernels {
 
 // Argument checks of prune_and_regrow, shared by both devices (ValueError / TypeError).
@@ -23,5 +25,10 @@ struct BlockGrid {
 
 // Checks block_norms' arguments (ValueError / TypeError) and returns the block grid.
 BlockGrid check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t block_in);
+
+namespace cpu {
+// The instruction set the CPU block-sparse kernels run with: "avx512", "avx2" or "generic".
+std::string selected_isa();
+}  // namespace cpu
 
 }  // namespace sparse_kernels

@@ -12,14 +12,18 @@ from sparse_kernels.backend import triton_interpreting
 # kernels accumulate in fp32; these bound the rounding of inputs and outputs per dtype.
 RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "compiled"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def use_backend(monkeypatch, backend: str, device: str) -> None:
-    """Forces ``backend`` for the test; skips Triton on CPU when not interpreting."""
+    """Forces ``backend`` for the test; skips Triton on CPU when not interpreting and the
+    compiled CPU kernels on CUDA. (A build without the CPU kernels fails the compiled
+    cases: CI must never skip them silently.)"""
     if backend == "triton" and device == "cpu" and not triton_interpreting():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    if backend == "compiled" and device != "cpu":
+        pytest.skip("the compiled kernels run on CPU tensors")
     monkeypatch.setenv("SPARSE_KERNELS_BACKEND", backend)
 
 
@@ -72,10 +76,11 @@ def random_block_mask(grid, kind: str) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def run_case(case, dtype, device, make_x=None):
-    """Runs bsr_linear forward and backward; checks them against the fp64 truth."""
+def run_case(case, dtype, device, make_x=None, mask=None):
+    """Runs bsr_linear forward and backward; checks them against the fp64 truth. ``mask``,
+    if given, replaces the case's mask kind."""
     lead, block, grid, mask_kind, has_bias = case
-    mask = random_block_mask(grid, mask_kind).to(device)
+    mask = (random_block_mask(grid, mask_kind) if mask is None else mask).to(device)
     layout = sk.BlockSparseLayout.from_block_mask(mask, block)
     out_features, in_features = layout.shape
     weight = torch.randn(out_features, in_features, device=device)

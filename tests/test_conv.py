@@ -40,16 +40,17 @@ def _case_id(case):
     return f"n{batch}-{cin}to{cout}-{hw[0]}x{hw[1]}-k{k}-s{s}-p{p}-d{d}-b{block}-{mask}-{'bias' if bias else 'nobias'}"
 
 
-def run_conv_case(case, dtype, device, channels_last=False):
-    """bsr_conv2d forward and backward against fp64 F.conv2d on the masked dense weight."""
+def run_conv_case(case, dtype, device, channels_last=False, mask=None, make_x=None):
+    """bsr_conv2d forward and backward against fp64 F.conv2d on the masked dense weight.
+    ``mask`` replaces the case's mask kind; ``make_x()`` makes the fp32 input."""
     batch, cin, cout, hw, kernel, stride, padding, dilation, block, mask_kind, has_bias = case
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     bo, bi = (block, block) if isinstance(block, int) else block
-    mask = random_block_mask((cout // bo, cin // bi), mask_kind).to(device)
+    mask = (random_block_mask((cout // bo, cin // bi), mask_kind) if mask is None else mask).to(device)
     layout = sk.BlockSparseLayout.from_block_mask(mask, (bo, bi))
     weight = torch.randn(cout, cin, kh, kw, device=device) / (cin * kh * kw) ** 0.5
     values = sk.from_dense(weight, layout).to(dtype).requires_grad_()
-    x = torch.randn(batch, cin, *hw, device=device).to(dtype)
+    x = (make_x() if make_x else torch.randn(batch, cin, *hw, device=device)).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()

@@ -21,8 +21,25 @@ def layout_of(block_size: Sequence[int], index: Sequence[Tensor]) -> BlockSparse
 
 
 def backend_for(t: Tensor, block_size: Sequence[int]) -> str:
-    """``"triton"`` or ``"reference"`` for an op on ``t``'s device and dtype."""
+    """``"triton"``, ``"compiled"`` or ``"reference"`` for an op on ``t``'s device and dtype."""
     return select_backend(t.device, t.dtype, (int(block_size[0]), int(block_size[1])))
+
+
+def launchers(backend: str, family: str):
+    """The module of launchers of ``backend`` (``"triton"`` or ``"compiled"``) for the op
+    ``family`` (``"linear"`` or ``"conv"``): both name and call them alike. Imported on
+    first use, so that CPU-only code never imports triton."""
+    if backend == "compiled":
+        from .. import compiled
+
+        return compiled
+    if family == "linear":
+        from ..triton import linear
+
+        return linear
+    from ..triton import conv
+
+    return conv
 
 
 def check_features(op: str, name: str, t: Tensor, index: Sequence[Tensor], block: int, side: str) -> None:

@@ -34,6 +34,7 @@ from .common import (
     check_bias,
     check_features,
     conv_output_size,
+    launchers,
     layout_of,
 )
 from .linear import bsr_linear
@@ -61,11 +62,11 @@ def _bsr_conv2d_op(
 ) -> Tensor:
     block_size = values.shape[1:3]
     check_features("bsr_conv2d", "x", x, index, block_size[1], "in")
-    if backend_for(x, block_size) == "triton":
-        from ..triton.conv import bsr_conv2d_fwd
-
+    backend = backend_for(x, block_size)
+    if backend != "reference":
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        y = bsr_conv2d_fwd(x, values, row_ptr, row_slots, col_idx, bias, stride, padding, dilation)
+        y = launchers(backend, "conv").bsr_conv2d_fwd(x, values, row_ptr, row_slots, col_idx, bias, stride, padding,
+                                                      dilation)
     else:
         y = bsr_conv2d_reference(x, values, layout_of(block_size, index), bias, stride, padding, dilation)
     return y.contiguous(memory_format=_memory_format(x))
@@ -93,11 +94,12 @@ def _bsr_conv2d_grad_input_op(
 ) -> Tensor:
     block_size = values.shape[1:3]
     check_features("bsr_conv2d_grad_input", "grad_out", grad_out, index, block_size[0], "out")
-    if backend_for(grad_out, block_size) == "triton":
-        from ..triton.conv import bsr_conv2d_grad_input
-
+    backend = backend_for(grad_out, block_size)
+    if backend != "reference":
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        dx = bsr_conv2d_grad_input(grad_out, values, col_ptr, col_slots, row_idx, input_hw, stride, padding, dilation)
+        dx = launchers(backend, "conv").bsr_conv2d_grad_input(
+            grad_out, values, col_ptr, col_slots, row_idx, input_hw, stride, padding, dilation
+        )
     else:
         layout = layout_of(block_size, index)
         input_shape = (grad_out.shape[0], layout.shape[1], *input_hw)
@@ -125,12 +127,12 @@ def _bsr_conv2d_grad_weight_op(
     block_size = block_shape[:2]
     check_features("bsr_conv2d_grad_weight", "grad_out", grad_out, index, block_size[0], "out")
     check_features("bsr_conv2d_grad_weight", "x", x, index, block_size[1], "in")
-    if backend_for(x, block_size) == "triton":
-        from ..triton.conv import bsr_conv2d_grad_weight
-
+    backend = backend_for(x, block_size)
+    if backend != "reference":
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        return bsr_conv2d_grad_weight(
-            grad_out, x, row_idx, col_idx, row_slots, block_shape, stride, padding, dilation
+        order = row_slots if backend == "triton" else col_slots  # as for linear
+        return launchers(backend, "conv").bsr_conv2d_grad_weight(
+            grad_out, x, row_idx, col_idx, order, block_shape, stride, padding, dilation
         )
     layout = layout_of(block_size, index)
     return bsr_conv2d_grad_weight_reference(

@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockSparseLayout, check_values
-from .common import autocast_operands, backend_for, check_activation, check_bias, check_features, layout_of
+from .common import (
+    autocast_operands,
+    backend_for,
+    check_activation,
+    check_bias,
+    check_features,
+    launchers,
+    layout_of,
+)
 from ..reference import (
     bsr_linear_grad_input_reference,
     bsr_linear_grad_weight_reference,
@@ -33,11 +41,11 @@ from ..reference import (
 def _bsr_linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
     check_features("bsr_linear", "x", x, index, block_size[1], "in")
-    if backend_for(x, block_size) == "triton":
-        from ..triton.linear import bsr_linear_fwd
-
+    backend = backend_for(x, block_size)
+    if backend != "reference":
+        kernels = launchers(backend, "linear")
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        return bsr_linear_fwd(x, values, row_ptr, row_slots, col_idx, bias)
+        return kernels.bsr_linear_fwd(x, values, row_ptr, row_slots, col_idx, bias)
     return bsr_linear_reference(x, values, layout_of(block_size, index), bias)
 
 
@@ -51,11 +59,11 @@ def _(x, values, bias, index):
 def _bsr_linear_grad_input_op(grad_out: Tensor, values: Tensor, index: List[Tensor]) -> Tensor:
     block_size = values.shape[1:3]
     check_features("bsr_linear_grad_input", "grad_out", grad_out, index, block_size[0], "out")
-    if backend_for(grad_out, block_size) == "triton":
-        from ..triton.linear import bsr_linear_grad_input
-
+    backend = backend_for(grad_out, block_size)
+    if backend != "reference":
+        kernels = launchers(backend, "linear")
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        return bsr_linear_grad_input(grad_out, values, col_ptr, col_slots, row_idx)
+        return kernels.bsr_linear_grad_input(grad_out, values, col_ptr, col_slots, row_idx)
     return bsr_linear_grad_input_reference(grad_out, values, layout_of(block_size, index))
 
 
@@ -71,11 +79,14 @@ def _bsr_linear_grad_weight_op(
     block_size = (block_out, block_in)
     check_features("bsr_linear_grad_weight", "grad_out", grad_out, index, block_out, "out")
     check_features("bsr_linear_grad_weight", "x", x, index, block_in, "in")
-    if backend_for(x, block_size) == "triton":
-        from ..triton.linear import bsr_linear_grad_weight
-
+    backend = backend_for(x, block_size)
+    if backend != "reference":
+        kernels = launchers(backend, "linear")
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        return bsr_linear_grad_weight(grad_out, x, row_idx, col_idx, row_slots, block_size)
+        # Triton walks the slots in row order; the CPU kernel shares them among threads in
+        # column order (neighbours reread the same input columns).
+        order = row_slots if backend == "triton" else col_slots
+        return kernels.bsr_linear_grad_weight(grad_out, x, row_idx, col_idx, order, block_size)
     return bsr_linear_grad_weight_reference(grad_out, x, layout_of(block_size, index))
 
 

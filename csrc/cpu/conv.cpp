@@ -1,0 +1,142 @@
+// CPU block-sparse conv2d, fp32: forward, grad-input and grad-weight as implicit GEMMs over
+// gathered im2col tiles (see driver.h). Activations are read and written channels-last.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "driver.h"
+
+namespace sparse_kernels {
+namespace cpu {
+namespace {
+
+struct Conv {
+  int64_t stride[2], padding[2], dilation[2];
+};
+
+Conv check_conv(const char* op, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": stride, padding and dilation must be pairs");
+  Conv c{};
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0, op, ": stride ", stride, ", padding ",
+                      padding, " and dilation ", dilation, " must be positive (padding non-negative)");
+    c.stride[d] = stride[d], c.padding[d] = padding[d], c.dilation[d] = dilation[d];
+  }
+  return c;
+}
+
+int64_t output_size(int64_t size, int64_t kernel, const Conv& c, int d) {
+  return (size + 2 * c.padding[d] - c.dilation[d] * (kernel - 1) - 1) / c.stride[d] + 1;
+}
+
+at::Tensor channels_last(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
+
+GatherRows gather(const at::Tensor& src_nhwc, int64_t dst_h, int64_t dst_w, int64_t kh, int64_t kw, const Conv& c,
+                  bool transposed) {
+  return {src_nhwc.data_ptr<float>(), src_nhwc.size(3), src_nhwc.size(1), src_nhwc.size(2), dst_h, dst_w, kh, kw,
+          {c.stride[0], c.stride[1]}, {c.padding[0], c.padding[1]}, {c.dilation[0], c.dilation[1]}, transposed};
+}
+
+void check_values5(const at::Tensor& values, const char* op) {
+  check_float(values, op, "values", 5);
+  check_block(op, values.size(1), values.size(2));
+}
+
+// y = conv2d(x, W) + bias: each tile of output pixels gathers its im2col rows once and
+// walks every output block's live (block, tap) pairs.
+at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                const at::Tensor& row_ptr, const at::Tensor& row_slots, const at::Tensor& col_idx,
+                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const char* op = "bsr_conv2d_cpu";
+  check_values5(values, op);
+  check_float(x, op, "x", 4);
+  const Conv c = check_conv(op, stride, padding, dilation);
+  const int64_t bo = values.size(1), bi = values.size(2), kh = values.size(3), kw = values.size(4);
+  TORCH_CHECK_VALUE(x.size(1) % bi == 0, op, ": x of shape ", x.sizes(), " is not whole channel blocks of ", bi);
+  const int64_t rows = row_ptr.numel() - 1, cols = x.size(1) / bi, out_channels = rows * bo;
+  const int64_t oh = output_size(x.size(2), kh, c, 0), ow = output_size(x.size(3), kw, c, 1);
+  TORCH_CHECK_VALUE(oh > 0 && ow > 0, op, ": input ", x.sizes(), " is smaller than the dilated kernel");
+  at::Tensor b;
+  if (bias) {
+    b = bias->contiguous();
+    check_float(b, op, "bias", 1);
+    TORCH_CHECK_VALUE(b.size(0) == out_channels, op, ": bias must have ", out_channels, " entries, got ", b.sizes());
+  }
+  const at::Tensor src = channels_last(x);
+  const at::Tensor packed = values.permute({0, 3, 4, 2, 1}).contiguous();  // [nnz][kh][kw][bi][bo]
+  const PairTable table =
+      make_pairs(op, row_ptr, row_slots, col_idx, cols, kh * kw, x.size(1), bi, bo, packed.data_ptr<float>());
+  at::Tensor y = at::empty({x.size(0), oh, ow, out_channels}, x.options());
+  const GatherRows rows_of = gather(src, oh, ow, kh, kw, c, false);
+  run_dsd(select_isa(), rows_of, x.size(0) * oh * ow, rows_of.lda(), table, bi, bo,
+          bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y.permute({0, 3, 1, 2});
+}
+
+// dx = conv_transpose2d(dy, W): each tile of input pixels gathers the output pixels that
+// each tap maps onto it (none where the stride skips it) and walks each input block's live pairs.
+at::Tensor conv_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& col_ptr,
+                           const at::Tensor& col_slots, const at::Tensor& row_idx, c10::IntArrayRef input_size,
+                           c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const char* op = "bsr_conv2d_grad_input_cpu";
+  check_values5(values, op);
+  check_float(grad_out, op, "grad_out", 4);
+  const Conv c = check_conv(op, stride, padding, dilation);
+  TORCH_CHECK_VALUE(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0, op,
+                    ": input_size must be a positive pair, got ", input_size);
+  const int64_t bo = values.size(1), bi = values.size(2), kh = values.size(3), kw = values.size(4);
+  const int64_t h = input_size[0], w = input_size[1];
+  TORCH_CHECK_VALUE(grad_out.size(1) % bo == 0 && grad_out.size(2) == output_size(h, kh, c, 0) &&
+                        grad_out.size(3) == output_size(w, kw, c, 1),
+                    op, ": grad_out of shape ", grad_out.sizes(), " does not fit input size ", input_size);
+  const int64_t cols = col_ptr.numel() - 1, rows = grad_out.size(1) / bo;
+  const at::Tensor src = channels_last(grad_out);
+  const at::Tensor packed = values.permute({0, 3, 4, 1, 2}).contiguous();  // [nnz][kh][kw][bo][bi]
+  const PairTable table =
+      make_pairs(op, col_ptr, col_slots, row_idx, rows, kh * kw, grad_out.size(1), bo, bi, packed.data_ptr<float>());
+  at::Tensor dx = at::empty({grad_out.size(0), h, w, cols * bi}, grad_out.options());
+  const GatherRows rows_of = gather(src, h, w, kh, kw, c, true);
+  run_dsd(select_isa(), rows_of, grad_out.size(0) * h * w, rows_of.lda(), table, bo, bi, nullptr,
+          dx.data_ptr<float>());
+  return dx.permute({0, 3, 1, 2});
+}
+
+// dW at the live blocks, [nnz, bo, bi, kh, kw]: a reduction over every output pixel.
+at::Tensor conv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_idx,
+                            const at::Tensor& col_idx, const at::Tensor& col_slots, c10::IntArrayRef block_shape,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const char* op = "bsr_conv2d_grad_weight_cpu";
+  TORCH_CHECK_VALUE(block_shape.size() == 4 && block_shape[2] > 0 && block_shape[3] > 0, op,
+                    ": block_shape must be [bo, bi, kh, kw], got ", block_shape);
+  const int64_t bo = block_shape[0], bi = block_shape[1], kh = block_shape[2], kw = block_shape[3];
+  check_block(op, bo, bi);
+  check_float(grad_out, op, "grad_out", 4);
+  check_float(x, op, "x", 4);
+  const Conv c = check_conv(op, stride, padding, dilation);
+  const int64_t oh = output_size(x.size(2), kh, c, 0), ow = output_size(x.size(3), kw, c, 1);
+  TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) % bo == 0 && x.size(1) % bi == 0 &&
+                        grad_out.size(2) == oh && grad_out.size(3) == ow,
+                    op, ": grad_out ", grad_out.sizes(), " does not fit x ", x.sizes(), " and the convolution");
+  const int64_t nnz = row_idx.numel();
+  check_slots(op, row_idx, col_idx, col_slots, grad_out.size(1) / bo, x.size(1) / bi);
+  const at::Tensor dy = channels_last(grad_out), src = channels_last(x);
+  at::Tensor acc = at::empty({nnz, kh, kw, bo, bi}, x.options());
+  const GatherRows rows_of = gather(src, oh, ow, kh, kw, c, false);
+  run_sdd(select_isa(), rows_of, x.size(0) * oh * ow, rows_of.lda(), x.size(1), kh * kw, dy.data_ptr<float>(),
+          dy.size(3), row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), nnz,
+          bo, bi, acc.data_ptr<float>());
+  return acc.permute({0, 3, 4, 1, 2}).contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
+  m.impl("bsr_conv2d_cpu", &conv);
+  m.impl("bsr_conv2d_grad_input_cpu", &conv_grad_input);
+  m.impl("bsr_conv2d_grad_weight_cpu", &conv_grad_weight);
+}
+
+}  // namespace cpu
+}  // namespace sparse_kernels
