@@ -1,9 +1,13 @@
 // CPU block-sparse conv2d, fp32: forward, grad-input and grad-weight as implicit GEMMs over
-// gathered im2col tiles (see driver.h). Activations are read and written channels-last.
+// gathered im2col tiles (see driver.h). They compute channels-last; results come back in the
+// memory format of the input, as F.conv2d's do.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <utility>
 
 #include "driver.h"
 
@@ -31,7 +35,49 @@ int64_t output_size(int64_t size, int64_t kernel, const Conv& c, int d) {
   return (size + 2 * c.padding[d] - c.dilation[d] * (kernel - 1) - 1) / c.stride[d] + 1;
 }
 
-at::Tensor channels_last(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
+bool is_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// out[n][q][p] = in[n][p][q] for contiguous [n][p][q] blocks, 32 x 32 tiles at a time through a
+// local buffer, so that both sides are read and written along rows (torch's strided copy of
+// this permutation runs at a few GB/s: rows 4 KB apart share one L1 set).
+void transpose_batched(const float* in, float* out, int64_t batch, int64_t p, int64_t q) {
+  constexpr int64_t T = 32;
+  const int64_t tp = (p + T - 1) / T, tq = (q + T - 1) / T;
+  at::parallel_for(0, batch * tp * tq, 16, [&](int64_t begin, int64_t end) {
+    float tile[T][T];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / (tp * tq), p0 = t / tq % tp * T, q0 = t % tq * T;
+      const int64_t np = std::min(T, p - p0), nq = std::min(T, q - q0);
+      const float* src = in + n * p * q + p0 * q + q0;
+      float* dst = out + n * p * q + q0 * p + p0;
+      for (int64_t i = 0; i < np; ++i)
+        for (int64_t j = 0; j < nq; ++j) tile[j][i] = src[i * q + j];
+      for (int64_t j = 0; j < nq; ++j)
+        for (int64_t i = 0; i < np; ++i) dst[j * p + i] = tile[j][i];
+    }
+  });
+}
+
+// The NHWC [N, H, W, C] contiguous form of an NCHW tensor: a view when it is stored so.
+at::Tensor channels_last(const at::Tensor& t) {
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t.permute({0, 2, 3, 1});
+  const at::Tensor c = t.contiguous();
+  at::Tensor out = at::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options());
+  transpose_batched(c.data_ptr<float>(), out.data_ptr<float>(), t.size(0), t.size(1), t.size(2) * t.size(3));
+  return out;
+}
+
+// An NHWC result as an NCHW tensor stored like `like` (F.conv2d's rule): channels-last as
+// computed, else copied into contiguous NCHW.
+at::Tensor stored_like(const at::Tensor& nhwc, const at::Tensor& like) {
+  if (is_channels_last(like)) return nhwc.permute({0, 3, 1, 2});
+  at::Tensor out = at::empty({nhwc.size(0), nhwc.size(3), nhwc.size(1), nhwc.size(2)}, nhwc.options());
+  transpose_batched(nhwc.data_ptr<float>(), out.data_ptr<float>(), nhwc.size(0), nhwc.size(1) * nhwc.size(2),
+                    nhwc.size(3));
+  return out;
+}
 
 GatherRows gather(const at::Tensor& src_nhwc, int64_t dst_h, int64_t dst_w, int64_t kh, int64_t kw, const Conv& c,
                   bool transposed) {
@@ -72,7 +118,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::option
   const GatherRows rows_of = gather(src, oh, ow, kh, kw, c, false);
   run_dsd(select_isa(), rows_of, x.size(0) * oh * ow, rows_of.lda(), table, bi, bo,
           bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-  return y.permute({0, 3, 1, 2});
+  return stored_like(y, x);
 }
 
 // dx = conv_transpose2d(dy, W): each tile of input pixels gathers the output pixels that
@@ -100,10 +146,22 @@ at::Tensor conv_grad_input(const at::Tensor& grad_out, const at::Tensor& values,
   const GatherRows rows_of = gather(src, h, w, kh, kw, c, true);
   run_dsd(select_isa(), rows_of, grad_out.size(0) * h * w, rows_of.lda(), table, bo, bi, nullptr,
           dx.data_ptr<float>());
-  return dx.permute({0, 3, 1, 2});
+  return stored_like(dx, grad_out);
 }
 
-// dW at the live blocks, [nnz, bo, bi, kh, kw]: a reduction over every output pixel.
+// Output columns [lo, hi) whose tap j reads an input column inside the image, on axis d.
+std::pair<int64_t, int64_t> valid_range(int64_t out, int64_t in, int64_t j, const Conv& c, int d) {
+  const int64_t shift = j * c.dilation[d] - c.padding[d];  // input column of output column x: x * s + shift
+  const int64_t lo = shift >= 0 ? 0 : (-shift + c.stride[d] - 1) / c.stride[d];
+  const int64_t last = in - 1 - shift;  // x * s <= last
+  const int64_t hi = last < 0 ? 0 : std::min(out, last / c.stride[d] + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// dW at the live blocks, [nnz, bo, bi, kh, kw]: a reduction over every output pixel. Each
+// (slot, tap) reads, for every output row, the run of input pixels its tap sees in place
+// (no im2col copy); chunks of output rows keep the data they share in cache, and the
+// threads split a chunk's (slot, tap) items (column-sorted: neighbours read the same input).
 at::Tensor conv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_idx,
                             const at::Tensor& col_idx, const at::Tensor& col_slots, c10::IntArrayRef block_shape,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
@@ -119,14 +177,35 @@ at::Tensor conv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, con
   TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) % bo == 0 && x.size(1) % bi == 0 &&
                         grad_out.size(2) == oh && grad_out.size(3) == ow,
                     op, ": grad_out ", grad_out.sizes(), " does not fit x ", x.sizes(), " and the convolution");
-  const int64_t nnz = row_idx.numel();
+  const int64_t nnz = row_idx.numel(), taps = kh * kw;
   check_slots(op, row_idx, col_idx, col_slots, grad_out.size(1) / bo, x.size(1) / bi);
   const at::Tensor dy = channels_last(grad_out), src = channels_last(x);
-  at::Tensor acc = at::empty({nnz, kh, kw, bo, bi}, x.options());
-  const GatherRows rows_of = gather(src, oh, ow, kh, kw, c, false);
-  run_sdd(select_isa(), rows_of, x.size(0) * oh * ow, rows_of.lda(), x.size(1), kh * kw, dy.data_ptr<float>(),
-          dy.size(3), row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), nnz,
-          bo, bi, acc.data_ptr<float>());
+  at::Tensor acc = at::zeros({nnz, kh, kw, bo, bi}, x.options());
+  const int64_t h = x.size(2), w = x.size(3), cin = x.size(1), cout = grad_out.size(1);
+  const float *dy_data = dy.data_ptr<float>(), *x_data = src.data_ptr<float>();
+  float* acc_data = acc.data_ptr<float>();
+  const int32_t *rows = row_idx.data_ptr<int32_t>(), *cols = col_idx.data_ptr<int32_t>();
+  const int32_t* order = col_slots.data_ptr<int32_t>();
+  const Isa& isa = select_isa();
+  const int64_t out_rows = x.size(0) * oh, chunk = std::max<int64_t>(1, 256 / ow);
+  for (int64_t r0 = 0; r0 < out_rows; r0 += chunk) {
+    const int64_t r1 = std::min(out_rows, r0 + chunk);
+    at::parallel_for(0, nnz * taps, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t slot = order[item / taps], tap = item % taps, i = tap / kw, j = tap % kw;
+        const auto [lo, hi] = valid_range(ow, w, j, c, 1);
+        if (lo == hi) continue;
+        const int64_t sx = lo * c.stride[1] + j * c.dilation[1] - c.padding[1];
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t n = row / oh, sy = row % oh * c.stride[0] + i * c.dilation[0] - c.padding[0];
+          if (sy < 0 || sy >= h) continue;
+          isa.sdd({dy_data + (row * ow + lo) * cout + rows[slot] * bo, cout,
+                   x_data + ((n * h + sy) * w + sx) * cin + cols[slot] * bi, c.stride[1] * cin, hi - lo, bo, bi,
+                   acc_data + (slot * taps + tap) * bo * bi});
+        }
+      }
+    });
+  }
   return acc.permute({0, 3, 4, 1, 2}).contiguous();
 }
 

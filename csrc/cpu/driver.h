@@ -6,9 +6,10 @@
 //   dsd: out[m, block b] = sum over the live (block, tap) pairs of b of a[m, pair] @ w[pair]
 //        (forward with the row-sorted index, grad-input with the column-sorted one);
 //   sdd: dW[slot, tap] = dy[:, row block].T @ a[:, tap, column block], for live slots only.
-// A linear layer reads its rows in place. A convolution gathers, tile by tile, the rows of
-// an implicit im2col matrix [pixel][tap][channel] into a small per-thread buffer: stride,
-// padding and dilation (and their transposes for grad-input) live in that gather alone.
+// A linear layer reads its rows in place. A convolution's dsd gathers, tile by tile, the
+// rows of an implicit im2col matrix [pixel][tap][channel] into a small per-thread buffer:
+// stride, padding and dilation (and their transposes for grad-input) live in that gather
+// alone. Its sdd reads runs of input pixels in place (conv.cpp).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -59,8 +60,6 @@ struct DirectRows {
     std::memcpy(scratch.data(), a + m0 * lda, sizeof(float) * rows * lda);
     return scratch.data();
   }
-  // Rows [m0, m0 + rows) for run_sdd.
-  const float* chunk(int64_t m0, int64_t, std::vector<float>&) const { return a + m0 * lda; }
 };
 
 // Rows of the implicit im2col matrix of a convolution, [pixel][tap][channel], over the
@@ -103,14 +102,6 @@ struct GatherRows {
     for (int64_t m = 0; m < rows; ++m) row(m0 + m, scratch.data() + m * lda());
     return scratch.data();
   }
-  // Rows [m0, m0 + rows) for run_sdd, gathered by all threads.
-  const float* chunk(int64_t m0, int64_t rows, std::vector<float>& scratch) const {
-    scratch.resize(rows * lda());
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) row(m0 + m, scratch.data() + m * lda());
-    });
-    return scratch.data();
-  }
 };
 
 // Rows per parallel tile: a multiple of the ISA's register tile, a gathered tile of at most
@@ -143,24 +134,22 @@ void run_dsd(const Isa& isa, const Rows& source, int64_t total, int64_t lda, con
   });
 }
 
-// acc[slot][tap] (contiguous [nnz][taps][bo][bi]) = dy[:, row block].T @ a[:, tap, column block],
-// summed over `total` rows in chunks; the slots of a chunk are shared among the threads in
-// `order` (column-sorted: neighbours read the same input columns).
-template <class Rows>
-void run_sdd(const Isa& isa, const Rows& source, int64_t total, int64_t lda, int64_t tap_stride, int64_t taps,
-             const float* dy, int64_t lddy, const int32_t* row_idx, const int32_t* col_idx, const int32_t* order,
-             int64_t nnz, int64_t bo, int64_t bi, float* acc) {
-  std::memset(acc, 0, sizeof(float) * nnz * taps * bo * bi);
-  const int64_t chunk = 128, items = nnz * taps;
-  std::vector<float> scratch;
-  for (int64_t m0 = 0; m0 < total && items > 0; m0 += chunk) {
+// acc[slot] (contiguous [nnz][bo][bi]) = dy[:, row block].T @ a[:, column block] over
+// `total` rows, in chunks of rows that stay in cache; the threads share a chunk's slots in
+// `order` (column-sorted: neighbours read the same input columns). Each slot is summed by
+// one thread in row order, so the result does not depend on the thread count.
+inline void run_sdd(const Isa& isa, const float* a, int64_t lda, int64_t total, const float* dy, int64_t lddy,
+                    const int32_t* row_idx, const int32_t* col_idx, const int32_t* order, int64_t nnz, int64_t bo,
+                    int64_t bi, float* acc) {
+  std::memset(acc, 0, sizeof(float) * nnz * bo * bi);
+  const int64_t chunk = 128;
+  for (int64_t m0 = 0; m0 < total && nnz > 0; m0 += chunk) {
     const int64_t rows = std::min(chunk, total - m0);
-    const float* a = source.chunk(m0, rows, scratch);
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t slot = order[item / taps], tap = item % taps;
-        isa.sdd({dy + m0 * lddy + row_idx[slot] * bo, lddy, a + tap * tap_stride + col_idx[slot] * bi, lda, rows, bo,
-                 bi, acc + (slot * taps + tap) * bo * bi});
+    at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t slot = order[i];
+        isa.sdd({dy + m0 * lddy + row_idx[slot] * bo, lddy, a + m0 * lda + col_idx[slot] * bi, lda, rows, bo, bi,
+                 acc + slot * bo * bi});
       }
     });
   }

@@ -79,9 +79,9 @@ at::Tensor linear_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
   check_slots(op, row_idx, col_idx, col_slots, grad_out.size(1) / bo, x.size(1) / bi);
   const at::Tensor dy = grad_out.contiguous(), a = x.contiguous();
   at::Tensor dw = at::empty({nnz, bo, bi}, x.options());
-  run_sdd(select_isa(), DirectRows{a.data_ptr<float>(), a.size(1), a.size(0)}, a.size(0), a.size(1), 0, 1,
-          dy.data_ptr<float>(), dy.size(1), row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
-          col_slots.data_ptr<int32_t>(), nnz, bo, bi, dw.data_ptr<float>());
+  run_sdd(select_isa(), a.data_ptr<float>(), a.size(1), a.size(0), dy.data_ptr<float>(), dy.size(1),
+          row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), nnz, bo, bi,
+          dw.data_ptr<float>());
   return dw;
 }
 
