@@ -38,6 +38,16 @@ def environment(device: torch.device) -> Dict[str, object]:
     else:
         record["device_name"] = f"{record['cpu']} ({record['torch_threads']} threads)"
     record["sparse_kernels_backend"] = os.environ.get("SPARSE_KERNELS_BACKEND", "auto")
+    if device.type == "cpu":
+        import sparse_kernels as sk
+        from sparse_kernels import extension
+
+        # What CPU fp32 block-32 ops run on here, and the compiled kernels' instruction set.
+        record["cpu_backend"] = sk.select_backend(device, torch.float32, (32, 32))
+        if extension.has_kernel("bsr_linear_cpu", "cpu"):
+            from sparse_kernels import compiled
+
+            record["cpu_isa"] = compiled.isa()
     return record
 
 
@@ -80,10 +90,15 @@ def add_vs_dense(rows: List[Dict[str, object]], group: Sequence[str]) -> None:
         r["vs_dense"] = r["ms"] / base if r["ms"] and base else None
 
 
-def fill_defaults(args, quick: Dict[str, object], full: Dict[str, object]) -> None:
-    """Sets every argument left at ``None`` from ``quick`` (with ``--quick``) or ``full``,
-    and the dtype from the device (bf16 on CUDA, fp32 elsewhere)."""
-    for name, value in (quick if args.quick else full).items():
+def fill_defaults(
+    args, quick: Dict[str, object], full: Dict[str, object], cpu: Optional[Dict[str, object]] = None
+) -> None:
+    """Sets every argument left at ``None`` from ``quick`` (with ``--quick``), ``cpu`` (on a
+    CPU device, when given) or ``full``, and the dtype from the device (bf16 on CUDA, fp32
+    elsewhere)."""
+    on_cpu = not args.device.startswith("cuda")
+    chosen = quick if args.quick else cpu if (cpu is not None and on_cpu) else full
+    for name, value in chosen.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.dtype is None:

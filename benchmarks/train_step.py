@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step --out FILE.json     # GPU: a ~108 M-parameter latent UNet
     python -m benchmarks.train_step --device cpu        # CPU: a small UNet
+    python -m benchmarks.train_step --preset demo --sparsities 0.5 0.75   # make demo's model
 
 A step is forward, backward and AdamW on a batch of noisy latents (bf16 autocast on CUDA,
 channels-last). Sparse models are sparsified with ERK at each sparsity and block size and
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_diffusion as sd
+from sparse_diffusion.models.unet import UNET_PRESETS
 
 from .common import environment, print_table, result_path, write_json
 
@@ -42,6 +44,11 @@ PRESETS = {
             norm_num_groups=16, attention_head_dim=32,
         ),
         "batch": 4, "blocks": [32],
+    },
+    # make demo's model: the class-conditional pixel UNet on 28x28 Fashion-MNIST, batch 32, blocks of 16.
+    "demo": {
+        "unet": dict(sample_size=28, in_channels=1, out_channels=1, num_class_embeds=10, **UNET_PRESETS["demo"]),
+        "batch": 32, "blocks": [16],
     },
 }
 
@@ -87,17 +94,19 @@ def measure(config: Dict, sparsity: float, block: int, args: argparse.Namespace,
     algo = None
     if report is not None:
         algo = sd.RigL(unet, optimizer, total_steps=100 * args.update_interval, update_interval=args.update_interval)
-    size = config["unet"]["sample_size"]
-    latents = torch.randn(args.batch or config["batch"], 4, size, size, device=device)
+    size, channels = config["unet"]["sample_size"], config["unet"]["in_channels"]
+    latents = torch.randn(args.batch or config["batch"], channels, size, size, device=device)
     if device.type == "cuda":
         latents = latents.contiguous(memory_format=torch.channels_last)
     timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
     noise = torch.randn_like(latents)
+    classes = config["unet"].get("num_class_embeds")
+    labels = torch.randint(0, classes, (latents.shape[0],), device=device) if classes else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def train_step():
         with autocast:
-            prediction = unet(latents + noise, timesteps).sample
+            prediction = unet(latents + noise, timesteps, class_labels=labels).sample
             loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()

@@ -20,6 +20,11 @@ def info() -> None:
         for op in extension.OPS:
             devices = [d for d in ("cpu", "cuda") if extension.has_kernel(op, d)]
             print(f"  sparse_kernels::{op}: {', '.join(devices) or 'no kernels'}")
+        if extension.has_kernel("bsr_linear_cpu", "cpu"):
+            from sparse_kernels import compiled
+
+            print(f"  CPU block-sparse kernels: instruction set {compiled.isa()} "
+                  "(SPARSE_KERNELS_CPU_ISA=generic|avx2|avx512 forces one)")
     triton_version = __import__("triton").__version__ if triton_installed() else "not installed"
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
           f"python {platform.python_version()}")
@@ -29,7 +34,8 @@ def info() -> None:
         print(f"device: {name} (sm {capability}), {torch.cuda.device_count()} visible")
     else:
         print(f"device: CPU only ({platform.machine()}, {torch.get_num_threads()} threads)")
-    print(f"SPARSE_KERNELS_BACKEND: {requested_backend()}")
+    print(f"SPARSE_KERNELS_BACKEND: {requested_backend()}; fp32 block-32 ops run on: "
+          f"{sparse_kernels.select_backend(torch.device('cpu'), torch.float32, (32, 32))} (CPU)")
 
 
 def main(argv=None) -> None:

@@ -1,8 +1,10 @@
 """The compiled extension ``sparse_kernels._C`` (csrc/): loading it, and what it holds.
 
 Importing ``_C`` registers ``torch.ops.sparse_kernels.{build_index, prune_and_regrow,
-block_norms, build_info}`` with CPU kernels and, in a CUDA build, CUDA kernels. Without it
-every op has a pure-torch path (:mod:`sparse_kernels.masks`), slower and host-synchronising.
+block_norms, build_info}`` with CPU kernels and, in a CUDA build, CUDA kernels; and the
+block-sparse linear and conv2d kernels for CPU tensors (``bsr_*_cpu``, ``cpu_isa``; see
+:mod:`sparse_kernels.compiled`). Without it every op has a pure-torch path
+(:mod:`sparse_kernels.masks`, :mod:`sparse_kernels.reference`), slower and host-synchronising.
 """
 from __future__ import annotations
 
@@ -18,7 +20,17 @@ except ImportError as error:
 else:
     LOADED, LOAD_ERROR = True, None
 
-OPS = ("build_index", "prune_and_regrow", "block_norms")
+# The mask ops have CPU and CUDA kernels; the block-sparse kernels here are CPU only.
+MASK_OPS = ("build_index", "prune_and_regrow", "block_norms")
+CPU_KERNEL_OPS = (
+    "bsr_linear_cpu",
+    "bsr_linear_grad_input_cpu",
+    "bsr_linear_grad_weight_cpu",
+    "bsr_conv2d_cpu",
+    "bsr_conv2d_grad_input_cpu",
+    "bsr_conv2d_grad_weight_cpu",
+)
+OPS = MASK_OPS + CPU_KERNEL_OPS
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 

@@ -314,6 +314,17 @@ class BlockSparseConv2d(BlockSparseModule):
             stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
         )
 
+    def _apply(self, fn, recurse=True):
+        # model.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor, and
+        # 5-D ones have no channels-last form: the values [nnz, bo, bi, kh, kw] go through
+        # the conversion as a 3-D view (device and dtype change; their layout stays).
+        def convert(t):
+            if t.dim() != 5:
+                return fn(t)
+            return fn(t.reshape(t.shape[0], t.shape[1], -1)).reshape(t.shape)
+
+        return super()._apply(convert, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[N, Cin, H, W]`` -> ``[N, Cout, OH, OW]``."""
         return bsr_conv2d(x, self.values, self.layout, self.bias, self.stride, self.padding, self.dilation)

@@ -9,6 +9,7 @@
 #define SK_VW 16
 #define SK_MR 12
 #define SK_MO 8
+#define SK_REGISTERS 32
 #include "microkernels.h"
 
 namespace sparse_kernels {

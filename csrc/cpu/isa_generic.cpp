@@ -9,6 +9,7 @@
 #define SK_VW 4
 #define SK_MR 6
 #define SK_MO 4
+#define SK_REGISTERS 16
 #include "microkernels.h"
 
 namespace sparse_kernels {

@@ -1,7 +1,8 @@
 // The vectorised inner loops of the CPU block-sparse kernels, written once and compiled
 // once per instruction set (isa_avx512.cpp, isa_avx2.cpp, isa_generic.cpp). Each of those
 // translation units sets SK_ISA (a namespace name), SK_VW (floats per vector register),
-// SK_MR (rows per register tile), SK_MO (output rows per weight-gradient tile) and a
+// SK_MR (rows per register tile), SK_MO (output rows per weight-gradient tile), SK_REGISTERS
+// (vector registers) and a
 // `#pragma GCC target`, then includes this file. Nothing here may include a header or call
 // a function defined outside it: code compiled for AVX-512 must never be linked into a
 // caller that runs on a CPU without it. The callers see only isa.h: plain structs and one
@@ -57,7 +58,15 @@ __attribute__((always_inline)) inline void dsd_tile(const float* a, int64_t lda,
 template <int NV>
 void dsd_rows(const DsdRows& t) {
   constexpr int64_t NR = NV * SK_VW;
-  for (int64_t m = 0; m < t.rows; m += SK_MR) {
+  // One vector per row (n = 16 on AVX-512) leaves registers for twice the rows.
+  constexpr int MR2 = (NV == 1 && 2 * SK_MR + 2 <= SK_REGISTERS) ? 2 * SK_MR : SK_MR;
+  int64_t m = 0;
+  if (MR2 != SK_MR)
+    for (; m + MR2 <= t.rows; m += MR2)
+      for (int64_t n0 = 0; n0 < t.n; n0 += NR)
+        dsd_tile<MR2, NV>(t.a + m * t.lda, t.lda, t.pairs, t.npairs, t.k, t.n, n0, t.bias, t.out + m * t.ldo, t.ldo,
+                          MR2);
+  for (; m < t.rows; m += SK_MR) {
     // The caller guarantees rows up to a multiple of SK_MR are readable (zero padding).
     const int64_t valid = t.rows - m < SK_MR ? t.rows - m : SK_MR;
     for (int64_t n0 = 0; n0 < t.n; n0 += NR)
@@ -103,7 +112,13 @@ __attribute__((always_inline)) inline void sdd_tile(const float* dy, int64_t ldd
 template <int NV>
 void sdd_block(const SddBlock& t) {
   constexpr int64_t NR = NV * SK_VW;
-  for (int64_t o0 = 0; o0 < t.bo; o0 += SK_MO)
+  // One vector per row (bi = 16 on AVX-512) leaves registers for twice the output rows.
+  constexpr int MO = (NV == 1 && 2 * SK_MO + 2 <= SK_REGISTERS) ? 2 * SK_MO : SK_MO;
+  int64_t o0 = 0;
+  for (; o0 + MO <= t.bo; o0 += MO)
+    for (int64_t j0 = 0; j0 < t.bi; j0 += NR)
+      sdd_tile<MO, NV>(t.dy + o0, t.lddy, t.a + j0, t.lda, t.rows, t.acc + o0 * t.bi + j0, t.bi);
+  for (; o0 < t.bo; o0 += SK_MO)
     for (int64_t j0 = 0; j0 < t.bi; j0 += NR)
       sdd_tile<SK_MO, NV>(t.dy + o0, t.lddy, t.a + j0, t.lda, t.rows, t.acc + o0 * t.bi + j0, t.bi);
 }

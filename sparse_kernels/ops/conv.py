@@ -8,7 +8,8 @@ Three custom ops, each with a fake implementation:
 
 A weight ``[Cout, Cin, kh, kw]`` is block-sparse over channel blocks: the layout is
 ``[Cout / bo, Cin / bi]`` and a live block holds all taps, ``values [nnz, bo, bi, kh, kw]``.
-1x1 convolutions with stride 1 and no padding run on the linear ops.
+1x1 convolutions with stride 1 and no padding run on the linear ops (on CPU, for channels-last
+inputs only).
 
 Outputs follow the memory format of the op's first input, as ``F.conv2d`` does: a
 channels-last input gives a channels-last output (the fast path on a GPU), anything
@@ -252,7 +253,10 @@ def bsr_conv2d(
             f"padding {padding} and dilation {dilation}"
         )
     check_bias(bias, out_channels, x)
-    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+    # A 1x1 convolution is a linear layer over channels-last pixels. An NCHW input on CPU
+    # stays on the conv ops instead: their tiled transposes beat torch's permuting copy.
+    pointwise = kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
+    if pointwise and (x.is_cuda or _memory_format(x) == torch.channels_last):
         y = _pointwise(x, values, layout, bias)
     else:
         y = _bsr_conv2d_op(x, values, bias, list(layout.tensors()), list(stride), list(padding), list(dilation))
