@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-samples", type=int, default=1000)
     evaluate.add_argument("--device", default="auto")
 
+    experiment = commands.add_parser(
+        "experiment", help="run a grid of trainings from a YAML file (resumable), then write its report")
+    experiment.add_argument("grid", help="the grid file, e.g. experiments/cpu-small.yaml")
+    experiment.add_argument("--out", default=None, help="output folder (default: the grid's 'out')")
+    experiment.add_argument("--report-only", action="store_true", help="only rebuild the report from the run folders")
+    experiment.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
     demo = commands.add_parser("demo", help="dense vs RigL at 50%% on Fashion-MNIST, trained and compared here")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--steps", type=int, default=None, help="training steps per model")
@@ -154,6 +160,10 @@ def _run(args: argparse.Namespace) -> int:
         results["metrics"] = metrics
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(metrics, indent=2))
+    elif args.command == "experiment":
+        from .experiment import run_grid
+
+        run_grid(args.grid, out=args.out, report_only=args.report_only, dry_run=args.dry_run)
     elif args.command == "demo":
         from .demo import run_demo
 

@@ -266,7 +266,10 @@ class Trainer:
             "flops_per_sample": count_flops(self.task, self.dataset, self.device),
             "sparsity": self.report.global_sparsity if self.report else 0.0,
             "device": str(self.device),
+            "state_bytes": self.state_bytes(),
         }
+        if self.device.type == "cuda":
+            results["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.algo is not None:
             results["itop_rate"] = self.algo.itop_rate()
             results["mask_updates"] = len(self.algo.history)
@@ -275,6 +278,16 @@ class Trainer:
         (self.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         (self.out / "summary.md").write_text(self._summary(results))
         return results
+
+    def state_bytes(self) -> int:
+        """Bytes of the training state: trainable parameters, their gradients, optimizer state."""
+        trainable = [p for p in self.denoiser.parameters() if p.requires_grad]
+        params = sum(p.numel() * p.element_size() for p in trainable)
+        optimizer = sum(
+            t.numel() * t.element_size() for state in self.optimizer.state.values() for t in state.values()
+            if isinstance(t, torch.Tensor) and t.dim() > 0
+        )
+        return 2 * params + optimizer
 
     def _summary(self, results: Dict) -> str:
         config_rows = "\n".join(f"| {k} | {v} |" for k, v in dataclasses.asdict(self.config).items())

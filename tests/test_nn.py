@@ -210,3 +210,15 @@ def test_modules_follow_autocast(backend, monkeypatch):
     assert linear.values.grad.dtype == conv.values.grad.dtype == torch.float32
     expected = x @ linear.to_dense().detach().T + linear.bias.detach()
     torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_channels_last_model_conversion_keeps_values():
+    """model.to(memory_format=torch.channels_last) converts 4-D and 5-D tensors; the 5-D conv
+    values have no channels-last form and must come through unchanged (and still train)."""
+    model = torch.nn.Sequential(sk.BlockSparseConv2d(32, 32, 3, padding=1, block_size=16, density=0.5))
+    before = model[0].values.detach().clone()
+    model.to(memory_format=torch.channels_last)
+    assert torch.equal(model[0].values, before) and model[0].values.shape == before.shape
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert model[0].values.grad.shape == before.shape

@@ -1,0 +1,90 @@
+"""sparse-diffusion experiment: grid expansion, resumable runs, and a report read from the run folders."""
+import json
+
+import pytest
+import yaml
+
+from sparse_diffusion import cli
+from sparse_diffusion.experiment import expand, load_grid, run_grid
+
+
+@pytest.fixture(autouse=True)
+def _fast_and_private(monkeypatch, tmp_path):
+    # The default CPU path (the compiled kernels; block 1 on the masked reference), not the interpreter.
+    monkeypatch.delenv("SPARSE_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("SPARSE_DIFFUSION_CACHE", str(tmp_path / "cache"))
+
+
+def _grid(tmp_path, **changes):
+    grid = {
+        "out": str(tmp_path / "runs"),
+        "defaults": dict(preset="tiny", image_size=16, steps=4, batch_size=4, update_interval=2, sample_steps=2,
+                         limit=64, checkpoint_every=2, eval_samples=0),
+        "grid": {"method": ["dense", "static", "rigl"], "sparsity": [0.5], "drop_fraction": [0.05, 0.3],
+                 "block_size": [1, 16], "seed": [0, 1]},
+        "studies": [{"name": "fashion-pixel", "model": "pixel", "dataset": "fashion-mnist"}],
+    }
+    grid.update(changes)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_expansion_skips_axes_a_method_ignores(tmp_path):
+    runs = expand(load_grid(str(_grid(tmp_path))))
+    names = [r.name for r in runs]
+    # dense once per seed; static once per block and seed; rigl per drop fraction too.
+    assert names.count("dense-seed0") == 1 and len(names) == len(set(names))
+    assert len(runs) == 2 + 2 * 2 + 2 * 2 * 2
+    rigl = next(r for r in runs if r.name == "rigl-s0.5-b16-d0.05-seed1")
+    assert (rigl.config.method, rigl.config.block_size, rigl.config.drop_fraction, rigl.config.seed) == (
+        "rigl", 16, 0.05, 1)
+    assert rigl.config.out == str(tmp_path / "runs" / "fashion-pixel" / "rigl-s0.5-b16-d0.05-seed1")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"defaults": {"stepz": 3}}, "unknown training options"),
+    ({"grid": {"method": ["dense", "prune"]}}, "unknown methods"),
+    ({"grid": {"colour": [1]}}, "unknown grid axes"),
+    ({"grid": {"seed": 3}}, "non-empty list"),
+    ({"studies": []}, "needs 'out'"),
+    ({"extra": 1}, "unknown top-level keys"),
+])
+def test_bad_grids_are_refused_naming_the_problem(tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        load_grid(str(_grid(tmp_path, **change)))
+
+
+def test_runs_resume_and_report_from_folders(tmp_path, monkeypatch):
+    grid_path = _grid(tmp_path, grid={"method": ["dense", "rigl"], "sparsity": [0.5], "block_size": [1, 16],
+                                      "seed": [0, 1]})
+    root = tmp_path / "runs"
+    report = run_grid(str(grid_path))
+    text = report.read_text()
+    assert "6 of 6 runs finished" in text
+    assert "| rigl | 0.50 (0.5" in text and "| 16 | 0.3 | 2 |" in text and "| dense | 0.00 (0.00) | - | - | 2 |" in text
+    assert (root / "plots" / "fashion-pixel-speedup-vs-sparsity.png").exists()
+    metrics = json.loads((root / "fashion-pixel" / "rigl-s0.5-b16-d0.3-seed0" / "metrics.json").read_text())
+    assert metrics["state_bytes"] > 0 and metrics["steps"] == 4
+
+    # A second call trains nothing; a changed number in a run folder shows in the rebuilt report.
+    import sparse_diffusion.train as train
+
+    monkeypatch.setattr(train.Trainer, "train", lambda self: pytest.fail("a finished run was trained again"))
+    path = root / "fashion-pixel" / "dense-seed0" / "metrics.json"
+    result = json.loads(path.read_text())
+    result["parameters"] = 123456789
+    path.write_text(json.dumps(result))
+    assert "123,456,789" in run_grid(str(grid_path)).read_text()
+
+
+def test_failed_runs_are_listed_and_the_grid_goes_on(tmp_path, capsys):
+    grid_path = _grid(tmp_path, grid={"method": ["dense"], "seed": [0]},
+                      studies=[{"name": "broken", "model": "pixel", "dataset": "images:/no/such/folder"},
+                               {"name": "fine", "model": "pixel", "dataset": "fashion-mnist"}])
+    assert cli.main(["experiment", str(grid_path)]) == 0
+    text = (tmp_path / "runs" / "report.md").read_text()
+    assert "1 of 2 runs finished" in text and "## Failed runs" in text and "broken/dense-seed0" in text
+    assert cli.main(["experiment", str(grid_path), "--dry-run"]) == 0
+    assert "todo  broken/dense-seed0" in capsys.readouterr().out
