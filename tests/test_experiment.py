@@ -88,3 +88,11 @@ def test_failed_runs_are_listed_and_the_grid_goes_on(tmp_path, capsys):
     assert "1 of 2 runs finished" in text and "## Failed runs" in text and "broken/dense-seed0" in text
     assert cli.main(["experiment", str(grid_path), "--dry-run"]) == 0
     assert "todo  broken/dense-seed0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, runs", [("cpu-small", 40), ("paper", 1458)])
+def test_shipped_grids_load(name, runs):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml"
+    assert len(expand(load_grid(str(path)))) == runs
