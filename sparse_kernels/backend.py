@@ -69,7 +69,7 @@ def compiled_unsupported_reason(
 
     if device.type != "cpu":
         return f"the compiled kernels run on CPU tensors, got {device}"
-    if not extension.has_kernel("bsr_linear_cpu", "cpu"):
+    if not all(extension.has_kernel(op, "cpu") for op in extension.CPU_KERNEL_OPS):
         return f"the extension sparse_kernels._C is not built with them ({extension.LOAD_ERROR or 'old build'})"
     if dtype not in _KERNEL_DTYPES:
         return f"dtype {dtype} is not one of fp32, fp16, bf16"

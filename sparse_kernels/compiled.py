@@ -52,7 +52,7 @@ def bsr_conv2d_fwd(x: Tensor, values: Tensor, row_ptr: Tensor, row_slots: Tensor
                    bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int]) -> Tensor:
     """``y = conv2d(x, W) + bias`` for ``x [N, Cin, H, W]``, ``values [nnz, bo, bi, kh, kw]``;
-    ``y`` is stored channels-last."""
+    ``y`` is stored like ``x`` (channels-last or contiguous)."""
     y = _ops.bsr_conv2d_cpu(_fp32(x), _fp32(values), _fp32(bias), row_ptr, row_slots, col_idx, list(stride),
                             list(padding), list(dilation))
     return y.to(x.dtype)
@@ -61,7 +61,7 @@ def bsr_conv2d_fwd(x: Tensor, values: Tensor, row_ptr: Tensor, row_slots: Tensor
 def bsr_conv2d_grad_input(grad_out: Tensor, values: Tensor, col_ptr: Tensor, col_slots: Tensor, row_idx: Tensor,
                           input_hw: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                           dilation: Sequence[int]) -> Tensor:
-    """``dx`` of the convolution, ``[N, Cin, *input_hw]``, stored channels-last."""
+    """``dx`` of the convolution, ``[N, Cin, *input_hw]``, stored like ``grad_out``."""
     dx = _ops.bsr_conv2d_grad_input_cpu(_fp32(grad_out), _fp32(values), col_ptr, col_slots, row_idx,
                                         list(input_hw), list(stride), list(padding), list(dilation))
     return dx.to(grad_out.dtype)

@@ -177,6 +177,15 @@ def test_refusals_name_the_problem():
             ops.bsr_linear_grad_weight_cpu(torch.randn(5, 32), x, row_idx, col_idx, twice, 16, 16)
     with pytest.raises(TypeError, match="ptr must be int32"):
         ops.bsr_linear_cpu(x, values, None, row_ptr.long(), row_slots, col_idx)
+    with pytest.raises(ValueError, match="holds 1"):  # fewer blocks in values than the index lists
+        ops.bsr_linear_cpu(x, values[:1], None, row_ptr, row_slots, col_idx)
+    one = sk.BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), 16).tensors()
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        ops.bsr_conv2d_cpu(torch.randn(1, 16, 2, 2), torch.randn(1, 16, 16, 3, 3), None, one[2], one[3], one[1],
+                           [2, 2], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="empty kernel"):
+        ops.bsr_conv2d_cpu(torch.randn(1, 16, 5, 5), torch.randn(1, 16, 16, 0, 3), None, one[2], one[3], one[1],
+                           [1, 1], [0, 0], [1, 1])
     with pytest.raises(ValueError, match="does not fit input size"):
         conv_layout = sk.BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), 16)
         r, c, rp, rs, cp, cs = conv_layout.tensors()

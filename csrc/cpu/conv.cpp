@@ -31,8 +31,10 @@ Conv check_conv(const char* op, c10::IntArrayRef stride, c10::IntArrayRef paddin
   return c;
 }
 
+// As F.conv2d computes it; 0 where the dilated kernel does not fit the padded input.
 int64_t output_size(int64_t size, int64_t kernel, const Conv& c, int d) {
-  return (size + 2 * c.padding[d] - c.dilation[d] * (kernel - 1) - 1) / c.stride[d] + 1;
+  const int64_t span = size + 2 * c.padding[d] - c.dilation[d] * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / c.stride[d] + 1;
 }
 
 bool is_channels_last(const at::Tensor& t) {
@@ -88,6 +90,8 @@ GatherRows gather(const at::Tensor& src_nhwc, int64_t dst_h, int64_t dst_w, int6
 void check_values5(const at::Tensor& values, const char* op) {
   check_float(values, op, "values", 5);
   check_block(op, values.size(1), values.size(2));
+  TORCH_CHECK_VALUE(values.size(3) > 0 && values.size(4) > 0, op, ": values of shape ", values.sizes(),
+                    " have an empty kernel");
 }
 
 // y = conv2d(x, W) + bias: each tile of output pixels gathers its im2col rows once and
@@ -113,7 +117,8 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::option
   const at::Tensor src = channels_last(x);
   const at::Tensor packed = values.permute({0, 3, 4, 2, 1}).contiguous();  // [nnz][kh][kw][bi][bo]
   const PairTable table =
-      make_pairs(op, row_ptr, row_slots, col_idx, cols, kh * kw, x.size(1), bi, bo, packed.data_ptr<float>());
+      make_pairs(op, row_ptr, row_slots, col_idx, cols, kh * kw, x.size(1), bi, bo, values,
+                 packed.data_ptr<float>());
   at::Tensor y = at::empty({x.size(0), oh, ow, out_channels}, x.options());
   const GatherRows rows_of = gather(src, oh, ow, kh, kw, c, false);
   run_dsd(select_isa(), rows_of, x.size(0) * oh * ow, rows_of.lda(), table, bi, bo,
@@ -141,7 +146,8 @@ at::Tensor conv_grad_input(const at::Tensor& grad_out, const at::Tensor& values,
   const at::Tensor src = channels_last(grad_out);
   const at::Tensor packed = values.permute({0, 3, 4, 1, 2}).contiguous();  // [nnz][kh][kw][bo][bi]
   const PairTable table =
-      make_pairs(op, col_ptr, col_slots, row_idx, rows, kh * kw, grad_out.size(1), bo, bi, packed.data_ptr<float>());
+      make_pairs(op, col_ptr, col_slots, row_idx, rows, kh * kw, grad_out.size(1), bo, bi, values,
+                 packed.data_ptr<float>());
   at::Tensor dx = at::empty({grad_out.size(0), h, w, cols * bi}, grad_out.options());
   const GatherRows rows_of = gather(src, h, w, kh, kw, c, true);
   run_dsd(select_isa(), rows_of, grad_out.size(0) * h * w, rows_of.lda(), table, bo, bi, nullptr,

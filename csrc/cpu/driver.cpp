@@ -70,8 +70,10 @@ void check_in_range(const int32_t* v, int64_t size, int64_t bound, const char* o
 
 PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& slots, const at::Tensor& other,
                      int64_t other_blocks, int64_t taps, int64_t tap_stride, int64_t k, int64_t n,
-                     const float* packed) {
+                     const at::Tensor& values, const float* packed) {
   const int64_t nnz = slots.numel(), blocks = ptr.numel() - 1;
+  TORCH_CHECK_VALUE(values.size(0) == nnz, op, ": the index lists ", nnz, " blocks but values of shape ",
+                    values.sizes(), " holds ", values.size(0));
   TORCH_CHECK_VALUE(blocks >= 0, op, ": the index pointer must not be empty");
   const int32_t* p = index_data(ptr, op, "ptr", blocks + 1);
   const int32_t* s = index_data(slots, op, "slots", nnz);

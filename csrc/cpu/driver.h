@@ -39,9 +39,10 @@ struct PairTable {
   std::vector<DsdPair> pairs;
   std::vector<int64_t> ptr;
 };
+// `values` is the op's values tensor: the slots must be its blocks.
 PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& slots, const at::Tensor& other,
                      int64_t other_blocks, int64_t taps, int64_t tap_stride, int64_t k, int64_t n,
-                     const float* packed);
+                     const at::Tensor& values, const float* packed);
 
 // Checks (row_idx, col_idx, order) of a grad-weight call: order is a permutation of the slots.
 void check_slots(const char* op, const at::Tensor& row_idx, const at::Tensor& col_idx, const at::Tensor& order,
@@ -57,7 +58,7 @@ struct DirectRows {
   const float* tile(int64_t m0, int64_t rows, int64_t pad, std::vector<float>& scratch) const {
     if (m0 + round_up(rows, pad) <= total) return a + m0 * lda;
     scratch.assign(round_up(rows, pad) * lda, 0.f);
-    std::memcpy(scratch.data(), a + m0 * lda, sizeof(float) * rows * lda);
+    if (rows * lda > 0) std::memcpy(scratch.data(), a + m0 * lda, sizeof(float) * rows * lda);
     return scratch.data();
   }
 };
@@ -141,7 +142,7 @@ void run_dsd(const Isa& isa, const Rows& source, int64_t total, int64_t lda, con
 inline void run_sdd(const Isa& isa, const float* a, int64_t lda, int64_t total, const float* dy, int64_t lddy,
                     const int32_t* row_idx, const int32_t* col_idx, const int32_t* order, int64_t nnz, int64_t bo,
                     int64_t bi, float* acc) {
-  std::memset(acc, 0, sizeof(float) * nnz * bo * bi);
+  if (nnz > 0) std::memset(acc, 0, sizeof(float) * nnz * bo * bi);
   const int64_t chunk = 128;
   for (int64_t m0 = 0; m0 < total && nnz > 0; m0 += chunk) {
     const int64_t rows = std::min(chunk, total - m0);

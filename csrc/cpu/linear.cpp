@@ -31,6 +31,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const std::opti
                   const at::Tensor& row_ptr, const at::Tensor& row_slots, const at::Tensor& col_idx) {
   const char* op = "bsr_linear_cpu";
   const auto [nnz, bo, bi] = check_values(values, op);
+  (void)nnz;  // make_pairs checks it against the index
   check_float(x, op, "x", 2);
   TORCH_CHECK_VALUE(x.size(1) % bi == 0, op, ": x of shape ", x.sizes(), " is not whole blocks of ", bi);
   const int64_t rows = row_ptr.numel() - 1, cols = x.size(1) / bi, out_features = rows * bo;
@@ -41,7 +42,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const std::opti
     TORCH_CHECK_VALUE(b.size(0) == out_features, op, ": bias must have ", out_features, " entries, got ", b.sizes());
   }
   const at::Tensor a = x.contiguous(), packed = values.transpose(1, 2).contiguous();  // [nnz][bi][bo]
-  const PairTable table = make_pairs(op, row_ptr, row_slots, col_idx, cols, 1, 0, bi, bo, packed.data_ptr<float>());
+  const PairTable table =
+      make_pairs(op, row_ptr, row_slots, col_idx, cols, 1, 0, bi, bo, values, packed.data_ptr<float>());
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   const Isa& isa = select_isa();
   run_dsd(isa, DirectRows{a.data_ptr<float>(), a.size(1), a.size(0)}, a.size(0), a.size(1), table, bi, bo,
@@ -54,12 +56,14 @@ at::Tensor linear_grad_input(const at::Tensor& grad_out, const at::Tensor& value
                              const at::Tensor& col_slots, const at::Tensor& row_idx) {
   const char* op = "bsr_linear_grad_input_cpu";
   const auto [nnz, bo, bi] = check_values(values, op);
+  (void)nnz;
   check_float(grad_out, op, "grad_out", 2);
   TORCH_CHECK_VALUE(grad_out.size(1) % bo == 0, op, ": grad_out of shape ", grad_out.sizes(),
                     " is not whole blocks of ", bo);
   const int64_t cols = col_ptr.numel() - 1, rows = grad_out.size(1) / bo;
   const at::Tensor a = grad_out.contiguous(), w = values.contiguous();  // [nnz][bo][bi]: k = bo, n = bi
-  const PairTable table = make_pairs(op, col_ptr, col_slots, row_idx, rows, 1, 0, bo, bi, w.data_ptr<float>());
+  const PairTable table =
+      make_pairs(op, col_ptr, col_slots, row_idx, rows, 1, 0, bo, bi, values, w.data_ptr<float>());
   at::Tensor dx = at::empty({a.size(0), cols * bi}, a.options());
   run_dsd(select_isa(), DirectRows{a.data_ptr<float>(), a.size(1), a.size(0)}, a.size(0), a.size(1), table, bo, bi,
           nullptr, dx.data_ptr<float>());

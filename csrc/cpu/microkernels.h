@@ -15,6 +15,8 @@
 namespace sparse_kernels {
 namespace cpu {
 namespace SK_ISA {
+// Internal to this translation unit: only dsd and sdd are seen by the linker.
+namespace {
 
 typedef float vec __attribute__((vector_size(SK_VW * 4)));
 typedef float uvec __attribute__((vector_size(SK_VW * 4), aligned(4), may_alias));
@@ -75,14 +77,6 @@ void dsd_rows(const DsdRows& t) {
   }
 }
 
-// One block of output columns for `rows` rows: see DsdRows.
-void dsd(const DsdRows& t) {
-  if (t.n % (2 * SK_VW) == 0)
-    dsd_rows<2>(t);
-  else
-    dsd_rows<1>(t);
-}
-
 // acc[o0:o0+MO, j0:j0+NV*VW] += sum over m < rows of dy[m, o0 + o] * a[m, j0 + :]
 template <int MO, int NV>
 __attribute__((always_inline)) inline void sdd_tile(const float* dy, int64_t lddy, const float* a, int64_t lda,
@@ -123,6 +117,17 @@ void sdd_block(const SddBlock& t) {
       sdd_tile<SK_MO, NV>(t.dy + o0, t.lddy, t.a + j0, t.lda, t.rows, t.acc + o0 * t.bi + j0, t.bi);
 }
 
+}  // namespace
+
+// One block of output columns for `rows` rows: see DsdRows.
+void dsd(const DsdRows& t) {
+  if (t.n % (2 * SK_VW) == 0)
+    dsd_rows<2>(t);
+  else
+    dsd_rows<1>(t);
+}
+
+// One weight-gradient block: see SddBlock.
 void sdd(const SddBlock& t) {
   if (t.bi % (2 * SK_VW) == 0)
     sdd_block<2>(t);
