@@ -280,6 +280,38 @@ def markdown_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def main_block(rows: List[Dict]) -> Optional[int]:
+    """The block size the headline and the FID-vs-sparsity plot show: the largest of those
+    with the most runs."""
+    blocks = [r["block"] for r in rows if r["method"] != "dense"]
+    return max(set(blocks), key=lambda b: (blocks.count(b), b)) if blocks else None
+
+
+def headline_table(rows: List[Dict]) -> str:
+    """FID (mean ± std over seeds) and training speed-up vs dense, one row per method and
+    drop fraction, one column per sparsity, at the main block size."""
+    block = main_block(rows)
+    sparse = [r for r in rows if r["method"] != "dense" and r["block"] == block]
+    sparsities = sorted({r["sparsity"] for r in sparse})
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+
+    def cell(r):
+        if r is None or r["fid"] is None:
+            return "-"
+        return f"{r['fid']:.1f} ± {r['fid_std']:.1f} ({_fmt(r['speedup'], '.2f')}x)"
+
+    lines = ["| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
+             "| --- |" + " ---: |" * len(sparsities)]
+    if dense:
+        lines.append("| dense | " + " | ".join(cell(dense) for _ in sparsities) + " |")
+    labels = dict.fromkeys((r["method"], r["drop"]) for r in sparse)
+    for method, drop in labels:
+        name = method + (f" (drop {drop:g})" if drop is not None else "")
+        by_sparsity = {r["sparsity"]: r for r in sparse if (r["method"], r["drop"]) == (method, drop)}
+        lines.append(f"| {name} | " + " | ".join(cell(by_sparsity.get(s)) for s in sparsities) + " |")
+    return "\n".join(lines)
+
+
 def _plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
     """FID vs sparsity per method, FID vs block size, speed-up vs sparsity: PNG files."""
     import matplotlib
@@ -294,8 +326,7 @@ def _plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
     paths = []
     if not sparse:
         return paths
-    # The block size of the FID-vs-sparsity plot: the largest with the most runs.
-    main_block = max(blocks, key=lambda b: (sum(r["block"] == b for r in sparse), b))
+    block = main_block(rows)
     top_sparsity = max(r["sparsity"] for r in sparse)
 
     def label(r):
@@ -309,10 +340,10 @@ def _plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
                             yerr=[p[1]["fid_std"] for p in points], marker="o", capsize=3, label=name)
 
     figure, ax = plt.subplots(figsize=(6, 4))
-    lines(ax, [r for r in sparse if r["block"] == main_block], "sparsity")
+    lines(ax, [r for r in sparse if r["block"] == block], "sparsity")
     if dense and dense[0]["fid"] is not None:
         ax.axhline(dense[0]["fid"], color="black", linestyle="--", label="dense")
-    ax.set(xlabel="sparsity", ylabel="FID (lower is better)", title=f"{study}: FID vs sparsity (block {main_block})")
+    ax.set(xlabel="sparsity", ylabel="FID (lower is better)", title=f"{study}: FID vs sparsity (block {block})")
     _legend(ax)
     paths.append(_save(figure, folder / f"{study}-fid-vs-sparsity.png"))
 
@@ -376,6 +407,10 @@ def write_report(root: Path, grid: Dict, runs: Sequence[RunSpec]) -> Path:
         parts.append(f"model {first.get('model')}, dataset {first.get('dataset')}, preset {first.get('preset')}, "
                      f"{first.get('steps')} steps of batch {first.get('batch_size')}, "
                      f"FID on {first.get('eval_samples')} samples, device {device}.\n")
+        if any(r["method"] != "dense" for r in rows):
+            parts.append(f"Headline: FID ± std over seeds (training speed-up vs dense), blocks of {main_block(rows)}.\n")
+            parts.append(headline_table(rows) + "\n")
+            parts.append("All runs:\n")
         parts.append(markdown_table(rows) + "\n")
         for path in _plots(study, rows, root / "plots"):
             parts.append(f"![{path.stem}](plots/{path.name})\n")
