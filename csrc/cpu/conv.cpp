@@ -108,12 +108,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::option
   const int64_t rows = row_ptr.numel() - 1, cols = x.size(1) / bi, out_channels = rows * bo;
   const int64_t oh = output_size(x.size(2), kh, c, 0), ow = output_size(x.size(3), kw, c, 1);
   TORCH_CHECK_VALUE(oh > 0 && ow > 0, op, ": input ", x.sizes(), " is smaller than the dilated kernel");
-  at::Tensor b;
-  if (bias) {
-    b = bias->contiguous();
-    check_float(b, op, "bias", 1);
-    TORCH_CHECK_VALUE(b.size(0) == out_channels, op, ": bias must have ", out_channels, " entries, got ", b.sizes());
-  }
+  const at::Tensor b = checked_bias(bias, op, out_channels);
   const at::Tensor src = channels_last(x);
   const at::Tensor packed = values.permute({0, 3, 4, 2, 1}).contiguous();  // [nnz][kh][kw][bi][bo]
   const PairTable table =
@@ -122,7 +117,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::option
   at::Tensor y = at::empty({x.size(0), oh, ow, out_channels}, x.options());
   const GatherRows rows_of = gather(src, oh, ow, kh, kw, c, false);
   run_dsd(select_isa(), rows_of, x.size(0) * oh * ow, rows_of.lda(), table, bi, bo,
-          bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+          b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
   return stored_like(y, x);
 }
 

@@ -46,6 +46,14 @@ void check_float(const at::Tensor& t, const char* op, const char* name, int64_t 
   TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const char* op, int64_t features) {
+  if (!bias) return at::Tensor();
+  at::Tensor b = bias->contiguous();
+  check_float(b, op, "bias", 1);
+  TORCH_CHECK_VALUE(b.size(0) == features, op, ": bias must have ", features, " entries, got ", b.sizes());
+  return b;
+}
+
 void check_block(const char* op, int64_t bo, int64_t bi) {
   TORCH_CHECK_VALUE(bo > 0 && bi > 0 && bo % 16 == 0 && bi % 16 == 0, op, ": block (", bo, ", ", bi,
                     ") must have sides that are multiples of 16");

@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstring>
 #include <vector>
 
@@ -29,6 +30,8 @@ namespace cpu {
 const Isa& select_isa();
 
 void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim);
+// The bias as a contiguous float32 [features] tensor, or an undefined tensor when absent.
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const char* op, int64_t features);
 // Block sides must be multiples of 16 (whole vectors in every ISA).
 void check_block(const char* op, int64_t bo, int64_t bi);
 

@@ -10,44 +10,32 @@ namespace sparse_kernels {
 namespace cpu {
 namespace {
 
-struct Blocks {
-  int64_t nnz, bo, bi;
+struct Block {
+  int64_t bo, bi;
 };
 
-Blocks check_values(const at::Tensor& values, const char* op) {
+Block check_values(const at::Tensor& values, const char* op) {
   check_float(values, op, "values", 3);
   check_block(op, values.size(1), values.size(2));
-  return {values.size(0), values.size(1), values.size(2)};
-}
-
-void check_rows(const at::Tensor& t, const char* op, const char* name, int64_t features) {
-  check_float(t, op, name, 2);
-  TORCH_CHECK_VALUE(t.size(1) == features, op, ": ", name, " of shape ", t.sizes(), " must have ", features,
-                    " features");
+  return {values.size(1), values.size(2)};
 }
 
 // y = x @ W.T + bias: walks each output block-row's live blocks (row-sorted index).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                   const at::Tensor& row_ptr, const at::Tensor& row_slots, const at::Tensor& col_idx) {
   const char* op = "bsr_linear_cpu";
-  const auto [nnz, bo, bi] = check_values(values, op);
-  (void)nnz;  // make_pairs checks it against the index
+  const auto [bo, bi] = check_values(values, op);  // make_pairs checks the block count
   check_float(x, op, "x", 2);
   TORCH_CHECK_VALUE(x.size(1) % bi == 0, op, ": x of shape ", x.sizes(), " is not whole blocks of ", bi);
   const int64_t rows = row_ptr.numel() - 1, cols = x.size(1) / bi, out_features = rows * bo;
-  at::Tensor b;
-  if (bias) {
-    b = bias->contiguous();
-    check_float(b, op, "bias", 1);
-    TORCH_CHECK_VALUE(b.size(0) == out_features, op, ": bias must have ", out_features, " entries, got ", b.sizes());
-  }
+  const at::Tensor b = checked_bias(bias, op, out_features);
   const at::Tensor a = x.contiguous(), packed = values.transpose(1, 2).contiguous();  // [nnz][bi][bo]
   const PairTable table =
       make_pairs(op, row_ptr, row_slots, col_idx, cols, 1, 0, bi, bo, values, packed.data_ptr<float>());
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   const Isa& isa = select_isa();
   run_dsd(isa, DirectRows{a.data_ptr<float>(), a.size(1), a.size(0)}, a.size(0), a.size(1), table, bi, bo,
-          bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+          b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
   return y;
 }
 
@@ -55,8 +43,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const std::opti
 at::Tensor linear_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& col_ptr,
                              const at::Tensor& col_slots, const at::Tensor& row_idx) {
   const char* op = "bsr_linear_grad_input_cpu";
-  const auto [nnz, bo, bi] = check_values(values, op);
-  (void)nnz;
+  const auto [bo, bi] = check_values(values, op);
   check_float(grad_out, op, "grad_out", 2);
   TORCH_CHECK_VALUE(grad_out.size(1) % bo == 0, op, ": grad_out of shape ", grad_out.sizes(),
                     " is not whole blocks of ", bo);
