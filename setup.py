@@ -77,7 +77,7 @@ def extension_modules():
         info += f";cuda={nvcc_version(cuda_home)};archs={archs}"
     info += f";torch={torch.__version__}"
     log(f"building sparse_kernels._C: {info} ({why})")
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     kwargs = {
         "define_macros": [("SPARSE_KERNELS_BUILD_INFO", f'"{info}"')],
         "extra_compile_args": {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]},

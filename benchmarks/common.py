@@ -14,6 +14,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), e.g. ``AMD EPYC 9B45``."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     """Device name and versions, recorded with every result."""
     record: Dict[str, object] = {
@@ -21,7 +33,8 @@ def environment(device: torch.device) -> Dict[str, object]:
         "device": str(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -40,14 +53,10 @@ def environment(device: torch.device) -> Dict[str, object]:
     record["sparse_kernels_backend"] = os.environ.get("SPARSE_KERNELS_BACKEND", "auto")
     if device.type == "cpu":
         import sparse_kernels as sk
-        from sparse_kernels import extension
 
         # What CPU fp32 block-32 ops run on here, and the compiled kernels' instruction set.
         record["cpu_backend"] = sk.select_backend(device, torch.float32, (32, 32))
-        if extension.has_kernel("bsr_linear_cpu", "cpu"):
-            from sparse_kernels import compiled
-
-            record["cpu_isa"] = compiled.isa()
+        record["cpu_isa"] = sk.extension.cpu_isa()
     return record
 
 

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 import sparse_kernels as sk
-from sparse_kernels.nn import blocks_for_density, random_blocks_mask
 
 from .common import (
     add_vs_dense,
@@ -61,7 +60,7 @@ def build_methods(
     in_channels, out_channels, size, kernel = shape
     padding = kernel // 2
     grid = (out_channels // block, in_channels // block)
-    mask = random_blocks_mask(grid, blocks_for_density(density, grid[0] * grid[1]), device)
+    mask = sk.random_blocks_mask(grid, sk.blocks_for_density(density, grid[0] * grid[1]), device)
     layout = sk.BlockSparseLayout.from_block_mask(mask, block)
     fan_in = in_channels * kernel * kernel
     weight = (torch.randn(out_channels, in_channels, kernel, kernel, device=device) / fan_in ** 0.5).to(dtype)

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 import sparse_kernels as sk
-from sparse_kernels.nn import blocks_for_density, random_blocks_mask
 
 from .common import (
     add_vs_dense,
@@ -48,7 +47,7 @@ def build_methods(
 ) -> Tuple[Dict[str, Tuple[Optional[Step], Optional[Step]]], sk.BlockSparseLayout]:
     """``{method: (forward step, forward+backward step or None)}`` on fresh random operands."""
     grid = (out_features // block, in_features // block)
-    mask = random_blocks_mask(grid, blocks_for_density(density, grid[0] * grid[1]), device)
+    mask = sk.random_blocks_mask(grid, sk.blocks_for_density(density, grid[0] * grid[1]), device)
     layout = sk.BlockSparseLayout.from_block_mask(mask, block)
     weight = (torch.randn(out_features, in_features, device=device) / in_features ** 0.5).to(dtype)
     x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)

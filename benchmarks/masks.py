@@ -21,8 +21,7 @@ from typing import Dict, List
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels import masks
-from sparse_kernels.masks import LayerUpdate
+from sparse_kernels import LayerUpdate, masks
 
 from .common import environment, print_table, result_path, time_step, write_json
 
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         "compiled_per_layer": lambda: [masks.prune_and_regrow([u]) for u in updates],
         "reference": lambda: masks.prune_and_regrow_reference(updates),
     }
-    if not sk.extension.has_kernel("prune_and_regrow", device.type):
+    if not sk.extension.has_compiled_kernel("prune_and_regrow", device.type):
         print(f"note: no compiled prune_and_regrow for {device.type}; 'compiled' runs the reference")
     rows = []
     for name, step in methods.items():

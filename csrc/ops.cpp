@@ -1,5 +1,4 @@
-// The schemas of the compiled ops, declared once; argument checks shared by the devices.
-// Implementations: cpu/*.cpp (CPU) and cuda/masks.cu (CUDA).
+// The schemas of the compiled ops, declared once, and the argument checks their kernels share.
 #include "ops.h"
 
 #include <Python.h>
@@ -95,6 +94,65 @@ BlockGrid check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t
   return {rows, cols, matrix ? weight.numel() / matrix : 1};
 }
 
+std::string dtype_name(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(type);
+  }
+}
+
+LayoutShape check_index(const char* op, const LayoutIndex& index, int64_t nnz, int64_t bo, int64_t bi,
+                        c10::Device device) {
+  TORCH_CHECK_VALUE(bo > 0 && bi > 0, op, ": block sides must be positive, got (", bo, ", ", bi, ")");
+  const std::pair<const at::Tensor*, const char*> vectors[] = {
+      {&index.row_idx, "row_idx"},     {&index.col_idx, "col_idx"}, {&index.row_ptr, "row_ptr"},
+      {&index.row_slots, "row_slots"}, {&index.col_ptr, "col_ptr"}, {&index.col_slots, "col_slots"}};
+  for (const auto& [t, name] : vectors) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->is_contiguous(), op, ": ", name, " must be a contiguous vector, got shape ",
+                      t->sizes());
+    TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " is on ", t->device(), " but the values on ", device);
+  }
+  for (const auto& [t, name] : {vectors[0], vectors[1], vectors[3], vectors[5]})
+    TORCH_CHECK_VALUE(t->size(0) == nnz, op, ": ", name, " must have ", nnz, " entries (one per live block), got ",
+                      t->size(0));
+  TORCH_CHECK_VALUE(index.row_ptr.size(0) >= 1 && index.col_ptr.size(0) >= 1, op,
+                    ": row_ptr and col_ptr must not be empty");
+  return {nnz, index.row_ptr.size(0) - 1, index.col_ptr.size(0) - 1, bo, bi};
+}
+
+LayoutShape check_layout(const char* op, const at::Tensor& values, const LayoutIndex& index, int64_t taps) {
+  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()), op, ": values must be floating point, got ",
+                   dtype_name(values.scalar_type()));
+  TORCH_CHECK_VALUE(values.dim() == 3 + taps, op, ": values must be [nnz, bo, bi", taps ? ", kh, kw" : "",
+                    "], got shape ", values.sizes());
+  return check_index(op, index, values.size(0), values.size(1), values.size(2), values.device());
+}
+
+void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                   const char* like_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", dtype_name(t.scalar_type()),
+                   ", ", like_name, " ", dtype_name(like.scalar_type()), ": they must match");
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", ", like_name, " on ",
+                    like.device(), ": they must match");
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t features, const at::Tensor& like) {
+  if (!bias) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == features, op, ": bias must have shape (", features,
+                    ",), got ", bias->sizes());
+  check_operand(op, "bias", *bias, like);
+}
+
+// The schemas of every op, in one place. Kernels: cpu/*.cpp (CPU), cuda/masks.cu (CUDA mask
+// ops), autograd.cpp (Autograd and Autocast); the Triton kernels (CUDA) and the fake kernels
+// are registered from Python (sparse_kernels/ops/).
 TORCH_LIBRARY(sparse_kernels, m) {
   m.def("build_index(Tensor row_idx, Tensor col_idx, int num_rows, int num_cols) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
@@ -104,22 +162,36 @@ TORCH_LIBRARY(sparse_kernels, m) {
   m.def("block_norms(Tensor weight, int block_out, int block_in) -> Tensor");
   m.def("build_info() -> str", &build_info);
   m.def("cpu_isa() -> str", &cpu::selected_isa);
-  // Block-sparse linear and conv2d on CPU tensors, fp32 (cpu/linear.cpp, cpu/conv.cpp): the
-  // kernels behind the sparse_kernels.bsr_linear / bsr_conv2d custom ops' CPU backend.
-  m.def("bsr_linear_cpu(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor row_slots, Tensor col_idx) -> Tensor");
-  m.def("bsr_linear_grad_input_cpu(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor col_slots, Tensor row_idx) -> Tensor");
+
+  // y = x @ W.T + bias for x [..., in]; W [out, in] block-sparse (values [nnz, bo, bi]).
   m.def(
-      "bsr_linear_grad_weight_cpu(Tensor grad_out, Tensor x, Tensor row_idx, Tensor col_idx, Tensor col_slots, "
-      "int block_out, int block_in) -> Tensor");
+      "bsr_linear(Tensor x, Tensor values, Tensor? bias, Tensor row_idx, Tensor col_idx, Tensor row_ptr, "
+      "Tensor row_slots, Tensor col_ptr, Tensor col_slots) -> Tensor");
+  // dx = dy @ W for grad_out [..., out].
   m.def(
-      "bsr_conv2d_cpu(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor row_slots, Tensor col_idx, "
-      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+      "bsr_linear_grad_input(Tensor grad_out, Tensor values, Tensor row_idx, Tensor col_idx, Tensor row_ptr, "
+      "Tensor row_slots, Tensor col_ptr, Tensor col_slots) -> Tensor");
+  // dW = dy.T @ x at the live blocks: [nnz, block_out, block_in].
   m.def(
-      "bsr_conv2d_grad_input_cpu(Tensor grad_out, Tensor values, Tensor col_ptr, Tensor col_slots, Tensor row_idx, "
-      "int[2] input_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+      "bsr_linear_grad_weight(Tensor grad_out, Tensor x, Tensor row_idx, Tensor col_idx, Tensor row_ptr, "
+      "Tensor row_slots, Tensor col_ptr, Tensor col_slots, SymInt block_out, SymInt block_in) -> Tensor");
+  // y = conv2d(x, W) + bias for x [N, Cin, H, W]; W [Cout, Cin, kh, kw] block-sparse over channel
+  // blocks (values [nnz, bo, bi, kh, kw]). y is channels-last when x is, or when channels_last
+  // is set (as F.conv2d gives for a channels-last weight), and contiguous otherwise.
   m.def(
-      "bsr_conv2d_grad_weight_cpu(Tensor grad_out, Tensor x, Tensor row_idx, Tensor col_idx, Tensor col_slots, "
-      "int[4] block_shape, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+      "bsr_conv2d(Tensor x, Tensor values, Tensor? bias, Tensor row_idx, Tensor col_idx, Tensor row_ptr, "
+      "Tensor row_slots, Tensor col_ptr, Tensor col_slots, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool channels_last=False) -> Tensor");
+  // dx of the convolution, [N, Cin, *input_size], stored like grad_out.
+  m.def(
+      "bsr_conv2d_grad_input(Tensor grad_out, Tensor values, Tensor row_idx, Tensor col_idx, Tensor row_ptr, "
+      "Tensor row_slots, Tensor col_ptr, Tensor col_slots, SymInt[2] input_size, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
+  // The weight gradient at the live blocks: [nnz, bo, bi, kh, kw] for block_shape (bo, bi, kh, kw).
+  m.def(
+      "bsr_conv2d_grad_weight(Tensor grad_out, Tensor x, Tensor row_idx, Tensor col_idx, Tensor row_ptr, "
+      "Tensor row_slots, Tensor col_ptr, Tensor col_slots, SymInt[4] block_shape, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> Tensor");
 }
 
 }  // namespace sparse_kernels

@@ -1,9 +1,10 @@
-// Declarations shared by the CPU and CUDA implementations of the sparse_kernels ops.
+// Declarations shared by the implementations of the sparse_kernels ops (CPU, CUDA, autograd).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
 #include <string>
 
 namespace sparse_kernels {
@@ -25,6 +26,42 @@ struct BlockGrid {
 
 // Checks block_norms' arguments (ValueError / TypeError) and returns the block grid.
 BlockGrid check_block_norms(const at::Tensor& weight, int64_t block_out, int64_t block_in);
+
+// ---------------------------------------------------------------------------------------
+// The block-sparse linear and conv2d ops take a layout as its six int32 index tensors, in
+// the order of BlockSparseLayout.tensors(): row_idx, col_idx (the block of each slot),
+// row_ptr, row_slots (row-sorted index), col_ptr, col_slots (column-sorted index).
+struct LayoutIndex {
+  const at::Tensor& row_idx;
+  const at::Tensor& col_idx;
+  const at::Tensor& row_ptr;
+  const at::Tensor& row_slots;
+  const at::Tensor& col_ptr;
+  const at::Tensor& col_slots;
+};
+
+// A layout's sizes: live blocks, the block grid [rows, cols] and the block sides.
+struct LayoutShape {
+  int64_t nnz, rows, cols, bo, bi;
+};
+
+// Checks the index's metadata (dtype, shape, device; no data is read, so any device and
+// fake tensors pass through) against `nnz` live blocks on `device`; returns the grid.
+LayoutShape check_index(const char* op, const LayoutIndex& index, int64_t nnz, int64_t bo, int64_t bi,
+                        c10::Device device);
+
+// Checks values [nnz, bo, bi, *taps] (floating point, `taps` trailing dims) and its index.
+LayoutShape check_layout(const char* op, const at::Tensor& values, const LayoutIndex& index, int64_t taps);
+
+// Refuses an operand that is not in the dtype of `like` (named `like_name`) on its device.
+void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                   const char* like_name = "values");
+
+// Refuses a bias that is not [features] in `like`'s dtype on its device.
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t features, const at::Tensor& like);
+
+// "torch.float32"-style names for error messages.
+std::string dtype_name(at::ScalarType type);
 
 namespace cpu {
 // The instruction set the CPU block-sparse kernels run with: "avx512", "avx2" or "generic".

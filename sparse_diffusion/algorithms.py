@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sparse_kernels import masks
-from sparse_kernels.nn import BlockSparseModule
+import sparse_kernels as sk
+from sparse_kernels import BlockSparseModule
 
 ANNEALS = ("cosine", "linear", "constant")
 
@@ -141,8 +141,8 @@ class DynamicSparsity:
             values = module.values
             zero = [values.data, *self._optimizer_states(values), *self._ema_shadows.get(id(values), [])]
             drop_scores = values.detach().float().flatten(1).norm(dim=1)
-            updates.append(masks.LayerUpdate(module.layout, drop_scores, grow_scores, round(fraction * module.nnz), zero))
-        moved = masks.prune_and_regrow(updates).tolist()
+            updates.append(sk.LayerUpdate(module.layout, drop_scores, grow_scores, round(fraction * module.nnz), zero))
+        moved = sk.prune_and_regrow(updates).tolist()
         for i, (_, module) in enumerate(self.layers):
             self.ever_live[i] |= module.layout.block_mask()
         record = {
@@ -269,7 +269,7 @@ class RigL(DynamicSparsity):
             dense = self._dense_grads[i]
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(dense)
-            scores.append(masks.block_norms(dense, module.block_size))
+            scores.append(sk.block_norms(dense, module.block_size))
         return scores
 
 

@@ -2,7 +2,9 @@
 
 :func:`sparsify` picks each layer's density (uniform, ER or ERK, as RigL defines them),
 chooses its live blocks (at random, or the largest blocks of the current weights), and
-replaces the layer in place. It returns a :class:`SparsityReport`.
+replaces the layer in place. A layer whose density comes out at 1.0 (ERK gives that to small
+layers) keeps its plain dense module: the block-sparse kernels would only cost time there.
+It returns a :class:`SparsityReport`.
 """
 from __future__ import annotations
 
@@ -15,9 +17,6 @@ import torch
 from torch import nn
 
 import sparse_kernels as sk
-from sparse_kernels.layout import BlockSize, normalize_block_size
-from sparse_kernels.masks import block_norms
-from sparse_kernels.nn import blocks_for_density, largest_blocks_mask, random_blocks_mask
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 INITS = ("random", "magnitude")
@@ -64,7 +63,9 @@ class LayerReport:
     """One weight layer of a sparsified model.
 
     ``macs_*`` count multiply-accumulates per output position (token or output pixel):
-    multiply by the number of positions for the FLOPs (x2) of one forward.
+    multiply by the number of positions for the FLOPs (x2) of one forward. ``budgeted``
+    layers share the sparsity budget (all but the ones kept dense by ``keep_dense`` or because
+    the kernels cannot take them); ``path`` says what runs the layer and why.
     """
 
     name: str
@@ -74,14 +75,16 @@ class LayerReport:
     density: float
     live_blocks: int
     total_blocks: int
-    path: str  # "triton", "reference", "reference (masked, block 1)" or "dense: <why>"
+    path: str  # "compiled", "triton", "reference", "reference (masked, block 1)", "dense (density 1.0)" or "dense: <why>"
     params_dense: int
     params_sparse: int
     macs_dense: int
     macs_sparse: int
+    budgeted: bool = True
 
     @property
     def sparse(self) -> bool:
+        """Whether the layer runs block-sparse (not as a plain dense module)."""
         return not self.path.startswith("dense")
 
 
@@ -96,13 +99,19 @@ class SparsityReport:
 
     @property
     def sparse_layers(self) -> List[LayerReport]:
+        """The layers that run block-sparse."""
         return [layer for layer in self.layers if layer.sparse]
 
     @property
+    def budgeted_layers(self) -> List[LayerReport]:
+        """The layers that share the sparsity budget (the sparse ones and those at density 1.0)."""
+        return [layer for layer in self.layers if layer.budgeted]
+
+    @property
     def global_sparsity(self) -> float:
-        """Fraction of weights removed over the sparsified layers."""
-        dense = sum(layer.params_dense for layer in self.sparse_layers)
-        return 1.0 - sum(layer.params_sparse for layer in self.sparse_layers) / dense if dense else 0.0
+        """Fraction of weights removed over the budgeted layers."""
+        dense = sum(layer.params_dense for layer in self.budgeted_layers)
+        return 1.0 - sum(layer.params_sparse for layer in self.budgeted_layers) / dense if dense else 0.0
 
     def __str__(self) -> str:
         header = ("layer", "type", "weight", "block", "density", "live/total", "params", "MACs/pos", "path")
@@ -120,7 +129,8 @@ class SparsityReport:
         total_dense = sum(layer.params_dense for layer in self.layers)
         total_sparse = sum(layer.params_sparse for layer in self.layers)
         lines.append(
-            f"{len(self.sparse_layers)}/{len(self.layers)} weight layers sparsified ({self.distribution}, block "
+            f"{len(self.sparse_layers)}/{len(self.layers)} weight layers block-sparse, "
+            f"{len(self.budgeted_layers) - len(self.sparse_layers)} at density 1.0 ({self.distribution}, block "
             f"{self.block_size[0]}x{self.block_size[1]}): sparsity {self.global_sparsity:.4f} over them "
             f"(asked {self.sparsity}); weight parameters {total_sparse:,}/{total_dense:,} in all"
         )
@@ -149,7 +159,7 @@ def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
 def sparsify(
     model: nn.Module,
     sparsity: float,
-    block_size: BlockSize = 32,
+    block_size: sk.BlockSize = 32,
     distribution: str = "erk",
     keep_dense: Optional[Sequence[str]] = None,
     init: str = "random",
@@ -177,7 +187,7 @@ def sparsify(
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    block = normalize_block_size(block_size)
+    block = sk.normalize_block_size(block_size)
     weight_layers = [(name, m) for name, m in model.named_modules() if type(m) in WEIGHT_LAYERS]
     if not weight_layers:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
@@ -204,7 +214,11 @@ def sparsify(
     layers = []
     for name, module in weight_layers:
         if name in reasons:
-            layers.append(_dense_report(name, module, reasons[name]))
+            layers.append(_dense_report(name, module, reasons[name], budgeted=False))
+            continue
+        grid = (module.weight.shape[0] // block[0], module.weight.shape[1] // block[1])
+        if sk.blocks_for_density(min(densities[name], 1.0), grid[0] * grid[1]) == grid[0] * grid[1]:
+            layers.append(_dense_report(name, module, "dense (density 1.0)", budgeted=True))
             continue
         sparse_module = _sparse_copy(module, block, densities[name], init)
         parent, child = _parent(model, name)
@@ -215,21 +229,22 @@ def sparsify(
 
 def _sparse_copy(module: nn.Module, block: Tuple[int, int], density: float, init: str) -> nn.Module:
     grid = (module.weight.shape[0] // block[0], module.weight.shape[1] // block[1])
-    live = blocks_for_density(min(density, 1.0), grid[0] * grid[1])
+    live = sk.blocks_for_density(min(density, 1.0), grid[0] * grid[1])
     with torch.no_grad():
         if init == "magnitude":
-            mask = largest_blocks_mask(block_norms(module.weight, block), live)
+            mask = sk.largest_blocks_mask(sk.block_norms(module.weight, block), live)
         else:
-            mask = random_blocks_mask(grid, live, module.weight.device)
+            mask = sk.random_blocks_mask(grid, live, module.weight.device)
     cls = sk.BlockSparseLinear if isinstance(module, nn.Linear) else sk.BlockSparseConv2d
     sparse_module = cls.from_dense(module, block_size=block, block_mask=mask)
     sparse_module.train(module.training)
     return sparse_module
 
 
-def _dense_report(name: str, module: nn.Module, reason: str) -> LayerReport:
+def _dense_report(name: str, module: nn.Module, reason: str, budgeted: bool) -> LayerReport:
     n = module.weight.numel()
-    return LayerReport(name, type(module).__name__, tuple(module.weight.shape), None, 1.0, 0, 0, reason, n, n, n, n)
+    return LayerReport(name, type(module).__name__, tuple(module.weight.shape), None, 1.0, 0, 0, reason, n, n, n, n,
+                       budgeted)
 
 
 def _sparse_report(name: str, dense: nn.Module, sparse_module: nn.Module, block: Tuple[int, int]) -> LayerReport:

@@ -62,7 +62,7 @@ def count_flops(task: nn.Module, dataset, device: torch.device) -> int:
     macs = []
 
     def hook(module, inputs, output):
-        weights = module.values.numel() if isinstance(module, sk.nn.BlockSparseModule) else module.weight.numel()
+        weights = module.values.numel() if isinstance(module, sk.BlockSparseModule) else module.weight.numel()
         out_features = getattr(module, "out_features", None) or getattr(module, "out_channels")
         macs.append(output.numel() // out_features * weights)
 

@@ -9,22 +9,20 @@ from sparse_kernels import extension
 from sparse_kernels.backend import requested_backend, triton_installed
 
 
+_KEYS = ("CPU", "CUDA", "Autograd", "AutocastCPU", "AutocastCUDA", "Meta")
+
+
 def info() -> None:
     print(f"sparse_kernels {sparse_kernels.__version__}")
     built = extension.build_info()
-    if built is None:
-        print(f"compiled extension: missing ({extension.LOAD_ERROR})")
-    else:
-        details = ", ".join(f"{key} {value}" for key, value in built.items() if key != "devices")
-        print(f"compiled extension: built for {built['devices']} ({details})")
-        for op in extension.OPS:
-            devices = [d for d in ("cpu", "cuda") if extension.has_kernel(op, d)]
-            print(f"  sparse_kernels::{op}: {', '.join(devices) or 'no kernels'}")
-        if extension.has_kernel("bsr_linear_cpu", "cpu"):
-            from sparse_kernels import compiled
-
-            print(f"  CPU block-sparse kernels: instruction set {compiled.isa()} "
-                  "(SPARSE_KERNELS_CPU_ISA=generic|avx2|avx512 forces one)")
+    details = ", ".join(f"{key} {value}" for key, value in built.items() if key != "devices")
+    print(f"compiled extension: built for {built['devices']} ({details})")
+    print(f"CPU kernels: instruction set {extension.cpu_isa()} (SPARSE_KERNELS_CPU_ISA=generic|avx2|avx512 forces one)")
+    print("kernels per dispatch key (compiled, or registered from Python):")
+    for op in extension.MASK_OPS + extension.KERNEL_OPS:
+        name = f"sparse_kernels::{op}"
+        keys = [k for k in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+        print(f"  {name}: {', '.join(keys)}")
     triton_version = __import__("triton").__version__ if triton_installed() else "not installed"
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
           f"python {platform.python_version()}")
@@ -34,8 +32,8 @@ def info() -> None:
         print(f"device: {name} (sm {capability}), {torch.cuda.device_count()} visible")
     else:
         print(f"device: CPU only ({platform.machine()}, {torch.get_num_threads()} threads)")
-    print(f"SPARSE_KERNELS_BACKEND: {requested_backend()}; fp32 block-32 ops run on: "
-          f"{sparse_kernels.select_backend(torch.device('cpu'), torch.float32, (32, 32))} (CPU)")
+    print(f"SPARSE_KERNELS_BACKEND: {requested_backend()}; fp32 block-32 ops on CPU run on: "
+          f"{sparse_kernels.select_backend(torch.device('cpu'), torch.float32, (32, 32))}")
 
 
 def main(argv=None) -> None:

@@ -1,60 +1,66 @@
 """The compiled extension ``sparse_kernels._C`` (csrc/): loading it, and what it holds.
 
-Importing ``_C`` registers ``torch.ops.sparse_kernels.{build_index, prune_and_regrow,
-block_norms, build_info}`` with CPU kernels and, in a CUDA build, CUDA kernels; and the
-block-sparse linear and conv2d kernels for CPU tensors (``bsr_*_cpu``, ``cpu_isa``; see
-:mod:`sparse_kernels.compiled`). Without it every op has a pure-torch path
-(:mod:`sparse_kernels.masks`, :mod:`sparse_kernels.reference`), slower and host-synchronising.
+Importing ``_C`` defines every op of the package in torch's dispatcher,
+``torch.ops.sparse_kernels.*``: the block-sparse linear and conv2d ops (forward,
+grad-input, grad-weight) with their CPU kernels, Autograd and Autocast kernels, and the
+mask ops (``build_index``, ``prune_and_regrow``, ``block_norms``) with CPU and, in a CUDA
+build, CUDA kernels. The Triton kernels (CUDA) and the fake kernels are registered from
+Python (:mod:`sparse_kernels.ops`, :mod:`sparse_kernels.masks`). The package needs it: it is
+built by ``pip install``, for CPU always.
 """
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
 try:
     from . import _C  # noqa: F401
 except ImportError as error:
-    LOADED, LOAD_ERROR = False, error
-else:
-    LOADED, LOAD_ERROR = True, None
+    raise ImportError(
+        f"sparse_kernels: the compiled extension sparse_kernels._C does not load ({error}). It is built "
+        "against the installed torch: reinstall with `pip install --no-build-isolation -e .` (or "
+        "`pip install --no-build-isolation sparse-diffusion`) where this torch is installed."
+    ) from error
 
-# The mask ops have CPU and CUDA kernels; the block-sparse kernels here are CPU only.
+# The mask ops have CPU and (in a CUDA build) CUDA kernels; the block-sparse ops CPU kernels.
 MASK_OPS = ("build_index", "prune_and_regrow", "block_norms")
-CPU_KERNEL_OPS = (
-    "bsr_linear_cpu",
-    "bsr_linear_grad_input_cpu",
-    "bsr_linear_grad_weight_cpu",
-    "bsr_conv2d_cpu",
-    "bsr_conv2d_grad_input_cpu",
-    "bsr_conv2d_grad_weight_cpu",
+KERNEL_OPS = (
+    "bsr_linear",
+    "bsr_linear_grad_input",
+    "bsr_linear_grad_weight",
+    "bsr_conv2d",
+    "bsr_conv2d_grad_input",
+    "bsr_conv2d_grad_weight",
 )
-OPS = MASK_OPS + CPU_KERNEL_OPS
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 @functools.lru_cache(maxsize=None)
-def has_kernel(op: str, device_type: str) -> bool:
-    """Whether the compiled ``sparse_kernels::<op>`` has a kernel for ``device_type``."""
+def has_compiled_kernel(op: str, device_type: str) -> bool:
+    """Whether ``sparse_kernels::<op>`` has a compiled kernel for ``device_type`` (looked up
+    before Python registers any)."""
     key = _DISPATCH_KEYS.get(device_type)
-    return LOADED and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_kernels::{op}", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_kernels::{op}", key)
 
 
-def build_info() -> Optional[Dict[str, str]]:
+# Read now, before the Python registrations of sparse_kernels.ops and .masks add their own.
+for _op in MASK_OPS + KERNEL_OPS:
+    for _device in _DISPATCH_KEYS:
+        has_compiled_kernel(_op, _device)
+
+
+def build_info() -> Dict[str, str]:
     """What setup.py built, e.g. ``{"devices": "cpu,cuda", "cuda": "13.0", "archs": "8.0 9.0",
-    "torch": ...}``; ``None`` when the extension is missing."""
-    if not LOADED:
-        return None
+    "torch": ...}``."""
     parts = torch.ops.sparse_kernels.build_info().split(";")
     info = dict(part.partition("=")[::2] for part in parts[1:])
     info["devices"] = "cpu,cuda" if "cuda" in info else "cpu"
     return info
 
 
-def missing_message() -> str:
-    return (
-        f"sparse_kernels: the compiled extension sparse_kernels._C is not available ({LOAD_ERROR}); "
-        "mask updates and index builds use the slower pure-torch path. Reinstall with "
-        "`pip install --no-build-isolation -e .` where torch is installed to build it."
-    )
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with here: ``avx512``, ``avx2`` or ``generic``
+    (``SPARSE_KERNELS_CPU_ISA`` forces one)."""
+    return torch.ops.sparse_kernels.cpu_isa()

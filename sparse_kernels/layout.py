@@ -13,33 +13,62 @@ Two index structures, rebuilt whenever the slots' coordinates change:
   ``c`` owns ``col_slots[col_ptr[c]:col_ptr[c + 1]]``. The grad-input ``dy @ W`` walks it,
   so values are never transposed in memory.
 
-Both are built by :func:`sparse_kernels.masks.build_index` (the compiled extension's
-counting sort where it is available).
+Both are built by :func:`build_index`: a counting sort on the layout's device, in the
+compiled extension (no host synchronisation on a GPU).
 """
 from __future__ import annotations
 
 from typing import Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
-from .masks import INDEX_DTYPE, build_index
+from . import extension  # noqa: F401  (defines torch.ops.sparse_kernels)
+from .shapes import BlockSize, normalize_block_size
 
-BlockSize = Union[int, Sequence[int]]
+INDEX_DTYPE = torch.int32
+Index = Tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
-    """``32 -> (32, 32)``; ``(bo, bi) -> (bo, bi)``; refuses non-positive sizes."""
-    if isinstance(block_size, bool):
-        raise TypeError(f"block_size must be an int or a pair of ints, got {block_size!r}")
-    if isinstance(block_size, int):
-        pair = (block_size, block_size)
-    else:
-        pair = tuple(block_size)
-        if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair):
-            raise TypeError(f"block_size must be an int or a pair of ints, got {block_size!r}")
-    if pair[0] < 1 or pair[1] < 1:
-        raise ValueError(f"block_size must be positive, got {block_size!r}")
-    return pair
+# --------------------------------------------------------------------------- index build
+def build_index(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Index:
+    """Row-sorted and column-sorted slot orders with their pointer arrays.
+
+    Args:
+        row_idx, col_idx: ``[nnz]`` integer block coordinates of each slot (distinct blocks).
+        grid: ``(R, C)``.
+    Returns:
+        ``(row_ptr [R + 1], row_slots [nnz], col_ptr [C + 1], col_slots [nnz])``, int32:
+        block-row ``r`` owns ``row_slots[row_ptr[r]:row_ptr[r + 1]]`` (ascending column),
+        block-column ``c`` owns ``col_slots[col_ptr[c]:col_ptr[c + 1]]`` (ascending row).
+    """
+    return tuple(
+        torch.ops.sparse_kernels.build_index(
+            row_idx.to(INDEX_DTYPE).contiguous(), col_idx.to(INDEX_DTYPE).contiguous(), grid[0], grid[1]
+        )
+    )
+
+
+def build_index_reference(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Index:
+    """Pure torch :func:`build_index`: stable sorts by ``(row, col)`` and ``(col, row)``,
+    pointers by ``searchsorted``."""
+    num_rows, num_cols = grid
+    rows, cols = row_idx.long(), col_idx.long()
+    device = row_idx.device
+    row_slots = torch.argsort(rows * num_cols + cols, stable=True)
+    col_slots = torch.argsort(cols * num_rows + rows, stable=True)
+    row_ptr = torch.searchsorted(rows[row_slots], torch.arange(num_rows + 1, device=device))
+    col_ptr = torch.searchsorted(cols[col_slots], torch.arange(num_cols + 1, device=device))
+    return tuple(t.to(INDEX_DTYPE) for t in (row_ptr, row_slots, col_ptr, col_slots))
+
+
+@torch.library.register_fake("sparse_kernels::build_index")
+def _(row_idx, col_idx, num_rows, num_cols):
+    nnz = row_idx.shape[0]
+    return row_idx.new_empty(num_rows + 1), row_idx.new_empty(nnz), row_idx.new_empty(num_cols + 1), row_idx.new_empty(nnz)
+
+
+# --------------------------------------------------------------------------- layout
 
 
 class BlockSparseLayout:

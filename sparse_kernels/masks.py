@@ -1,75 +1,33 @@
-"""Mask updates on the device: the Python face of the compiled ops, and their references.
+"""Mask updates on the device: the Python face of the compiled mask ops, and their references.
 
-* :func:`build_index`: the row-sorted and column-sorted index of a layout (a counting sort);
 * :func:`prune_and_regrow`: RigL/SET's update for many layers in one call: each layer
   drops its ``k`` live blocks with the smallest drop score, grows the ``k`` dead blocks
   with the largest grow score into the freed slots, zeroes those slots in the given
   tensors (values, optimizer state) and rebuilds its index;
-* :func:`block_norms`: the Frobenius norm of every block of a dense weight.
+* :func:`block_norms`: the Frobenius norm of every block of a dense weight;
+* the index build itself is the layout's: :func:`sparse_kernels.layout.build_index`.
 
-Each runs the compiled extension (:mod:`sparse_kernels.extension`) where it has a kernel
-for the tensors' device, and otherwise its pure-torch reference here (also with
-``SPARSE_KERNELS_BACKEND=reference``). Both give identical results: selections compare
-unique keys (score, then flat block index ``row * C + col``), so ties go to the lower
-block index; non-finite drop scores are dropped last and non-finite grow scores never
-grow. ``k`` is capped at the live blocks and at the growable dead blocks, so nnz never
-changes. Dropped slots (ascending) take the grown blocks (ascending).
+The ops are compiled (csrc/cpu/masks.cpp, csrc/cuda/masks.cu) and routed by torch's
+dispatcher; each has a pure-torch reference here, the test oracle, which also serves a CUDA
+tensor where the extension was built without CUDA. Both give identical results: selections
+compare unique keys (score, then flat block index ``row * C + col``), so ties go to the lower
+block index; non-finite drop scores are dropped last and non-finite grow scores never grow.
+``k`` is capped at the live blocks and at the growable dead blocks, so nnz never changes.
+Dropped slots (ascending) take the grown blocks (ascending).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import extension
-from .backend import requested_backend
+from .layout import INDEX_DTYPE, BlockSparseLayout, build_index_reference
 
-if TYPE_CHECKING:  # layout imports this module
-    from .layout import BlockSparseLayout
-
-INDEX_DTYPE = torch.int32
-Index = Tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def _compiled(op: str, device: torch.device) -> bool:
-    return requested_backend() != "reference" and extension.has_kernel(op, device.type)
-
-
-# --------------------------------------------------------------------------- index build
-def build_index_reference(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Index:
-    """Pure torch: stable sorts by ``(row, col)`` and ``(col, row)``, pointers by
-    ``searchsorted`` (no ``bincount``, so no host synchronisation on CUDA)."""
-    num_rows, num_cols = grid
-    rows, cols = row_idx.long(), col_idx.long()
-    device = row_idx.device
-    row_slots = torch.argsort(rows * num_cols + cols, stable=True)
-    col_slots = torch.argsort(cols * num_rows + rows, stable=True)
-    row_ptr = torch.searchsorted(rows[row_slots], torch.arange(num_rows + 1, device=device))
-    col_ptr = torch.searchsorted(cols[col_slots], torch.arange(num_cols + 1, device=device))
-    return tuple(t.to(INDEX_DTYPE) for t in (row_ptr, row_slots, col_ptr, col_slots))
-
-
-def build_index(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Index:
-    """Row-sorted and column-sorted slot orders with their pointer arrays.
-
-    Args:
-        row_idx, col_idx: ``[nnz]`` integer block coordinates of each slot (distinct blocks).
-        grid: ``(R, C)``.
-    Returns:
-        ``(row_ptr [R + 1], row_slots [nnz], col_ptr [C + 1], col_slots [nnz])``, int32:
-        block-row ``r`` owns ``row_slots[row_ptr[r]:row_ptr[r + 1]]`` (ascending column),
-        block-column ``c`` owns ``col_slots[col_ptr[c]:col_ptr[c + 1]]`` (ascending row).
-    """
-    if _compiled("build_index", row_idx.device):
-        return tuple(
-            torch.ops.sparse_kernels.build_index(
-                row_idx.to(INDEX_DTYPE).contiguous(), col_idx.to(INDEX_DTYPE).contiguous(), grid[0], grid[1]
-            )
-        )
-    return build_index_reference(row_idx, col_idx, grid)
+_INDEX_NAMES = ("row_idx", "col_idx", "row_ptr", "row_slots", "col_ptr", "col_slots")
 
 
 # --------------------------------------------------------------------------- prune and regrow
@@ -89,7 +47,7 @@ class LayerUpdate:
             optimizer state; the rows of the reused slots are set to zero.
     """
 
-    layout: "BlockSparseLayout"
+    layout: BlockSparseLayout
     drop_scores: Tensor
     grow_scores: Tensor
     k: int
@@ -135,8 +93,6 @@ def prune_and_regrow(updates: Sequence[LayerUpdate]) -> Tensor:
         if update.layout.device != device:
             raise ValueError(f"layer {i} is on {update.layout.device}, layer 0 on {device}")
     scores = [_check_update(i, update) for i, update in enumerate(updates)]
-    if not _compiled("prune_and_regrow", device):
-        return prune_and_regrow_reference(updates)
     zero = [t for update in updates for t in update.zero]
     zero_layer = [i for i, update in enumerate(updates) for _ in update.zero]
     layouts = [update.layout for update in updates]
@@ -150,9 +106,6 @@ def prune_and_regrow(updates: Sequence[LayerUpdate]) -> Tensor:
         zero,
         zero_layer,
     )
-
-
-_INDEX_NAMES = ("row_idx", "col_idx", "row_ptr", "row_slots", "col_ptr", "col_slots")
 
 
 def prune_and_regrow_reference(updates: Sequence[LayerUpdate]) -> Tensor:
@@ -207,40 +160,58 @@ def block_norms(weight: Tensor, block_size: Tuple[int, int]) -> Tensor:
     bo, bi = block_size
     if weight.dim() < 2 or weight.shape[0] % bo or weight.shape[1] % bi:
         raise ValueError(f"block size {tuple(block_size)} does not divide the weight of shape {tuple(weight.shape)}")
-    if _compiled("block_norms", weight.device):
-        return torch.ops.sparse_kernels.block_norms(weight.detach(), bo, bi)
-    return block_norms_reference(weight, block_size)
+    return torch.ops.sparse_kernels.block_norms(weight.detach(), bo, bi)
 
 
-# --------------------------------------------------------------------------- fake kernels
-if extension.LOADED:
+# --------------------------------------------------------------------------- registrations
+@torch.library.register_fake("sparse_kernels::prune_and_regrow")
+def _(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, drop_scores, grow_scores, num_rows, num_cols,
+      k, zero_tensors, zero_layer):
+    return torch.empty(len(row_idx), dtype=torch.int64, device=row_idx[0].device if len(row_idx) else "cpu")
 
-    @torch.library.register_fake("sparse_kernels::build_index")
-    def _(row_idx, col_idx, num_rows, num_cols):
-        nnz = row_idx.shape[0]
-        return (
-            row_idx.new_empty(num_rows + 1),
-            row_idx.new_empty(nnz),
-            row_idx.new_empty(num_cols + 1),
-            row_idx.new_empty(nnz),
-        )
 
-    @torch.library.register_fake("sparse_kernels::prune_and_regrow")
-    def _(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, drop_scores, grow_scores, num_rows, num_cols,
-          k, zero_tensors, zero_layer):
-        return torch.empty(len(row_idx), dtype=torch.int64, device=row_idx[0].device if len(row_idx) else "cpu")
+@torch.library.register_fake("sparse_kernels::block_norms")
+def _(weight, block_out, block_in):
+    return weight.new_empty(weight.shape[0] // block_out, weight.shape[1] // block_in, dtype=torch.float32)
 
-    @torch.library.register_fake("sparse_kernels::block_norms")
-    def _(weight, block_out, block_in):
-        return weight.new_empty(weight.shape[0] // block_out, weight.shape[1] // block_in, dtype=torch.float32)
+
+def prune_and_regrow_op_reference(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, drop_scores, grow_scores,
+                                  num_rows, num_cols, k, zero_tensors, zero_layer):
+    """:func:`prune_and_regrow_reference` with the op's signature (lists per layer)."""
+    updates = [
+        LayerUpdate(BlockSparseLayout((num_rows[i], num_cols[i]), (1, 1), *index), drop_scores[i], grow_scores[i],
+                    k[i], [t for t, layer in zip(zero_tensors, zero_layer) if layer == i])
+        for i, index in enumerate(zip(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots))
+    ]
+    return prune_and_regrow_reference(updates) if updates else torch.zeros(0, dtype=torch.int64)
+
+
+def build_index_op_reference(row_idx, col_idx, num_rows, num_cols):
+    """:func:`~sparse_kernels.layout.build_index_reference` with the op's signature."""
+    return build_index_reference(row_idx, col_idx, (num_rows, num_cols))
+
+
+def block_norms_op_reference(weight, block_out, block_in):
+    """:func:`block_norms_reference` with the op's signature."""
+    return block_norms_reference(weight, (block_out, block_in))
+
+
+# The references as kernels, by op: the reference override (sparse_kernels.backend) and CUDA
+# tensors of an extension built without CUDA use them.
+REFERENCE_KERNELS = {
+    "build_index": build_index_op_reference,
+    "prune_and_regrow": prune_and_regrow_op_reference,
+    "block_norms": block_norms_op_reference,
+}
+for _op, _kernel in REFERENCE_KERNELS.items():
+    if not extension.has_compiled_kernel(_op, "cuda"):
+        torch.library.register_kernel(f"sparse_kernels::{_op}", "cuda", _kernel)
 
 
 __all__: List[str] = [
     "LayerUpdate",
     "block_norms",
     "block_norms_reference",
-    "build_index",
-    "build_index_reference",
     "prune_and_regrow",
     "prune_and_regrow_reference",
 ]

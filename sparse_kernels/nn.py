@@ -1,9 +1,14 @@
-"""Block-sparse modules: ``BlockSparseLinear`` (and the base that conv modules share).
+"""Block-sparse modules: ``BlockSparseLinear`` and ``BlockSparseConv2d``.
 
 A module's only weight parameter is ``values [nnz, bo, bi, ...]``: weights, gradients and
 optimizer state hold live blocks only. The layout lives in buffers: ``row_idx`` and
 ``col_idx`` are saved in the ``state_dict`` (loading one restores the mask), the index
 structures derived from them are rebuilt on load and never saved.
+
+``forward`` calls the op straight through torch's dispatcher with the module's tensors (the
+kernels check them), so a layer costs about what ``nn.Linear`` / ``nn.Conv2d`` cost besides
+its kernels; :func:`~sparse_kernels.bsr_linear` and :func:`~sparse_kernels.bsr_conv2d` are
+the checked functional forms.
 """
 from __future__ import annotations
 
@@ -13,12 +18,16 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layout import BlockSize, BlockSparseLayout, from_dense, normalize_block_size, to_dense
-from .masks import block_norms, build_index
-from .ops.conv import bsr_conv2d, explicit_padding
-from .ops.linear import bsr_linear
+from .layout import BlockSparseLayout, build_index, from_dense, to_dense
+from .masks import block_norms
+from .ops import conv as _conv  # noqa: F401  (registers the conv kernels)
+from .ops import linear as _linear  # noqa: F401  (registers the linear kernels)
+from .shapes import BlockSize, explicit_padding, normalize_block_size
 
 _DERIVED_INDEX = ("row_ptr", "row_slots", "col_ptr", "col_slots")
+_INDEX = ("row_idx", "col_idx") + _DERIVED_INDEX
+_linear_op = torch.ops.sparse_kernels.bsr_linear.default
+_conv_op = torch.ops.sparse_kernels.bsr_conv2d.default
 
 
 def blocks_for_density(density: float, total_blocks: int) -> int:
@@ -102,6 +111,11 @@ class BlockSparseModule(nn.Module):
         nn.init.uniform_(self.values, -bound, bound)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def _index(self) -> Tuple[torch.Tensor, ...]:
+        """The six index buffers in the ops' order (read from ``_buffers``: forward's hot path)."""
+        buffers = self._buffers
+        return tuple(buffers[name] for name in _INDEX)
 
     @property
     def layout(self) -> BlockSparseLayout:
@@ -227,7 +241,8 @@ class BlockSparseLinear(BlockSparseModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in_features]`` -> ``[..., out_features]``."""
-        return bsr_linear(x, self.values, self.layout, self.bias)
+        parameters = self._parameters
+        return _linear_op(x, parameters["values"], parameters.get("bias"), *self._index())
 
     def dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """The gradient of the whole dense weight ``[out, in]`` (fp32) for one call with input
@@ -284,6 +299,7 @@ class BlockSparseConv2d(BlockSparseModule):
         self.stride, self.dilation = _as_pair(stride), _as_pair(dilation)
         self.padding = padding if isinstance(padding, str) else _as_pair(padding)
         self.groups, self.padding_mode = groups, padding_mode
+        self.channels_last = False
         self._init_sparse((out_channels, in_channels), self.kernel_size, block_size, density, block_mask, device, dtype)
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
@@ -317,23 +333,42 @@ class BlockSparseConv2d(BlockSparseModule):
     def _apply(self, fn, recurse=True):
         # model.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor, and
         # 5-D ones have no channels-last form: the values [nnz, bo, bi, kh, kw] go through
-        # the conversion as a 3-D view (device and dtype change; their layout stays).
+        # the conversion as a 3-D view (device and dtype change; their layout stays). What the
+        # conversion does to the memory format is read off two probes: one contiguous and one
+        # channels-last 4-D tensor that both come out channels-last mean "to channels-last".
         def convert(t):
             if t.dim() != 5:
                 return fn(t)
             return fn(t.reshape(t.shape[0], t.shape[1], -1)).reshape(t.shape)
 
+        probe = self.values.new_empty(1, 2, 2, 2)
+        probes = [fn(probe), fn(probe.contiguous(memory_format=torch.channels_last))]
+        formats = {p.is_contiguous(memory_format=torch.channels_last) for p in probes if p.dim() == 4}
+        if len(formats) == 1:
+            self.channels_last = formats.pop()
         return super()._apply(convert, recurse)
 
+    def _explicit_padding(self) -> Tuple[int, int]:
+        if isinstance(self.padding, str):
+            return explicit_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        return self.padding
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[N, Cin, H, W]`` -> ``[N, Cout, OH, OW]``."""
-        return bsr_conv2d(x, self.values, self.layout, self.bias, self.stride, self.padding, self.dilation)
+        """x: ``[N, Cin, H, W]`` (or ``[Cin, H, W]``) -> ``[N, Cout, OH, OW]``; channels-last when
+        ``x`` is, or when the module is (``channels_last``: set by
+        ``model.to(memory_format=torch.channels_last)``, as ``nn.Conv2d`` with a channels-last
+        weight gives channels-last outputs)."""
+        unbatched = x.dim() == 3
+        parameters = self._parameters
+        y = _conv_op(x.unsqueeze(0) if unbatched else x, parameters["values"], parameters.get("bias"), *self._index(),
+                     self.stride, self._explicit_padding(), self.dilation, self.channels_last)
+        return y.squeeze(0) if unbatched else y
 
     def dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """The gradient of the whole dense weight ``[Cout, Cin, kh, kw]`` (fp32) for one call
         with input ``x`` and output gradient ``grad_out``, dead blocks included (RigL's grow
         scores). Costs a dense weight-gradient convolution: for update steps only."""
-        padding = explicit_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        padding = self._explicit_padding()
         if x.dim() == 3:  # unbatched
             x, grad_out = x.unsqueeze(0), grad_out.unsqueeze(0)
         weight_shape = (self.out_channels, self.in_channels, *self.kernel_size)

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from helpers import BackendSwitch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,3 +26,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def use_backend():
+    """``use_backend(backend, device)``: the rest of the test runs on that kernel path."""
+    switch = BackendSwitch()
+    with switch.stack:
+        yield switch

@@ -1,8 +1,8 @@
-// CPU block-sparse conv2d, fp32: forward, grad-input and grad-weight as implicit GEMMs over
-// gathered im2col tiles (see driver.h). They compute channels-last; results come back in the
-// memory format of the input, as F.conv2d's do.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+// The CPU kernels of the block-sparse conv2d ops: forward, grad-input and grad-weight as
+// implicit GEMMs over gathered im2col panels (see driver.h), computed channels-last in fp32.
+// Results come back channels-last when the input is (or the forward is asked for it), else as
+// contiguous NCHW; what the kernels cannot take runs on the masked-dense path.
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -71,83 +71,127 @@ at::Tensor channels_last(const at::Tensor& t) {
   return out;
 }
 
-// An NHWC result as an NCHW tensor stored like `like` (F.conv2d's rule): channels-last as
-// computed, else copied into contiguous NCHW.
-at::Tensor stored_like(const at::Tensor& nhwc, const at::Tensor& like) {
-  if (is_channels_last(like)) return nhwc.permute({0, 3, 1, 2});
+// An NHWC result as an NCHW tensor in `dtype`: channels-last as computed, or copied into
+// contiguous NCHW.
+at::Tensor finish(const at::Tensor& nhwc, bool channels_last_out, at::ScalarType dtype) {
+  if (channels_last_out) return nhwc.permute({0, 3, 1, 2}).to(dtype);
   at::Tensor out = at::empty({nhwc.size(0), nhwc.size(3), nhwc.size(1), nhwc.size(2)}, nhwc.options());
   transpose_batched(nhwc.data_ptr<float>(), out.data_ptr<float>(), nhwc.size(0), nhwc.size(1) * nhwc.size(2),
                     nhwc.size(3));
-  return out;
+  return out.to(dtype);
 }
 
-GatherRows gather(const at::Tensor& src_nhwc, int64_t dst_h, int64_t dst_w, int64_t kh, int64_t kw, const Conv& c,
-                  bool transposed) {
-  return {src_nhwc.data_ptr<float>(), src_nhwc.size(3), src_nhwc.size(1), src_nhwc.size(2), dst_h, dst_w, kh, kw,
-          {c.stride[0], c.stride[1]}, {c.padding[0], c.padding[1]}, {c.dilation[0], c.dilation[1]}, transposed};
+// The source coordinate of each destination coordinate y < dst and tap i < kernel on axis d, or
+// -1 outside the source: y * s - p + i * d (forward); for grad-input, the transposed map
+// (y + p - i * d) / s where the stride divides it.
+std::vector<int64_t> source_map(int64_t dst, int64_t kernel, int64_t src, const Conv& c, int d, bool transposed) {
+  std::vector<int64_t> map(dst * kernel);
+  for (int64_t y = 0; y < dst; ++y)
+    for (int64_t i = 0; i < kernel; ++i) {
+      int64_t s = y * c.stride[d] - c.padding[d] + i * c.dilation[d];
+      if (transposed) {
+        const int64_t t = y + c.padding[d] - i * c.dilation[d];
+        s = t >= 0 && t % c.stride[d] == 0 ? t / c.stride[d] : -1;
+      }
+      map[y * kernel + i] = s >= 0 && s < src ? s : -1;
+    }
+  return map;
 }
 
-void check_values5(const at::Tensor& values, const char* op) {
-  check_float(values, op, "values", 5);
-  check_block(op, values.size(1), values.size(2));
-  TORCH_CHECK_VALUE(values.size(3) > 0 && values.size(4) > 0, op, ": values of shape ", values.sizes(),
-                    " have an empty kernel");
+// Runs `dsd(tiles)` over the implicit im2col rows of `src` (NHWC) for the destination pixels
+// [batch, dst_h, dst_w]: stride-1 widths in segments of image rows (SegmentTiles), the rest
+// with every tap gathered (GatherTiles). Rows narrower than half a panel gather too: their
+// short register tiles would cost more than the packing they save.
+template <class Dsd>
+void with_tiles(const at::Tensor& src, int64_t batch, int64_t dst_h, int64_t dst_w, int64_t kh, int64_t kw,
+                const Conv& c, bool transposed, Dsd&& dsd) {
+  const int64_t h = src.size(1), w = src.size(2), channels = src.size(3);
+  std::vector<int64_t> rows = source_map(dst_h, kh, h, c, 0, transposed);
+  if (c.stride[1] == 1 && kw > 1 && dst_w >= kPanelRows / 2) {
+    const int64_t d = c.dilation[1], shift = transposed ? c.padding[1] - (kw - 1) * d : -c.padding[1];
+    dsd(SegmentTiles{src.data_ptr<float>(), channels, h, w, dst_h, dst_w, kh, kw, batch, shift, d, transposed,
+                     std::move(rows)});
+  } else {
+    dsd(GatherTiles{src.data_ptr<float>(), channels, h, w, dst_h, dst_w, kh, kw, batch * dst_h * dst_w,
+                    std::move(rows), source_map(dst_w, kw, w, c, 1, transposed)});
+  }
 }
 
-// y = conv2d(x, W) + bias: each tile of output pixels gathers its im2col rows once and
+void check_input(const char* op, const char* name, const at::Tensor& t, int64_t channels) {
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(1) == channels, op, ": ", name, " must be [N, ", channels,
+                    ", H, W], got shape ", t.sizes());
+}
+
+// y = conv2d(x, W) + bias: each panel of output pixels gathers its im2col rows once and
 // walks every output block's live (block, tap) pairs.
 at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
-                const at::Tensor& row_ptr, const at::Tensor& row_slots, const at::Tensor& col_idx,
-                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
-  const char* op = "bsr_conv2d_cpu";
-  check_values5(values, op);
-  check_float(x, op, "x", 4);
+                const at::Tensor& row_idx, const at::Tensor& col_idx, const at::Tensor& row_ptr,
+                const at::Tensor& row_slots, const at::Tensor& col_ptr, const at::Tensor& col_slots,
+                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, bool channels_last_out) {
+  const char* op = "bsr_conv2d";
+  const LayoutShape L = check_layout(op, values, {row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots}, 2);
+  check_operand(op, "x", x, values);
+  check_input(op, "x", x, L.cols * L.bi);
   const Conv c = check_conv(op, stride, padding, dilation);
-  const int64_t bo = values.size(1), bi = values.size(2), kh = values.size(3), kw = values.size(4);
-  TORCH_CHECK_VALUE(x.size(1) % bi == 0, op, ": x of shape ", x.sizes(), " is not whole channel blocks of ", bi);
-  const int64_t rows = row_ptr.numel() - 1, cols = x.size(1) / bi, out_channels = rows * bo;
+  const int64_t kh = values.size(3), kw = values.size(4), out_channels = L.rows * L.bo;
   const int64_t oh = output_size(x.size(2), kh, c, 0), ow = output_size(x.size(3), kw, c, 1);
-  TORCH_CHECK_VALUE(oh > 0 && ow > 0, op, ": input ", x.sizes(), " is smaller than the dilated kernel");
-  const at::Tensor b = checked_bias(bias, op, out_channels);
-  const at::Tensor src = channels_last(x);
-  const at::Tensor packed = values.permute({0, 3, 4, 2, 1}).contiguous();  // [nnz][kh][kw][bi][bo]
-  const PairTable table =
-      make_pairs(op, row_ptr, row_slots, col_idx, cols, kh * kw, x.size(1), bi, bo, values,
-                 packed.data_ptr<float>());
-  at::Tensor y = at::empty({x.size(0), oh, ow, out_channels}, x.options());
-  const GatherRows rows_of = gather(src, oh, ow, kh, kw, c, false);
-  run_dsd(select_isa(), rows_of, x.size(0) * oh * ow, rows_of.lda(), table, bi, bo,
-          b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-  return stored_like(y, x);
+  TORCH_CHECK_VALUE(kh > 0 && kw > 0 && oh > 0 && ow > 0, op, ": input ", x.sizes(),
+                    " is smaller than the dilated kernel ", values.sizes().slice(3));
+  check_bias(op, bias, out_channels, values);
+  const bool nhwc_out = channels_last_out || is_channels_last(x);
+  if (!kernels_take(values.scalar_type(), L.bo, L.bi)) {
+    const at::Tensor y = at::conv2d(x, dense_weight(values, L, row_idx, col_idx), bias, stride, padding, dilation);
+    return y.contiguous(nhwc_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
+  const at::Tensor src = channels_last(as_float(x));
+  const at::Tensor packed = as_float(values).permute({0, 3, 4, 2, 1}).contiguous();  // [nnz][kh][kw][bi][bo]
+  const at::Tensor b = bias ? as_float(*bias).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), oh, ow, out_channels}, src.options());
+  with_tiles(src, x.size(0), oh, ow, kh, kw, c, false, [&](const auto& tiles) {
+    const PairTable table =
+        make_pairs(op, row_ptr, row_slots, col_idx, L.cols, tiles.layout(), L.bi, L.bo, packed.data_ptr<float>());
+    run_dsd(select_isa(), tiles, table, L.bo, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  });
+  return finish(y, nhwc_out, x.scalar_type());
 }
 
-// dx = conv_transpose2d(dy, W): each tile of input pixels gathers the output pixels that
-// each tap maps onto it (none where the stride skips it) and walks each input block's live pairs.
-at::Tensor conv_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& col_ptr,
-                           const at::Tensor& col_slots, const at::Tensor& row_idx, c10::IntArrayRef input_size,
+// dx = conv_transpose2d(dy, W): each panel of input pixels gathers the output pixels that
+// each tap maps onto it (none where the stride skips it) and walks each input block's pairs.
+at::Tensor conv_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& row_idx,
+                           const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
+                           const at::Tensor& col_ptr, const at::Tensor& col_slots, c10::IntArrayRef input_size,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
-  const char* op = "bsr_conv2d_grad_input_cpu";
-  check_values5(values, op);
-  check_float(grad_out, op, "grad_out", 4);
+  const char* op = "bsr_conv2d_grad_input";
+  const LayoutShape L = check_layout(op, values, {row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots}, 2);
+  check_operand(op, "grad_out", grad_out, values);
+  check_input(op, "grad_out", grad_out, L.rows * L.bo);
   const Conv c = check_conv(op, stride, padding, dilation);
   TORCH_CHECK_VALUE(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0, op,
                     ": input_size must be a positive pair, got ", input_size);
-  const int64_t bo = values.size(1), bi = values.size(2), kh = values.size(3), kw = values.size(4);
-  const int64_t h = input_size[0], w = input_size[1];
-  TORCH_CHECK_VALUE(grad_out.size(1) % bo == 0 && grad_out.size(2) == output_size(h, kh, c, 0) &&
-                        grad_out.size(3) == output_size(w, kw, c, 1),
-                    op, ": grad_out of shape ", grad_out.sizes(), " does not fit input size ", input_size);
-  const int64_t cols = col_ptr.numel() - 1, rows = grad_out.size(1) / bo;
-  const at::Tensor src = channels_last(grad_out);
-  const at::Tensor packed = values.permute({0, 3, 4, 1, 2}).contiguous();  // [nnz][kh][kw][bo][bi]
-  const PairTable table =
-      make_pairs(op, col_ptr, col_slots, row_idx, rows, kh * kw, grad_out.size(1), bo, bi, values,
-                 packed.data_ptr<float>());
-  at::Tensor dx = at::empty({grad_out.size(0), h, w, cols * bi}, grad_out.options());
-  const GatherRows rows_of = gather(src, h, w, kh, kw, c, true);
-  run_dsd(select_isa(), rows_of, grad_out.size(0) * h * w, rows_of.lda(), table, bo, bi, nullptr,
-          dx.data_ptr<float>());
-  return stored_like(dx, grad_out);
+  const int64_t kh = values.size(3), kw = values.size(4), h = input_size[0], w = input_size[1];
+  const int64_t oh = output_size(h, kh, c, 0), ow = output_size(w, kw, c, 1);
+  TORCH_CHECK_VALUE(grad_out.size(2) == oh && grad_out.size(3) == ow, op, ": grad_out of shape ", grad_out.sizes(),
+                    " does not fit input size ", input_size);
+  const int64_t in_channels = L.cols * L.bi;
+  if (!kernels_take(values.scalar_type(), L.bo, L.bi)) {
+    // conv_transpose2d, with the output padding that gives back the input size.
+    std::vector<int64_t> extra(2);
+    for (int d = 0; d < 2; ++d)
+      extra[d] = input_size[d] - ((grad_out.size(2 + d) - 1) * c.stride[d] - 2 * c.padding[d] +
+                                  c.dilation[d] * (values.size(3 + d) - 1) + 1);
+    const at::Tensor dx = at::conv_transpose2d(grad_out, dense_weight(values, L, row_idx, col_idx), {}, stride,
+                                               padding, extra, 1, dilation);
+    return dx.contiguous(is_channels_last(grad_out) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
+  const at::Tensor src = channels_last(as_float(grad_out));
+  const at::Tensor packed = as_float(values).permute({0, 3, 4, 1, 2}).contiguous();  // [nnz][kh][kw][bo][bi]
+  at::Tensor dx = at::empty({grad_out.size(0), h, w, in_channels}, src.options());
+  with_tiles(src, grad_out.size(0), h, w, kh, kw, c, true, [&](const auto& tiles) {
+    const PairTable table =
+        make_pairs(op, col_ptr, col_slots, row_idx, L.rows, tiles.layout(), L.bo, L.bi, packed.data_ptr<float>());
+    run_dsd(select_isa(), tiles, table, L.bi, nullptr, dx.data_ptr<float>());
+  });
+  return finish(dx, is_channels_last(grad_out), grad_out.scalar_type());
 }
 
 // Output columns [lo, hi) whose tap j reads an input column inside the image, on axis d.
@@ -159,63 +203,64 @@ std::pair<int64_t, int64_t> valid_range(int64_t out, int64_t in, int64_t j, cons
   return {lo, std::max(lo, hi)};
 }
 
-// dW at the live blocks, [nnz, bo, bi, kh, kw]: a reduction over every output pixel. Each
-// (slot, tap) reads, for every output row, the run of input pixels its tap sees in place
-// (no im2col copy); chunks of output rows keep the data they share in cache, and the
-// threads split a chunk's (slot, tap) items (column-sorted: neighbours read the same input).
+// dW at the live blocks, [nnz, bo, bi, kh, kw]: a reduction over every output pixel. For each
+// chunk of output rows and each tap, the runs of output pixels whose tap lands inside the
+// input, read in place (no im2col copy); see run_sdd.
 at::Tensor conv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_idx,
-                            const at::Tensor& col_idx, const at::Tensor& col_slots, c10::IntArrayRef block_shape,
+                            const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
+                            const at::Tensor& col_ptr, const at::Tensor& col_slots, c10::IntArrayRef block_shape,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
-  const char* op = "bsr_conv2d_grad_weight_cpu";
+  const char* op = "bsr_conv2d_grad_weight";
   TORCH_CHECK_VALUE(block_shape.size() == 4 && block_shape[2] > 0 && block_shape[3] > 0, op,
                     ": block_shape must be [bo, bi, kh, kw], got ", block_shape);
   const int64_t bo = block_shape[0], bi = block_shape[1], kh = block_shape[2], kw = block_shape[3];
-  check_block(op, bo, bi);
-  check_float(grad_out, op, "grad_out", 4);
-  check_float(x, op, "x", 4);
+  const LayoutIndex index{row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots};
+  const LayoutShape L = check_index(op, index, row_idx.size(0), bo, bi, x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+                   dtype_name(x.scalar_type()));
+  check_operand(op, "grad_out", grad_out, x, "x");
+  const int64_t cin = L.cols * bi, cout = L.rows * bo;
+  check_input(op, "x", x, cin);
+  check_input(op, "grad_out", grad_out, cout);
   const Conv c = check_conv(op, stride, padding, dilation);
-  const int64_t oh = output_size(x.size(2), kh, c, 0), ow = output_size(x.size(3), kw, c, 1);
-  TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) % bo == 0 && x.size(1) % bi == 0 &&
-                        grad_out.size(2) == oh && grad_out.size(3) == ow,
-                    op, ": grad_out ", grad_out.sizes(), " does not fit x ", x.sizes(), " and the convolution");
-  const int64_t nnz = row_idx.numel(), taps = kh * kw;
-  check_slots(op, row_idx, col_idx, col_slots, grad_out.size(1) / bo, x.size(1) / bi);
-  const at::Tensor dy = channels_last(grad_out), src = channels_last(x);
-  at::Tensor acc = at::zeros({nnz, kh, kw, bo, bi}, x.options());
-  const int64_t h = x.size(2), w = x.size(3), cin = x.size(1), cout = grad_out.size(1);
-  const float *dy_data = dy.data_ptr<float>(), *x_data = src.data_ptr<float>();
-  float* acc_data = acc.data_ptr<float>();
-  const int32_t *rows = row_idx.data_ptr<int32_t>(), *cols = col_idx.data_ptr<int32_t>();
-  const int32_t* order = col_slots.data_ptr<int32_t>();
-  const Isa& isa = select_isa();
-  const int64_t out_rows = x.size(0) * oh, chunk = std::max<int64_t>(1, 256 / ow);
-  for (int64_t r0 = 0; r0 < out_rows; r0 += chunk) {
-    const int64_t r1 = std::min(out_rows, r0 + chunk);
-    at::parallel_for(0, nnz * taps, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t slot = order[item / taps], tap = item % taps, i = tap / kw, j = tap % kw;
-        const auto [lo, hi] = valid_range(ow, w, j, c, 1);
-        if (lo == hi) continue;
-        const int64_t sx = lo * c.stride[1] + j * c.dilation[1] - c.padding[1];
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t n = row / oh, sy = row % oh * c.stride[0] + i * c.dilation[0] - c.padding[0];
-          if (sy < 0 || sy >= h) continue;
-          isa.sdd({dy_data + (row * ow + lo) * cout + rows[slot] * bo, cout,
-                   x_data + ((n * h + sy) * w + sx) * cin + cols[slot] * bi, c.stride[1] * cin, hi - lo, bo, bi,
-                   acc_data + (slot * taps + tap) * bo * bi});
-        }
-      }
-    });
+  const int64_t h = x.size(2), w = x.size(3), oh = output_size(h, kh, c, 0), ow = output_size(w, kw, c, 1);
+  TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(2) == oh && grad_out.size(3) == ow, op,
+                    ": grad_out ", grad_out.sizes(), " does not fit x ", x.sizes(), " and the convolution");
+  if (!kernels_take(x.scalar_type(), bo, bi)) {
+    const at::Tensor weight = at::zeros({cout, cin, kh, kw}, x.options());
+    const at::Tensor dense = std::get<1>(at::convolution_backward(
+        grad_out, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1, {false, true, false}));
+    return live_blocks(dense, L, row_idx, col_idx);
   }
-  return acc.permute({0, 3, 4, 1, 2}).contiguous();
+  check_slots(op, row_idx, col_idx, col_slots, L.rows, L.cols);
+  const at::Tensor dy = channels_last(as_float(grad_out)), src = channels_last(as_float(x));
+  const int64_t taps = kh * kw, out_rows = x.size(0) * oh, rows_per_chunk = std::max<int64_t>(1, 256 / ow);
+  SddPlan plan;
+  plan.taps = taps;
+  for (int64_t r0 = 0; r0 < out_rows; r0 += rows_per_chunk, ++plan.chunks)
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const int64_t i = tap / kw, j = tap % kw;
+      const auto [lo, hi] = valid_range(ow, w, j, c, 1);
+      const int64_t sx = lo * c.stride[1] + j * c.dilation[1] - c.padding[1];
+      for (int64_t row = r0; row < std::min(out_rows, r0 + rows_per_chunk) && lo < hi; ++row) {
+        const int64_t n = row / oh, sy = row % oh * c.stride[0] + i * c.dilation[0] - c.padding[0];
+        if (sy >= 0 && sy < h) plan.add((row * ow + lo) * cout, ((n * h + sy) * w + sx) * cin, hi - lo, cout,
+                                        c.stride[1] * cin);
+      }
+      plan.close();
+    }
+  at::Tensor acc = at::empty({L.nnz, kh, kw, bo, bi}, src.options());
+  run_sdd(select_isa(), dy.data_ptr<float>(), cout, src.data_ptr<float>(), c.stride[1] * cin, plan,
+          row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), L.nnz, bo, bi,
+          acc.data_ptr<float>());
+  return acc.permute({0, 3, 4, 1, 2}).contiguous().to(x.scalar_type());
 }
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
-  m.impl("bsr_conv2d_cpu", &conv);
-  m.impl("bsr_conv2d_grad_input_cpu", &conv_grad_input);
-  m.impl("bsr_conv2d_grad_weight_cpu", &conv_grad_weight);
+  m.impl("bsr_conv2d", &conv);
+  m.impl("bsr_conv2d_grad_input", &conv_grad_input);
+  m.impl("bsr_conv2d_grad_weight", &conv_grad_weight);
 }
 
 }  // namespace cpu

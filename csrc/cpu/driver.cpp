@@ -1,9 +1,11 @@
-// The CPU kernels' instruction-set choice and the checks and tables shared by linear.cpp and conv.cpp.
+// The CPU kernels' instruction-set choice, their index tables and the sdd driver (linear.cpp, conv.cpp).
 #include "driver.h"
 
-#include "../ops.h"
-
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/index_select.h>
 #include <c10/util/Exception.h>
+
+#include "../ops.h"
 
 #include <cstdlib>
 #include <string>
@@ -12,12 +14,12 @@ namespace sparse_kernels {
 namespace cpu {
 
 const Isa& select_isa() {
-  static const Isa generic_isa{"generic", generic::rows_per_tile, generic::dsd, generic::sdd};
+  static const Isa generic_isa{"generic", generic::dsd, generic::sdd, generic::pack};
   const char* forced = std::getenv("SPARSE_KERNELS_CPU_ISA");
   const std::string name = forced ? forced : "";
 #if SPARSE_KERNELS_X86_ISAS
-  static const Isa avx2_isa{"avx2", avx2::rows_per_tile, avx2::dsd, avx2::sdd};
-  static const Isa avx512_isa{"avx512", avx512::rows_per_tile, avx512::dsd, avx512::sdd};
+  static const Isa avx2_isa{"avx2", avx2::dsd, avx2::sdd, avx2::pack};
+  static const Isa avx512_isa{"avx512", avx512::dsd, avx512::sdd, avx512::pack};
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (name.empty()) return has_avx512 ? avx512_isa : has_avx2 ? avx2_isa : generic_isa;
@@ -40,25 +42,6 @@ const Isa& select_isa() {
 
 std::string selected_isa() { return select_isa().name; }
 
-void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
-}
-
-at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const char* op, int64_t features) {
-  if (!bias) return at::Tensor();
-  at::Tensor b = bias->contiguous();
-  check_float(b, op, "bias", 1);
-  TORCH_CHECK_VALUE(b.size(0) == features, op, ": bias must have ", features, " entries, got ", b.sizes());
-  return b;
-}
-
-void check_block(const char* op, int64_t bo, int64_t bi) {
-  TORCH_CHECK_VALUE(bo > 0 && bi > 0 && bo % 16 == 0 && bi % 16 == 0, op, ": block (", bo, ", ", bi,
-                    ") must have sides that are multiples of 16");
-}
-
 namespace {
 
 const int32_t* index_data(const at::Tensor& t, const char* op, const char* name, int64_t size) {
@@ -77,11 +60,8 @@ void check_in_range(const int32_t* v, int64_t size, int64_t bound, const char* o
 }  // namespace
 
 PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& slots, const at::Tensor& other,
-                     int64_t other_blocks, int64_t taps, int64_t tap_stride, int64_t k, int64_t n,
-                     const at::Tensor& values, const float* packed) {
-  const int64_t nnz = slots.numel(), blocks = ptr.numel() - 1;
-  TORCH_CHECK_VALUE(values.size(0) == nnz, op, ": the index lists ", nnz, " blocks but values of shape ",
-                    values.sizes(), " holds ", values.size(0));
+                     int64_t other_blocks, PanelLayout layout, int64_t k, int64_t n, const float* packed) {
+  const int64_t nnz = slots.numel(), blocks = ptr.numel() - 1, taps = static_cast<int64_t>(layout.group.size());
   TORCH_CHECK_VALUE(blocks >= 0, op, ": the index pointer must not be empty");
   const int32_t* p = index_data(ptr, op, "ptr", blocks + 1);
   const int32_t* s = index_data(slots, op, "slots", nnz);
@@ -92,15 +72,25 @@ PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& sl
   check_in_range(s, nnz, nnz, op, "slots");
   check_in_range(o, nnz, other_blocks, op, "other index");
   PairTable table;
+  table.k = k;
+  std::vector<int64_t> position(other_blocks, -1);
+  for (int64_t i = 0; i < nnz; ++i) position[o[i]] = 0;
+  for (int64_t j = 0; j < other_blocks; ++j)
+    if (position[j] == 0) position[j] = static_cast<int64_t>(table.used.size()), table.used.push_back(j);
+  const int64_t used = static_cast<int64_t>(table.used.size()), chunks = k / kPanelWidth;
   table.ptr.resize(blocks + 1);
   table.pairs.reserve(nnz * taps);
   for (int64_t b = 0; b < blocks; ++b) {
     table.ptr[b] = static_cast<int64_t>(table.pairs.size());
     for (int64_t i = p[b]; i < p[b + 1]; ++i)
-      for (int64_t tap = 0; tap < taps; ++tap)
-        table.pairs.push_back({tap * tap_stride + o[s[i]] * k, packed + (s[i] * taps + tap) * k * n});
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t column = (layout.group[tap] * used + position[o[s[i]]]) * chunks;
+        table.pairs.push_back({(column * layout.rows + layout.shift[tap]) * kPanelWidth,
+                               packed + (s[i] * taps + tap) * k * n});
+      }
   }
   table.ptr[blocks] = static_cast<int64_t>(table.pairs.size());
+  table.layout = std::move(layout);
   return table;
 }
 
@@ -116,6 +106,56 @@ void check_slots(const char* op, const at::Tensor& row_idx, const at::Tensor& co
     TORCH_CHECK_VALUE(!seen[o[i]], op, ": order lists slot ", o[i], " twice");
     seen[o[i]] = 1;
   }
+}
+
+bool kernels_take(at::ScalarType dtype, int64_t bo, int64_t bi) {
+  const bool floating = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+  return floating && bo % 16 == 0 && bi % 16 == 0 && bo > 0 && bi > 0;
+}
+
+namespace {
+// The flat block index row * cols + col of every slot, int64.
+at::Tensor flat_blocks(const LayoutShape& shape, const at::Tensor& row_idx, const at::Tensor& col_idx) {
+  return row_idx.to(at::kLong).mul(shape.cols).add(col_idx.to(at::kLong));
+}
+}  // namespace
+
+at::Tensor dense_weight(const at::Tensor& values, const LayoutShape& shape, const at::Tensor& row_idx,
+                        const at::Tensor& col_idx) {
+  std::vector<int64_t> blocks{shape.rows * shape.cols};
+  blocks.insert(blocks.end(), values.sizes().begin() + 1, values.sizes().end());  // bo, bi, *taps
+  at::Tensor grid = at::zeros(blocks, values.options()).index_copy_(0, flat_blocks(shape, row_idx, col_idx), values);
+  blocks[0] = shape.cols;
+  blocks.insert(blocks.begin(), shape.rows);
+  std::vector<int64_t> dense{shape.rows * shape.bo, shape.cols * shape.bi};
+  dense.insert(dense.end(), values.sizes().begin() + 3, values.sizes().end());
+  return grid.view(blocks).transpose(1, 2).reshape(dense);
+}
+
+at::Tensor live_blocks(const at::Tensor& dense, const LayoutShape& shape, const at::Tensor& row_idx,
+                       const at::Tensor& col_idx) {
+  std::vector<int64_t> split{shape.rows, shape.bo, shape.cols, shape.bi};
+  split.insert(split.end(), dense.sizes().begin() + 2, dense.sizes().end());
+  std::vector<int64_t> flat{shape.rows * shape.cols, shape.bo, shape.bi};
+  flat.insert(flat.end(), dense.sizes().begin() + 2, dense.sizes().end());
+  return dense.reshape(split).transpose(1, 2).reshape(flat).index_select(0, flat_blocks(shape, row_idx, col_idx));
+}
+
+void run_sdd(const Isa& isa, const float* dy, int64_t dy_step, const float* a, int64_t a_step, const SddPlan& plan,
+             const int32_t* row_idx, const int32_t* col_idx, const int32_t* order, int64_t nnz, int64_t bo,
+             int64_t bi, float* acc) {
+  const int64_t taps = plan.taps, block = bo * bi;
+  if (nnz > 0) std::memset(acc, 0, sizeof(float) * nnz * taps * block);
+  at::parallel_for(0, nnz * taps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk)
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t slot = order[item / taps], tap = item % taps, group = chunk * taps + tap;
+        const int64_t first = plan.start[group], runs = plan.start[group + 1] - first;
+        if (runs == 0) continue;
+        isa.sdd({dy + row_idx[slot] * bo, dy_step, a + col_idx[slot] * bi, a_step, plan.runs.data() + first, runs, bo,
+                 bi, acc + (slot * taps + tap) * block});
+      }
+  });
 }
 
 }  // namespace cpu

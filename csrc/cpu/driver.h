@@ -1,25 +1,25 @@
-// What the CPU block-sparse linear and conv2d kernels share: the instruction-set choice,
-// argument checks, the tables of live blocks, and the two parallel drivers.
+// What the CPU block-sparse linear and conv2d kernels share: the instruction-set choice, the
+// tables of live blocks, packing, and the two parallel drivers.
 //
 // Both kernels are the same two products over "rows" (pixels of a convolution, rows of a
 // linear input):
 //   dsd: out[m, block b] = sum over the live (block, tap) pairs of b of a[m, pair] @ w[pair]
 //        (forward with the row-sorted index, grad-input with the column-sorted one);
 //   sdd: dW[slot, tap] = dy[:, row block].T @ a[:, tap, column block], for live slots only.
-// A linear layer reads its rows in place. A convolution's dsd gathers, tile by tile, the
-// rows of an implicit im2col matrix [pixel][tap][channel] into a small per-thread buffer:
-// stride, padding and dilation (and their transposes for grad-input) live in that gather
-// alone. Its sdd reads runs of input pixels in place (conv.cpp).
+// The dsd packs the rows it needs, kPanelRows at a time, into a panel (isa.h): a linear layer
+// copies its rows, a convolution gathers the rows of its implicit im2col matrix (stride,
+// padding and dilation, and their transposes for grad-input, live in that gather alone).
+// The sdd reads runs of rows in place.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <optional>
 #include <cstring>
 #include <vector>
 
+#include "../ops.h"
 #include "isa.h"
 
 namespace sparse_kernels {
@@ -29,135 +29,218 @@ namespace cpu {
 // forces one (an error if the CPU lacks it). Read at every call.
 const Isa& select_isa();
 
-void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim);
-// The bias as a contiguous float32 [features] tensor, or an undefined tensor when absent.
-at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const char* op, int64_t features);
-// Block sides must be multiples of 16 (whole vectors in every ISA).
-void check_block(const char* op, int64_t bo, int64_t bi);
+// Whether the compiled kernels take this case (fp32, fp16 or bf16, computed in fp32; block sides
+// multiples of 16). The rest runs on the masked-dense reference path: the live blocks scattered
+// into a dense weight, and ATen's dense op.
+bool kernels_take(at::ScalarType dtype, int64_t bo, int64_t bi);
+// values [nnz, bo, bi, *taps] -> the dense weight [rows * bo, cols * bi, *taps], zeros at dead blocks.
+at::Tensor dense_weight(const at::Tensor& values, const LayoutShape& shape, const at::Tensor& row_idx,
+                        const at::Tensor& col_idx);
+// The inverse: the live blocks [nnz, bo, bi, *taps] of a dense [rows * bo, cols * bi, *taps].
+at::Tensor live_blocks(const at::Tensor& dense, const LayoutShape& shape, const at::Tensor& row_idx,
+                       const at::Tensor& col_idx);
 
-// The live (block, tap) pairs of each output block b < ptr.numel() - 1, in the order of
-// ptr/slots: a_offset = tap * tap_stride + other[slot] * k, w = packed + (slot * taps + tap) * k * n.
-// Checks that the index is well formed (int32, monotone pointers, indices in range).
+// fp16 and bf16 operands are widened to fp32 on the way in (the kernels compute in fp32).
+inline at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Where a dsd's panel puts each tap's inputs: the taps of one group share packed columns
+// `rows` high, tap t reading them from panel row shift[t] on. Packing one tap per group (all
+// shifts 0) works for any gather; a stride-1 convolution packs one group per kernel row, whose
+// taps read the same packed window of an image row at shifted rows.
+struct PanelLayout {
+  int64_t rows, groups;
+  std::vector<int64_t> group, shift;  // per tap
+  static PanelLayout per_tap(int64_t taps) {
+    PanelLayout layout{kPanelRows, taps, std::vector<int64_t>(taps), std::vector<int64_t>(taps, 0)};
+    for (int64_t t = 0; t < taps; ++t) layout.group[t] = t;
+    return layout;
+  }
+};
+
+// The live (block, tap) pairs of each output block b < ptr.size() - 1, in the order of the
+// index, and the input blocks they read: input block used[j] of group g is packed into the
+// k / 16 columns from (g * used.size() + j) * k / 16 on. Pair weights sit at
+// packed + (slot * taps + tap) * k * n.
 struct PairTable {
   std::vector<DsdPair> pairs;
   std::vector<int64_t> ptr;
+  std::vector<int64_t> used;  // input blocks read by some pair, ascending
+  PanelLayout layout;
+  int64_t k = 0;
+  int64_t panel_floats() const {
+    return layout.groups * static_cast<int64_t>(used.size()) * k * layout.rows;
+  }
 };
-// `values` is the op's values tensor: the slots must be its blocks.
+
+// Builds the table from an index (ptr [blocks + 1], slots [nnz], other [nnz]: the input block
+// of each slot), checking that it is well formed (monotone pointers, indices in range).
 PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& slots, const at::Tensor& other,
-                     int64_t other_blocks, int64_t taps, int64_t tap_stride, int64_t k, int64_t n,
-                     const at::Tensor& values, const float* packed);
+                     int64_t other_blocks, PanelLayout layout, int64_t k, int64_t n, const float* packed);
 
 // Checks (row_idx, col_idx, order) of a grad-weight call: order is a permutation of the slots.
 void check_slots(const char* op, const at::Tensor& row_idx, const at::Tensor& col_idx, const at::Tensor& order,
                  int64_t rows, int64_t cols);
 
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+// Tiles of a dsd's destination rows, and the source pixels each tile packs. A tile covers the
+// destination rows m0 .. m0 + rows - 1; pixels(t, out) fills out[q * groups + g] for every
+// panel row q (nullptr: zeros).
 
-// A linear layer's rows, read in place (copied only for the last, partial tile).
-struct DirectRows {
+// A linear layer's rows (row m is a + m * lda), kPanelRows at a time.
+struct DirectTiles {
   const float* a;
   int64_t lda, total;
-  // Rows [m0, m0 + rows), readable up to a multiple of `pad` rows.
-  const float* tile(int64_t m0, int64_t rows, int64_t pad, std::vector<float>& scratch) const {
-    if (m0 + round_up(rows, pad) <= total) return a + m0 * lda;
-    scratch.assign(round_up(rows, pad) * lda, 0.f);
-    if (rows * lda > 0) std::memcpy(scratch.data(), a + m0 * lda, sizeof(float) * rows * lda);
-    return scratch.data();
+  PanelLayout layout() const { return PanelLayout::per_tap(1); }
+  int64_t tiles() const { return ceil_div(total, kPanelRows); }
+  std::pair<int64_t, int64_t> tile(int64_t t) const {
+    return {t * kPanelRows, std::min(kPanelRows, total - t * kPanelRows)};
+  }
+  void pixels(int64_t t, const float** out) const {
+    const auto [m0, rows] = tile(t);
+    for (int64_t r = 0; r < rows; ++r) out[r] = a + (m0 + r) * lda;
   }
 };
 
-// Rows of the implicit im2col matrix of a convolution, [pixel][tap][channel], over the
-// destination pixels (the output for forward and grad-weight, the input for grad-input).
-struct GatherRows {
+// The implicit im2col matrix of a convolution over the destination pixels (the output for
+// forward, the input for grad-input) of an NHWC source, for any stride, padding and dilation:
+// kPanelRows pixels at a time, each tap packed on its own.
+struct GatherTiles {
   const float* src;  // NHWC [batch, src_h, src_w, channels]
-  int64_t channels, src_h, src_w, dst_h, dst_w, kh, kw;
-  int64_t stride[2], padding[2], dilation[2];
-  bool transposed;  // grad-input: dst pixel y takes the source pixel (y + p - i * d) / s
-  int64_t lda() const { return kh * kw * channels; }
-
-  // The source coordinate of destination coordinate `y` at tap `i` on axis `d`, or -1.
-  int64_t source(int64_t y, int64_t i, int d, int64_t size) const {
-    if (!transposed) {
-      const int64_t s = y * stride[d] - padding[d] + i * dilation[d];
-      return s >= 0 && s < size ? s : -1;
-    }
-    const int64_t t = y + padding[d] - i * dilation[d];
-    if (t < 0 || t % stride[d]) return -1;
-    return t / stride[d] < size ? t / stride[d] : -1;
+  int64_t channels, src_h, src_w, dst_h, dst_w, kh, kw, total;
+  // The source row of destination row y at kernel row i, source_rows[y * kh + i], and the source
+  // column of destination column x at kernel column j, source_cols[x * kw + j]; -1 outside.
+  std::vector<int64_t> source_rows, source_cols;
+  PanelLayout layout() const { return PanelLayout::per_tap(kh * kw); }
+  int64_t tiles() const { return ceil_div(total, kPanelRows); }
+  std::pair<int64_t, int64_t> tile(int64_t t) const {
+    return {t * kPanelRows, std::min(kPanelRows, total - t * kPanelRows)};
   }
-
-  void row(int64_t pixel, float* out) const {
-    const int64_t n = pixel / (dst_h * dst_w), y = pixel / dst_w % dst_h, x = pixel % dst_w;
-    for (int64_t i = 0; i < kh; ++i) {
-      const int64_t sy = source(y, i, 0, src_h);
-      for (int64_t j = 0; j < kw; ++j, out += channels) {
-        const int64_t sx = sy < 0 ? -1 : source(x, j, 1, src_w);
-        if (sx < 0)
-          std::memset(out, 0, sizeof(float) * channels);
-        else
-          std::memcpy(out, src + ((n * src_h + sy) * src_w + sx) * channels, sizeof(float) * channels);
+  void pixels(int64_t t, const float** out) const {
+    const auto [m0, rows] = tile(t);
+    int64_t x = m0 % dst_w, y = m0 / dst_w % dst_h, n = m0 / (dst_w * dst_h);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* image = src + n * src_h * src_w * channels;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t sy = source_rows[y * kh + i];
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t sx = source_cols[x * kw + j];
+          *out++ = sy < 0 || sx < 0 ? nullptr : image + (sy * src_w + sx) * channels;
+        }
+      }
+      if (++x == dst_w) {
+        x = 0;
+        if (++y == dst_h) y = 0, ++n;
       }
     }
   }
+};
 
-  const float* tile(int64_t m0, int64_t rows, int64_t pad, std::vector<float>& scratch) const {
-    scratch.resize(round_up(rows, pad) * lda());
-    std::fill(scratch.begin() + rows * lda(), scratch.end(), 0.f);
-    for (int64_t m = 0; m < rows; ++m) row(m0 + m, scratch.data() + m * lda());
-    return scratch.data();
+// A convolution whose kernel columns step through the source one pixel apart (stride 1 along
+// the width, forward or transposed): tiles are segments of one destination row, and each
+// kernel row packs one window of its source row, halo included, which all its taps read at
+// shifted rows. Packs kw times less than GatherTiles.
+struct SegmentTiles {
+  const float* src;
+  int64_t channels, src_h, src_w, dst_h, dst_w, kh, kw, batch;
+  int64_t window_shift;  // source column of panel row 0 = destination column x0 + window_shift
+  int64_t dilation;      // along the width
+  bool transposed;
+  std::vector<int64_t> source_rows;  // as GatherTiles
+  int64_t segments() const { return ceil_div(dst_w, kPanelRows); }
+  int64_t halo() const { return (kw - 1) * dilation; }
+  PanelLayout layout() const {
+    PanelLayout layout{ceil_div(dst_w, segments()) + halo(), kh, std::vector<int64_t>(kh * kw),
+                       std::vector<int64_t>(kh * kw)};
+    for (int64_t t = 0; t < kh * kw; ++t) {
+      const int64_t j = t % kw;
+      layout.group[t] = t / kw;
+      layout.shift[t] = (transposed ? kw - 1 - j : j) * dilation;
+    }
+    return layout;
+  }
+  int64_t tiles() const { return batch * dst_h * segments(); }
+  std::pair<int64_t, int64_t> tile(int64_t t) const {
+    const int64_t segs = segments(), row = t / segs, s = t % segs;
+    const int64_t x0 = s * dst_w / segs, x1 = (s + 1) * dst_w / segs;
+    return {row * dst_w + x0, x1 - x0};
+  }
+  void pixels(int64_t t, const float** out) const {
+    const int64_t segs = segments(), row = t / segs, s = t % segs, y = row % dst_h, n = row / dst_h;
+    const int64_t x0 = s * dst_w / segs, width = (s + 1) * dst_w / segs - x0 + halo();
+    const float* image = src + n * src_h * src_w * channels;
+    for (int64_t q = 0; q < width; ++q) {
+      const int64_t sx = x0 + window_shift + q;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t sy = source_rows[y * kh + i];
+        out[q * kh + i] = sy < 0 || sx < 0 || sx >= src_w ? nullptr : image + (sy * src_w + sx) * channels;
+      }
+    }
   }
 };
 
-// Rows per parallel tile: a multiple of the ISA's register tile, a gathered tile of at most
-// ~256 KB (it is reread once per output block), and enough tiles to feed every thread.
-inline int64_t tile_rows(const Isa& isa, int64_t total, int64_t lda) {
-  const int64_t mr = isa.rows_per_tile;
-  int64_t rows = std::clamp<int64_t>(65536 / std::max<int64_t>(lda, 1) / mr * mr, mr, 8 * mr);
-  const int64_t threads = at::get_num_threads();
-  while (rows > mr && (total + rows - 1) / rows < 4 * threads) rows -= mr;
-  return rows;
-}
-
-// out[m, b * n : (b + 1) * n] = bias + sum over pairs of output block b, for m < total.
-template <class Rows>
-void run_dsd(const Isa& isa, const Rows& source, int64_t total, int64_t lda, const PairTable& table, int64_t k,
-             int64_t n, const float* bias, float* out) {
-  const int64_t blocks = static_cast<int64_t>(table.ptr.size()) - 1, ldo = blocks * n;
-  const int64_t rows = tile_rows(isa, total, lda);
-  at::parallel_for(0, (total + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = t * rows, valid = std::min(rows, total - m0);
-      const float* a = source.tile(m0, valid, isa.rows_per_tile, scratch);
-      for (int64_t b = 0; b < blocks; ++b) {
+// out[m, b * n : (b + 1) * n] = bias + sum over the pairs of output block b, for every tile's
+// rows. Work items are (tile, group of output blocks): a few groups when the tiles alone would
+// not keep every thread busy; each tile is packed once per item.
+template <class Tiles>
+void run_dsd(const Isa& isa, const Tiles& tiles, const PairTable& table, int64_t n, const float* bias, float* out) {
+  const int64_t blocks = static_cast<int64_t>(table.ptr.size()) - 1, ldo = blocks * n, count = tiles.tiles();
+  if (count == 0 || blocks == 0) return;
+  const int64_t groups = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), count), 1, blocks);
+  const int64_t per_group = ceil_div(blocks, groups);
+  const PanelLayout& layout = table.layout;
+  at::parallel_for(0, count * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(table.panel_floats());
+    std::vector<const float*> pixels;
+    int64_t packed = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / groups, group = item % groups;
+      const auto [m0, rows] = tiles.tile(t);
+      if (t != packed) {
+        pixels.assign(layout.rows * layout.groups, nullptr);
+        tiles.pixels(t, pixels.data());
+        isa.pack({pixels.data(), layout.rows, layout.groups, table.used.data(),
+                  static_cast<int64_t>(table.used.size()), table.k, panel.data()});
+        packed = t;
+      }
+      for (int64_t b = group * per_group; b < std::min(blocks, (group + 1) * per_group); ++b) {
         const int64_t p = table.ptr[b];
-        isa.dsd({a, lda, valid, table.pairs.data() + p, table.ptr[b + 1] - p, k, n, bias ? bias + b * n : nullptr,
-                 out + m0 * ldo + b * n, ldo});
+        isa.dsd({panel.data(), layout.rows * kPanelWidth, table.pairs.data() + p, table.ptr[b + 1] - p, table.k, n,
+                 bias ? bias + b * n : nullptr, out + m0 * ldo + b * n, ldo, rows});
       }
     }
   });
 }
 
-// acc[slot] (contiguous [nnz][bo][bi]) = dy[:, row block].T @ a[:, column block] over
-// `total` rows, in chunks of rows that stay in cache; the threads share a chunk's slots in
-// `order` (column-sorted: neighbours read the same input columns). Each slot is summed by
-// one thread in row order, so the result does not depend on the thread count.
-inline void run_sdd(const Isa& isa, const float* a, int64_t lda, int64_t total, const float* dy, int64_t lddy,
-                    const int32_t* row_idx, const int32_t* col_idx, const int32_t* order, int64_t nnz, int64_t bo,
-                    int64_t bi, float* acc) {
-  if (nnz > 0) std::memset(acc, 0, sizeof(float) * nnz * bo * bi);
-  const int64_t chunk = 128;
-  for (int64_t m0 = 0; m0 < total && nnz > 0; m0 += chunk) {
-    const int64_t rows = std::min(chunk, total - m0);
-    at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t slot = order[i];
-        isa.sdd({dy + m0 * lddy + row_idx[slot] * bo, lddy, a + m0 * lda + col_idx[slot] * bi, lda, rows, bo, bi,
-                 acc + slot * bo * bi});
+// The runs of reduction rows an sdd reads, per (chunk of rows, tap): chunk c and tap t own
+// runs[start[c * taps + t] .. start[c * taps + t + 1]).
+struct SddPlan {
+  std::vector<SddRun> runs;
+  std::vector<int64_t> start{0};
+  int64_t chunks = 0, taps = 1;
+  // Appends a run to the current (chunk, tap), merged with the previous one where it continues it.
+  void add(int64_t dy, int64_t a, int64_t rows, int64_t dy_step, int64_t a_step) {
+    if (rows <= 0) return;
+    if (static_cast<int64_t>(runs.size()) > start.back()) {
+      SddRun& last = runs.back();
+      if (last.dy + last.rows * dy_step == dy && last.a + last.rows * a_step == a) {
+        last.rows += rows;
+        return;
       }
-    });
+    }
+    runs.push_back({dy, a, rows});
   }
-}
+  void close() { start.push_back(static_cast<int64_t>(runs.size())); }
+};
+
+// acc (contiguous [nnz][taps][bo][bi]) = dy[:, row block].T @ a[:, tap, column block] over
+// the plan's runs. Every thread takes a fixed range of (slot, tap) items (slots in `order`,
+// column-sorted: neighbours read the same input columns) and walks the chunks of rows in
+// order, so each result is summed by one thread in one order whatever the thread count, and
+// a chunk's rows stay in cache across the items. One parallel region, no barrier inside.
+void run_sdd(const Isa& isa, const float* dy, int64_t dy_step, const float* a, int64_t a_step, const SddPlan& plan,
+             const int32_t* row_idx, const int32_t* col_idx, const int32_t* order, int64_t nnz, int64_t bo,
+             int64_t bi, float* acc);
 
 }  // namespace cpu
 }  // namespace sparse_kernels

@@ -1,5 +1,5 @@
-// The plain interface between the CPU kernels' drivers (kernels.cpp) and their vectorised
-// inner loops (microkernels.h), compiled once per instruction set.
+// The plain interface between the CPU kernels' drivers (driver.h) and their vectorised inner
+// loops (microkernels.h), compiled once per instruction set.
 #pragma once
 
 #include <cstdint>
@@ -7,48 +7,75 @@
 namespace sparse_kernels {
 namespace cpu {
 
-// One live block (and tap) feeding a block of outputs: its columns start at a + a_offset
+// The dense operand of a dsd product is packed, a tile of rows at a time, into a panel of
+// columns of 16 floats: a column holds `panel_rows` rows of 16 consecutive floats of the
+// operand, so inner loops address every row at a fixed offset from one pointer.
+constexpr int64_t kPanelWidth = 16;
+// Rows per tile when tiles are plain runs of rows (and the most a register tile covers).
+constexpr int64_t kPanelRows = 24;
+
+// One live (block, tap) pair feeding a block of outputs: its k inputs start at panel + offset
+// (row 0 of the first column; the next k / 16 - 1 columns follow, column_stride floats apart),
 // and its packed weights w are [k][n], row-major.
 struct DsdPair {
-  int64_t a_offset;
+  int64_t offset;
   const float* w;
 };
 
-// out[m, 0:n] = bias[0:n] + sum over pairs p, kk < k of a[m, p.a_offset + kk] * p.w[kk, :]
-// for m < rows (rows m up to the next multiple of the ISA's rows_per_tile must be
-// readable in a); n is a multiple of 16. Rows are lda and ldo floats apart.
-struct DsdRows {
-  const float* a;
-  int64_t lda, rows;
+// out[r, 0:n] = bias[0:n] + sum over pairs p, kk < k of panel(p, r, kk) * p.w[kk, :] for
+// r < rows (<= kPanelRows); k and n are multiples of 16. Output rows are ldo floats apart.
+struct DsdTile {
+  const float* panel;
+  int64_t column_stride;
   const DsdPair* pairs;
   int64_t npairs, k, n;
   const float* bias;  // nullptr: zero
   float* out;
-  int64_t ldo;
+  int64_t ldo, rows;
 };
 
-// acc[0:bo, 0:bi] += dy[0:rows, 0:bo].T @ a[0:rows, 0:bi]; bo and bi are multiples of 16,
-// acc is contiguous [bo][bi].
+// A panel to pack: for every panel row r < rows and group g < groups, pixels[r * groups + g]
+// points at the channels of a source pixel (nullptr: zeros). Used input block j of group g
+// fills the k / 16 columns from (g * nused + j) * k / 16 on (columns `rows` rows high) with
+// floats used[j] * k onwards.
+struct PanelSource {
+  const float* const* pixels;
+  int64_t rows, groups;
+  const int64_t* used;
+  int64_t nused, k;
+  float* panel;
+};
+
+// A run of `rows` consecutive reduction rows: row m reads dy at dy + m * dy_step and a at
+// a + m * a_step (offsets in floats from SddBlock's pointers).
+struct SddRun {
+  int64_t dy, a, rows;
+};
+
+// acc[0:bo, 0:bi] += sum over runs and their rows m of dy(m)[0:bo].T @ a(m)[0:bi]; bo and bi
+// are multiples of 16, acc is contiguous [bo][bi].
 struct SddBlock {
   const float* dy;
-  int64_t lddy;
+  int64_t dy_step;
   const float* a;
-  int64_t lda, rows, bo, bi;
+  int64_t a_step;
+  const SddRun* runs;
+  int64_t nruns, bo, bi;
   float* acc;
 };
 
 struct Isa {
   const char* name;
-  int64_t rows_per_tile;
-  void (*dsd)(const DsdRows&);
+  void (*dsd)(const DsdTile&);
   void (*sdd)(const SddBlock&);
+  void (*pack)(const PanelSource&);
 };
 
 #define SPARSE_KERNELS_DECLARE_ISA(NAME) \
   namespace NAME {                       \
-  extern const int64_t rows_per_tile;    \
-  void dsd(const DsdRows&);              \
+  void dsd(const DsdTile&);              \
   void sdd(const SddBlock&);             \
+  void pack(const PanelSource&);         \
   }
 
 SPARSE_KERNELS_DECLARE_ISA(generic)

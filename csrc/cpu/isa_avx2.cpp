@@ -7,16 +7,6 @@
 #pragma GCC target("avx2,fma")
 #define SK_ISA avx2
 #define SK_VW 8
-#define SK_MR 6
-#define SK_MO 4
-#define SK_REGISTERS 16
+#define SK_ACC 12
 #include "microkernels.h"
-
-namespace sparse_kernels {
-namespace cpu {
-namespace avx2 {
-extern const int64_t rows_per_tile = SK_MR;
-}  // namespace avx2
-}  // namespace cpu
-}  // namespace sparse_kernels
 #endif

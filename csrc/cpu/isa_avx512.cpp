@@ -7,16 +7,6 @@
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 #define SK_ISA avx512
 #define SK_VW 16
-#define SK_MR 12
-#define SK_MO 8
-#define SK_REGISTERS 32
+#define SK_ACC 24
 #include "microkernels.h"
-
-namespace sparse_kernels {
-namespace cpu {
-namespace avx512 {
-extern const int64_t rows_per_tile = SK_MR;
-}  // namespace avx512
-}  // namespace cpu
-}  // namespace sparse_kernels
 #endif

@@ -1,5 +1,7 @@
-// CPU block-sparse linear, fp32: forward, grad-input and grad-weight (see driver.h).
-#include <ATen/ops/empty.h>
+// The CPU kernels of the block-sparse linear ops: forward, grad-input and grad-weight (see
+// driver.h). fp16 and bf16 operands are widened to fp32 on the way in and the result rounded
+// once on the way out; what the kernels cannot take runs on the masked-dense path.
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -10,78 +12,97 @@ namespace sparse_kernels {
 namespace cpu {
 namespace {
 
-struct Block {
-  int64_t bo, bi;
-};
+// The rows of [..., features] as a contiguous fp32 [rows, features] matrix.
+at::Tensor float_rows(const at::Tensor& t, int64_t features) { return as_float(t).reshape({-1, features}).contiguous(); }
 
-Block check_values(const at::Tensor& values, const char* op) {
-  check_float(values, op, "values", 3);
-  check_block(op, values.size(1), values.size(2));
-  return {values.size(1), values.size(2)};
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> shape = t.sizes().vec();
+  shape.back() = last;
+  return shape;
+}
+
+void check_features(const char* op, const char* name, const at::Tensor& t, int64_t features) {
+  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == features, op, ": ", name, " must have shape [..., ", features,
+                    "], got ", t.sizes());
 }
 
 // y = x @ W.T + bias: walks each output block-row's live blocks (row-sorted index).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& row_ptr, const at::Tensor& row_slots, const at::Tensor& col_idx) {
-  const char* op = "bsr_linear_cpu";
-  const auto [bo, bi] = check_values(values, op);  // make_pairs checks the block count
-  check_float(x, op, "x", 2);
-  TORCH_CHECK_VALUE(x.size(1) % bi == 0, op, ": x of shape ", x.sizes(), " is not whole blocks of ", bi);
-  const int64_t rows = row_ptr.numel() - 1, cols = x.size(1) / bi, out_features = rows * bo;
-  const at::Tensor b = checked_bias(bias, op, out_features);
-  const at::Tensor a = x.contiguous(), packed = values.transpose(1, 2).contiguous();  // [nnz][bi][bo]
-  const PairTable table =
-      make_pairs(op, row_ptr, row_slots, col_idx, cols, 1, 0, bi, bo, values, packed.data_ptr<float>());
-  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
-  const Isa& isa = select_isa();
-  run_dsd(isa, DirectRows{a.data_ptr<float>(), a.size(1), a.size(0)}, a.size(0), a.size(1), table, bi, bo,
+                  const at::Tensor& row_idx, const at::Tensor& col_idx, const at::Tensor& row_ptr,
+                  const at::Tensor& row_slots, const at::Tensor& col_ptr, const at::Tensor& col_slots) {
+  const char* op = "bsr_linear";
+  const LayoutShape L = check_layout(op, values, {row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots}, 0);
+  check_operand(op, "x", x, values);
+  const int64_t in = L.cols * L.bi, out = L.rows * L.bo;
+  check_features(op, "x", x, in);
+  check_bias(op, bias, out, values);
+  if (!kernels_take(values.scalar_type(), L.bo, L.bi))
+    return at::linear(x, dense_weight(values, L, row_idx, col_idx), bias);
+  const at::Tensor a = float_rows(x, in), packed = as_float(values).transpose(1, 2).contiguous();  // [nnz][bi][bo]
+  const PairTable table = make_pairs(op, row_ptr, row_slots, col_idx, L.cols, PanelLayout::per_tap(1), L.bi, L.bo,
+                                     packed.data_ptr<float>());
+  const at::Tensor b = bias ? as_float(*bias).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({a.size(0), out}, a.options());
+  run_dsd(select_isa(), DirectTiles{a.data_ptr<float>(), in, a.size(0)}, table, L.bo,
           b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-  return y;
+  return y.view(with_last(x, out)).to(x.scalar_type());
 }
 
 // dx = dy @ W: walks each input block-column's live blocks (column-sorted index).
-at::Tensor linear_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& col_ptr,
-                             const at::Tensor& col_slots, const at::Tensor& row_idx) {
-  const char* op = "bsr_linear_grad_input_cpu";
-  const auto [bo, bi] = check_values(values, op);
-  check_float(grad_out, op, "grad_out", 2);
-  TORCH_CHECK_VALUE(grad_out.size(1) % bo == 0, op, ": grad_out of shape ", grad_out.sizes(),
-                    " is not whole blocks of ", bo);
-  const int64_t cols = col_ptr.numel() - 1, rows = grad_out.size(1) / bo;
-  const at::Tensor a = grad_out.contiguous(), w = values.contiguous();  // [nnz][bo][bi]: k = bo, n = bi
-  const PairTable table =
-      make_pairs(op, col_ptr, col_slots, row_idx, rows, 1, 0, bo, bi, values, w.data_ptr<float>());
-  at::Tensor dx = at::empty({a.size(0), cols * bi}, a.options());
-  run_dsd(select_isa(), DirectRows{a.data_ptr<float>(), a.size(1), a.size(0)}, a.size(0), a.size(1), table, bo, bi,
-          nullptr, dx.data_ptr<float>());
-  return dx;
+at::Tensor linear_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& row_idx,
+                             const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
+                             const at::Tensor& col_ptr, const at::Tensor& col_slots) {
+  const char* op = "bsr_linear_grad_input";
+  const LayoutShape L = check_layout(op, values, {row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots}, 0);
+  check_operand(op, "grad_out", grad_out, values);
+  const int64_t in = L.cols * L.bi, out = L.rows * L.bo;
+  check_features(op, "grad_out", grad_out, out);
+  if (!kernels_take(values.scalar_type(), L.bo, L.bi))
+    return at::matmul(grad_out, dense_weight(values, L, row_idx, col_idx));
+  const at::Tensor a = float_rows(grad_out, out), w = as_float(values).contiguous();  // [nnz][bo][bi]: k = bo, n = bi
+  const PairTable table = make_pairs(op, col_ptr, col_slots, row_idx, L.rows, PanelLayout::per_tap(1), L.bo, L.bi,
+                                     w.data_ptr<float>());
+  at::Tensor dx = at::empty({a.size(0), in}, a.options());
+  run_dsd(select_isa(), DirectTiles{a.data_ptr<float>(), out, a.size(0)}, table, L.bi, nullptr, dx.data_ptr<float>());
+  return dx.view(with_last(grad_out, in)).to(grad_out.scalar_type());
 }
 
 // dW = dy.T @ x at the live blocks: [nnz, bo, bi].
 at::Tensor linear_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_idx,
-                              const at::Tensor& col_idx, const at::Tensor& col_slots, int64_t bo, int64_t bi) {
-  const char* op = "bsr_linear_grad_weight_cpu";
-  check_block(op, bo, bi);
-  check_float(grad_out, op, "grad_out", 2);
-  check_float(x, op, "x", 2);
-  TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) % bo == 0 && x.size(1) % bi == 0, op,
-                    ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must have the same rows and whole blocks");
-  const int64_t nnz = row_idx.numel();
-  check_slots(op, row_idx, col_idx, col_slots, grad_out.size(1) / bo, x.size(1) / bi);
-  const at::Tensor dy = grad_out.contiguous(), a = x.contiguous();
-  at::Tensor dw = at::empty({nnz, bo, bi}, x.options());
-  run_sdd(select_isa(), a.data_ptr<float>(), a.size(1), a.size(0), dy.data_ptr<float>(), dy.size(1),
-          row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), nnz, bo, bi,
-          dw.data_ptr<float>());
-  return dw;
+                              const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
+                              const at::Tensor& col_ptr, const at::Tensor& col_slots, int64_t bo, int64_t bi) {
+  const char* op = "bsr_linear_grad_weight";
+  const LayoutIndex index{row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots};
+  const LayoutShape L = check_index(op, index, row_idx.size(0), bo, bi, x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+                   dtype_name(x.scalar_type()));
+  check_operand(op, "grad_out", grad_out, x, "x");
+  const int64_t in = L.cols * bi, out = L.rows * bo;
+  check_features(op, "x", x, in);
+  check_features(op, "grad_out", grad_out, out);
+  TORCH_CHECK_VALUE(grad_out.numel() / out == x.numel() / in, op, ": grad_out ", grad_out.sizes(), " and x ",
+                    x.sizes(), " must have the same rows");
+  if (!kernels_take(x.scalar_type(), bo, bi))
+    return live_blocks(grad_out.reshape({-1, out}).t().matmul(x.reshape({-1, in})), L, row_idx, col_idx);
+  const at::Tensor dy = float_rows(grad_out, out), a = float_rows(x, in);
+  check_slots(op, row_idx, col_idx, col_slots, L.rows, L.cols);
+  SddPlan plan;  // chunks of 128 rows: a chunk of dy and x stays in cache across the slots
+  for (int64_t m0 = 0; m0 < a.size(0); m0 += 128, ++plan.chunks) {
+    plan.add(m0 * out, m0 * in, std::min<int64_t>(128, a.size(0) - m0), out, in);
+    plan.close();
+  }
+  at::Tensor dw = at::empty({L.nnz, bo, bi}, a.options());
+  run_sdd(select_isa(), dy.data_ptr<float>(), out, a.data_ptr<float>(), in, plan, row_idx.data_ptr<int32_t>(),
+          col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), L.nnz, bo, bi, dw.data_ptr<float>());
+  return dw.to(x.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
-  m.impl("bsr_linear_cpu", &linear);
-  m.impl("bsr_linear_grad_input_cpu", &linear_grad_input);
-  m.impl("bsr_linear_grad_weight_cpu", &linear_grad_weight);
+  m.impl("bsr_linear", &linear);
+  m.impl("bsr_linear_grad_input", &linear_grad_input);
+  m.impl("bsr_linear_grad_weight", &linear_grad_weight);
 }
 
 }  // namespace cpu

@@ -1,204 +1,41 @@
-"""``bsr_conv2d``: the public op, its ``torch.library`` registration, autograd and dispatch.
+"""``bsr_conv2d``: the public op, and the kernels of the conv2d ops registered from Python.
 
-Three custom ops, each with a fake implementation:
+The ops (schemas in csrc/ops.cpp, routed by torch's dispatcher):
 
-* ``sparse_kernels::bsr_conv2d``             y  = conv2d(x, W) + bias   (differentiable)
+* ``sparse_kernels::bsr_conv2d``             y  = conv2d(x, W) + bias   (differentiable:
+  Autograd and Autocast kernels in csrc/autograd.cpp)
 * ``sparse_kernels::bsr_conv2d_grad_input``  dx = conv_transpose2d(dy, W)
 * ``sparse_kernels::bsr_conv2d_grad_weight`` dW = the weight gradient at live blocks
 
 A weight ``[Cout, Cin, kh, kw]`` is block-sparse over channel blocks: the layout is
 ``[Cout / bo, Cin / bi]`` and a live block holds all taps, ``values [nnz, bo, bi, kh, kw]``.
-1x1 convolutions with stride 1 and no padding run on the linear ops (on CPU, for channels-last
-inputs only).
-
-Outputs follow the memory format of the op's first input, as ``F.conv2d`` does: a
-channels-last input gives a channels-last output (the fast path on a GPU), anything
-else a contiguous one.
+Outputs are channels-last when the input is (or, for the forward, when ``channels_last`` is
+set, as ``F.conv2d`` gives for a channels-last weight), contiguous otherwise. Kernels: C++ for
+CPU (csrc/cpu/conv.cpp); registered here: Triton for CUDA (1x1 convolutions on the linear
+kernels; the reference where Triton cannot take a case), the fake kernels, and the pure-torch
+references by name for :func:`sparse_kernels.backend.override`.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
+from ..backend import triton_unsupported_reason
 from ..layout import BlockSparseLayout, check_values
 from ..reference import (
     bsr_conv2d_grad_input_reference,
     bsr_conv2d_grad_weight_reference,
     bsr_conv2d_reference,
 )
-from .common import (
-    autocast_operands,
-    backend_for,
-    check_activation,
-    check_bias,
-    check_features,
-    conv_output_size,
-    launchers,
-    layout_of,
-)
-from .linear import bsr_linear
+from ..shapes import IntPair, conv_output_size, explicit_padding, int_pair
+from .common import check_activation, check_bias, check_features, layout_of, memory_format
 
-IntPair = Union[int, Sequence[int]]
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """channels-last if ``t`` is stored so (and not also plainly contiguous), else contiguous."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-# --------------------------------------------------------------------------- forward op
-@torch.library.custom_op("sparse_kernels::bsr_conv2d", mutates_args=())
-def _bsr_conv2d_op(
-    x: Tensor,
-    values: Tensor,
-    bias: Optional[Tensor],
-    index: List[Tensor],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-) -> Tensor:
-    block_size = values.shape[1:3]
-    check_features("bsr_conv2d", "x", x, index, block_size[1], "in")
-    backend = backend_for(x, block_size)
-    if backend != "reference":
-        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        y = launchers(backend, "conv").bsr_conv2d_fwd(x, values, row_ptr, row_slots, col_idx, bias, stride, padding,
-                                                      dilation)
-    else:
-        y = bsr_conv2d_reference(x, values, layout_of(block_size, index), bias, stride, padding, dilation)
-    return y.contiguous(memory_format=_memory_format(x))
-
-
-@_bsr_conv2d_op.register_fake
-def _(x, values, bias, index, stride, padding, dilation):
-    kh, kw = values.shape[3], values.shape[4]
-    out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    out_channels = (index[2].shape[0] - 1) * values.shape[1]
-    return x.new_empty(x.shape[0], out_channels, out_h, out_w).contiguous(memory_format=_memory_format(x))
-
-
-# --------------------------------------------------------------------------- backward ops
-@torch.library.custom_op("sparse_kernels::bsr_conv2d_grad_input", mutates_args=())
-def _bsr_conv2d_grad_input_op(
-    grad_out: Tensor,
-    values: Tensor,
-    index: List[Tensor],
-    input_hw: List[int],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-) -> Tensor:
-    block_size = values.shape[1:3]
-    check_features("bsr_conv2d_grad_input", "grad_out", grad_out, index, block_size[0], "out")
-    backend = backend_for(grad_out, block_size)
-    if backend != "reference":
-        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        dx = launchers(backend, "conv").bsr_conv2d_grad_input(
-            grad_out, values, col_ptr, col_slots, row_idx, input_hw, stride, padding, dilation
-        )
-    else:
-        layout = layout_of(block_size, index)
-        input_shape = (grad_out.shape[0], layout.shape[1], *input_hw)
-        dx = bsr_conv2d_grad_input_reference(grad_out, values, layout, input_shape, stride, padding, dilation)
-    return dx.contiguous(memory_format=_memory_format(grad_out))
-
-
-@_bsr_conv2d_grad_input_op.register_fake
-def _(grad_out, values, index, input_hw, stride, padding, dilation):
-    in_channels = (index[4].shape[0] - 1) * values.shape[2]
-    dx = grad_out.new_empty(grad_out.shape[0], in_channels, *input_hw)
-    return dx.contiguous(memory_format=_memory_format(grad_out))
-
-
-@torch.library.custom_op("sparse_kernels::bsr_conv2d_grad_weight", mutates_args=())
-def _bsr_conv2d_grad_weight_op(
-    grad_out: Tensor,
-    x: Tensor,
-    index: List[Tensor],
-    block_shape: List[int],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-) -> Tensor:
-    block_size = block_shape[:2]
-    check_features("bsr_conv2d_grad_weight", "grad_out", grad_out, index, block_size[0], "out")
-    check_features("bsr_conv2d_grad_weight", "x", x, index, block_size[1], "in")
-    backend = backend_for(x, block_size)
-    if backend != "reference":
-        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        order = row_slots if backend == "triton" else col_slots  # as for linear
-        return launchers(backend, "conv").bsr_conv2d_grad_weight(
-            grad_out, x, row_idx, col_idx, order, block_shape, stride, padding, dilation
-        )
-    layout = layout_of(block_size, index)
-    return bsr_conv2d_grad_weight_reference(
-        grad_out, x, layout, block_shape[2:], stride, padding, dilation
-    ).contiguous()
-
-
-@_bsr_conv2d_grad_weight_op.register_fake
-def _(grad_out, x, index, block_shape, stride, padding, dilation):
-    return x.new_empty(index[0].shape[0], *block_shape)
-
-
-# --------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
-    x, values, bias, index, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, values, *index)
-    ctx.has_bias = bias is not None
-    ctx.conv = (stride, padding, dilation)
-
-
-def _backward(ctx, grad_out):
-    # grad_out arrives strided like y, i.e. in x's memory format (autograd restrides it).
-    x, values, *index = ctx.saved_tensors
-    grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _bsr_conv2d_grad_input_op(grad_out, values, index, list(x.shape[2:]), *ctx.conv)
-    if ctx.needs_input_grad[1]:
-        grad_values = _bsr_conv2d_grad_weight_op(grad_out, x, index, list(values.shape[1:]), *ctx.conv)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        accumulate = torch.promote_types(grad_out.dtype, torch.float32)
-        grad_bias = grad_out.sum((0, 2, 3), dtype=accumulate).to(grad_out.dtype)
-    return grad_x, grad_values, grad_bias, [None] * len(index), None, None, None
-
-
-_bsr_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_ops = torch.ops.sparse_kernels
 
 
 # --------------------------------------------------------------------------- public op
-def _pair(name: str, value: IntPair, minimum: int) -> Tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
-    if (
-        pair is None or len(pair) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
-    ):
-        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
-    return pair
-
-
-def explicit_padding(padding, kernel: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
-    """Explicit ``(pad_h, pad_w)`` from an int, a pair, ``"valid"`` or ``"same"``."""
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        if stride != (1, 1):
-            raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-        if any(total % 2 for total in totals):
-            raise ValueError(
-                f"padding='same' with kernel {kernel} and dilation {dilation} needs uneven padding, "
-                f"which bsr_conv2d does not do; pad the input with F.pad instead"
-            )
-        return (totals[0] // 2, totals[1] // 2)
-    return _pair("padding", padding, 0)
-
-
 def bsr_conv2d(
     x: Tensor,
     values: Tensor,
@@ -226,7 +63,6 @@ def bsr_conv2d(
     """
     if groups != 1:
         raise ValueError(f"bsr_conv2d supports groups=1 only, got groups={groups!r}")
-    x, values, bias = autocast_operands(x, values, bias)
     if isinstance(values, Tensor) and values.dim() != 5:
         raise ValueError(f"values must be [nnz, bo, bi, kh, kw], got shape {tuple(values.shape)}")
     check_values(values, layout, taps=2)
@@ -243,8 +79,8 @@ def bsr_conv2d(
             f"({layout.grid[1]} blocks of {layout.block_size[1]}); x has shape {tuple(x.shape)}"
         )
     kernel = (values.shape[3], values.shape[4])
-    stride = _pair("stride", stride, 1)
-    dilation = _pair("dilation", dilation, 1)
+    stride = int_pair("stride", stride, 1)
+    dilation = int_pair("dilation", dilation, 1)
     padding = explicit_padding(padding, kernel, stride, dilation)
     out_hw = [conv_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2)]
     if min(out_hw) <= 0:
@@ -253,20 +89,148 @@ def bsr_conv2d(
             f"padding {padding} and dilation {dilation}"
         )
     check_bias(bias, out_channels, x)
-    # A 1x1 convolution is a linear layer over channels-last pixels. An NCHW input on CPU
-    # stays on the conv ops instead: their tiled transposes beat torch's permuting copy.
-    pointwise = kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
-    if pointwise and (x.is_cuda or _memory_format(x) == torch.channels_last):
-        y = _pointwise(x, values, layout, bias)
-    else:
-        y = _bsr_conv2d_op(x, values, bias, list(layout.tensors()), list(stride), list(padding), list(dilation))
+    y = _ops.bsr_conv2d.default(x, values, bias, *layout.tensors(), stride, padding, dilation)
     return y.squeeze(0) if unbatched else y
 
 
-def _pointwise(x: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor]) -> Tensor:
-    """A 1x1 convolution as a block-sparse linear over the pixels (channels-last rows)."""
-    batch, channels, height, width = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)
-    y = bsr_linear(rows, values.reshape(values.shape[:3]), layout, bias)
-    y = y.view(batch, height, width, -1).permute(0, 3, 1, 2)
-    return y.contiguous(memory_format=_memory_format(x))
+# --------------------------------------------------------------------------- fake kernels
+def _output_format(x: Tensor, channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else memory_format(x)
+
+
+@torch.library.register_fake("sparse_kernels::bsr_conv2d")
+def _(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, stride, padding, dilation,
+      channels_last=False):
+    kh, kw = values.shape[3], values.shape[4]
+    out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    out_channels = (row_ptr.shape[0] - 1) * values.shape[1]
+    return x.new_empty(x.shape[0], out_channels, out_h, out_w).contiguous(memory_format=_output_format(x, channels_last))
+
+
+@torch.library.register_fake("sparse_kernels::bsr_conv2d_grad_input")
+def _(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, input_size, stride, padding,
+      dilation):
+    in_channels = (col_ptr.shape[0] - 1) * values.shape[2]
+    dx = grad_out.new_empty(grad_out.shape[0], in_channels, *input_size)
+    return dx.contiguous(memory_format=memory_format(grad_out))
+
+
+@torch.library.register_fake("sparse_kernels::bsr_conv2d_grad_weight")
+def _(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_shape, stride, padding, dilation):
+    return x.new_empty(row_idx.shape[0], *block_shape)
+
+
+# --------------------------------------------------------------------------- reference kernels
+def _forward_reference(x, values, bias, *index_and_conv):
+    *index, stride, padding, dilation = index_and_conv[:9]
+    channels_last = bool(index_and_conv[9]) if len(index_and_conv) > 9 else False
+    layout = layout_of(values.shape[1:3], index)
+    check_features("bsr_conv2d", "x", x, layout.shape[1], dim=1)
+    y = bsr_conv2d_reference(x, values, layout, bias, stride, padding, dilation)
+    return y.contiguous(memory_format=_output_format(x, channels_last))
+
+
+def _grad_input_reference(grad_out, values, *index_and_conv):
+    *index, input_size, stride, padding, dilation = index_and_conv
+    layout = layout_of(values.shape[1:3], index)
+    check_features("bsr_conv2d_grad_input", "grad_out", grad_out, layout.shape[0], dim=1)
+    input_shape = (grad_out.shape[0], layout.shape[1], *input_size)
+    dx = bsr_conv2d_grad_input_reference(grad_out, values, layout, input_shape, stride, padding, dilation)
+    return dx.contiguous(memory_format=memory_format(grad_out))
+
+
+def _grad_weight_reference(grad_out, x, *index_and_conv):
+    *index, block_shape, stride, padding, dilation = index_and_conv
+    layout = layout_of(block_shape[:2], index)
+    check_features("bsr_conv2d_grad_weight", "grad_out", grad_out, layout.shape[0], dim=1)
+    check_features("bsr_conv2d_grad_weight", "x", x, layout.shape[1], dim=1)
+    return bsr_conv2d_grad_weight_reference(grad_out, x, layout, block_shape[2:], stride, padding, dilation).contiguous()
+
+
+REFERENCE_KERNELS: Dict[str, Callable] = {
+    "bsr_conv2d": _forward_reference,
+    "bsr_conv2d_grad_input": _grad_input_reference,
+    "bsr_conv2d_grad_weight": _grad_weight_reference,
+}
+
+
+# --------------------------------------------------------------------------- Triton kernels
+def _pointwise(kernel, stride, padding) -> bool:
+    """A 1x1 convolution without stride or padding: a linear layer over the pixels."""
+    return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def _pixels(t: Tensor) -> Tensor:
+    """``[N, C, H, W] -> [N * H * W, C]`` (a view of a channels-last tensor)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _image(rows: Tensor, like: Tensor) -> Tensor:
+    """``[N * H * W, C] -> [N, C, H, W]``, channels-last, with ``like``'s batch and size."""
+    return rows.view(like.shape[0], like.shape[2], like.shape[3], -1).permute(0, 3, 1, 2)
+
+
+def triton_kernels(strict: bool) -> Dict[str, Callable]:
+    """The Triton kernels of the three ops, by name. Cases Triton cannot take (fp64, block
+    sides that are not powers of two >= 16) run on the references, or raise if ``strict``."""
+
+    def takes(op: str, t: Tensor, block_size) -> bool:
+        reason = triton_unsupported_reason(t.device, t.dtype, tuple(block_size))
+        if reason is not None and strict:
+            raise ValueError(f"{op}: the Triton kernels cannot run this: {reason}")
+        return reason is None
+
+    def forward(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, stride, padding,
+                dilation, channels_last=False):
+        index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+        check_features("bsr_conv2d", "x", x, (col_ptr.shape[0] - 1) * values.shape[2], dim=1)
+        if not takes("bsr_conv2d", x, values.shape[1:3]):
+            return _forward_reference(x, values, bias, *index, stride, padding, dilation, channels_last)
+        from ..triton import conv, linear
+
+        if _pointwise(values.shape[3:], stride, padding):
+            rows = linear.bsr_linear_fwd(_pixels(x), values.reshape(values.shape[:3]), row_ptr, row_slots, col_idx,
+                                         bias)
+            y = _image(rows, x)
+        else:
+            y = conv.bsr_conv2d_fwd(x, values, row_ptr, row_slots, col_idx, bias, stride, padding, dilation)
+        return y.contiguous(memory_format=_output_format(x, channels_last))
+
+    def grad_input(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, input_size, stride,
+                   padding, dilation):
+        index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+        check_features("bsr_conv2d_grad_input", "grad_out", grad_out, (row_ptr.shape[0] - 1) * values.shape[1], dim=1)
+        if not takes("bsr_conv2d_grad_input", grad_out, values.shape[1:3]):
+            return _grad_input_reference(grad_out, values, *index, input_size, stride, padding, dilation)
+        from ..triton import conv, linear
+
+        if _pointwise(values.shape[3:], stride, padding):
+            dx = _image(linear.bsr_linear_grad_input(_pixels(grad_out), values.reshape(values.shape[:3]), col_ptr,
+                                                     col_slots, row_idx), grad_out)
+        else:
+            dx = conv.bsr_conv2d_grad_input(grad_out, values, col_ptr, col_slots, row_idx, input_size, stride, padding,
+                                            dilation)
+        return dx.contiguous(memory_format=memory_format(grad_out))
+
+    def grad_weight(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_shape, stride,
+                    padding, dilation):
+        index = (row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+        check_features("bsr_conv2d_grad_weight", "grad_out", grad_out, (row_ptr.shape[0] - 1) * block_shape[0], dim=1)
+        check_features("bsr_conv2d_grad_weight", "x", x, (col_ptr.shape[0] - 1) * block_shape[1], dim=1)
+        if not takes("bsr_conv2d_grad_weight", x, block_shape[:2]):
+            return _grad_weight_reference(grad_out, x, *index, block_shape, stride, padding, dilation)
+        from ..triton import conv, linear
+
+        if _pointwise(block_shape[2:], stride, padding):
+            dw = linear.bsr_linear_grad_weight(_pixels(grad_out), _pixels(x), row_idx, col_idx, row_slots,
+                                               tuple(block_shape[:2]))
+            return dw.reshape(*dw.shape, 1, 1)
+        return conv.bsr_conv2d_grad_weight(grad_out, x, row_idx, col_idx, row_slots, block_shape, stride, padding,
+                                           dilation)
+
+    return {"bsr_conv2d": forward, "bsr_conv2d_grad_input": grad_input, "bsr_conv2d_grad_weight": grad_weight}
+
+
+for _name, _kernel in triton_kernels(strict=False).items():
+    torch.library.register_kernel(f"sparse_kernels::{_name}", "cuda", _kernel)

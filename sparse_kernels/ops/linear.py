@@ -1,128 +1,38 @@
-"""``bsr_linear``: the public op, its ``torch.library`` registration, autograd and dispatch.
+"""``bsr_linear``: the public op, and the kernels of the linear ops registered from Python.
 
-Three custom ops, opaque to ``torch.compile`` and each with a fake (meta) implementation:
+The ops (schemas in csrc/ops.cpp, routed by torch's dispatcher):
 
-* ``sparse_kernels::bsr_linear``             y  = x @ W.T + bias      (differentiable)
+* ``sparse_kernels::bsr_linear``             y  = x @ W.T + bias   (differentiable: Autograd
+  and Autocast kernels in csrc/autograd.cpp)
 * ``sparse_kernels::bsr_linear_grad_input``  dx = dy @ W
 * ``sparse_kernels::bsr_linear_grad_weight`` dW = (dy.T @ x) at live blocks
 
-They take 2-D activations and the layout as the list of its six index tensors; each
-picks the Triton kernels or the reference at call time (see :mod:`sparse_kernels.backend`).
+each taking the layout as its six index tensors (``layout.tensors()``). Kernels: C++ for CPU
+(csrc/cpu/linear.cpp); registered here: Triton for CUDA (the reference where Triton cannot
+take a case), the fake kernels for ``torch.compile``, and the pure-torch references by name
+for :func:`sparse_kernels.backend.override`.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
+from ..backend import triton_unsupported_reason
 from ..layout import BlockSparseLayout, check_values
-from .common import (
-    autocast_operands,
-    backend_for,
-    check_activation,
-    check_bias,
-    check_features,
-    launchers,
-    layout_of,
-)
 from ..reference import (
     bsr_linear_grad_input_reference,
     bsr_linear_grad_weight_reference,
     bsr_linear_reference,
 )
+from .common import check_activation, check_bias, check_features, layout_of
 
-
-# The ops take the layout as ``index = layout.tensors()``:
-# [row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots].
-
-# --------------------------------------------------------------------------- forward op
-@torch.library.custom_op("sparse_kernels::bsr_linear", mutates_args=())
-def _bsr_linear_op(x: Tensor, values: Tensor, bias: Optional[Tensor], index: List[Tensor]) -> Tensor:
-    block_size = values.shape[1:3]
-    check_features("bsr_linear", "x", x, index, block_size[1], "in")
-    backend = backend_for(x, block_size)
-    if backend != "reference":
-        kernels = launchers(backend, "linear")
-        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        return kernels.bsr_linear_fwd(x, values, row_ptr, row_slots, col_idx, bias)
-    return bsr_linear_reference(x, values, layout_of(block_size, index), bias)
-
-
-@_bsr_linear_op.register_fake
-def _(x, values, bias, index):
-    return x.new_empty(x.shape[0], (index[2].shape[0] - 1) * values.shape[1])
-
-
-# --------------------------------------------------------------------------- backward ops
-@torch.library.custom_op("sparse_kernels::bsr_linear_grad_input", mutates_args=())
-def _bsr_linear_grad_input_op(grad_out: Tensor, values: Tensor, index: List[Tensor]) -> Tensor:
-    block_size = values.shape[1:3]
-    check_features("bsr_linear_grad_input", "grad_out", grad_out, index, block_size[0], "out")
-    backend = backend_for(grad_out, block_size)
-    if backend != "reference":
-        kernels = launchers(backend, "linear")
-        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        return kernels.bsr_linear_grad_input(grad_out, values, col_ptr, col_slots, row_idx)
-    return bsr_linear_grad_input_reference(grad_out, values, layout_of(block_size, index))
-
-
-@_bsr_linear_grad_input_op.register_fake
-def _(grad_out, values, index):
-    return grad_out.new_empty(grad_out.shape[0], (index[4].shape[0] - 1) * values.shape[2])
-
-
-@torch.library.custom_op("sparse_kernels::bsr_linear_grad_weight", mutates_args=())
-def _bsr_linear_grad_weight_op(
-    grad_out: Tensor, x: Tensor, block_out: int, block_in: int, index: List[Tensor]
-) -> Tensor:
-    block_size = (block_out, block_in)
-    check_features("bsr_linear_grad_weight", "grad_out", grad_out, index, block_out, "out")
-    check_features("bsr_linear_grad_weight", "x", x, index, block_in, "in")
-    backend = backend_for(x, block_size)
-    if backend != "reference":
-        kernels = launchers(backend, "linear")
-        row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = index
-        # Triton walks the slots in row order; the CPU kernel shares them among threads in
-        # column order (neighbours reread the same input columns).
-        order = row_slots if backend == "triton" else col_slots
-        return kernels.bsr_linear_grad_weight(grad_out, x, row_idx, col_idx, order, block_size)
-    return bsr_linear_grad_weight_reference(grad_out, x, layout_of(block_size, index))
-
-
-@_bsr_linear_grad_weight_op.register_fake
-def _(grad_out, x, block_out, block_in, index):
-    return x.new_empty(index[0].shape[0], block_out, block_in)
-
-
-# --------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
-    x, values, bias, index = inputs
-    ctx.save_for_backward(x, values, *index)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, values, *index = ctx.saved_tensors
-    grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _bsr_linear_grad_input_op(grad_out, values, index)
-    if ctx.needs_input_grad[1]:
-        grad_values = _bsr_linear_grad_weight_op(grad_out, x, values.shape[1], values.shape[2], index)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        # Accumulate in at least fp32, as the kernels do.
-        accumulate = torch.promote_types(grad_out.dtype, torch.float32)
-        grad_bias = grad_out.sum(0, dtype=accumulate).to(grad_out.dtype)
-    return grad_x, grad_values, grad_bias, [None] * len(index)
-
-
-_bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_ops = torch.ops.sparse_kernels
 
 
 # --------------------------------------------------------------------------- public op
-def bsr_linear(
-    x: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor] = None
-) -> Tensor:
+def bsr_linear(x: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor] = None) -> Tensor:
     """Block-sparse linear: ``y = x @ to_dense(values, layout).T + bias``.
 
     Args:
@@ -135,13 +45,102 @@ def bsr_linear(
         ``y: [..., out]``, differentiable in ``x``, ``values`` and ``bias``. Kernels
         accumulate in fp32. Under ``torch.autocast`` the operands run in its dtype.
     """
-    x, values, bias = autocast_operands(x, values, bias)
     check_values(values, layout)
     check_activation("x", x, values)
     out_features, in_features = layout.shape
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
     check_bias(bias, out_features, x)
-    x_2d = x.reshape(-1, in_features)
-    y = _bsr_linear_op(x_2d, values, bias, list(layout.tensors()))
-    return y.reshape(*x.shape[:-1], out_features)
+    return _ops.bsr_linear.default(x, values, bias, *layout.tensors())
+
+
+# --------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("sparse_kernels::bsr_linear")
+def _(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+    return x.new_empty(*x.shape[:-1], (row_ptr.shape[0] - 1) * values.shape[1])
+
+
+@torch.library.register_fake("sparse_kernels::bsr_linear_grad_input")
+def _(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+    return grad_out.new_empty(*grad_out.shape[:-1], (col_ptr.shape[0] - 1) * values.shape[2])
+
+
+@torch.library.register_fake("sparse_kernels::bsr_linear_grad_weight")
+def _(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_out, block_in):
+    return x.new_empty(row_idx.shape[0], block_out, block_in)
+
+
+# --------------------------------------------------------------------------- reference kernels
+def _forward_reference(x, values, bias, *index):
+    layout = layout_of(values.shape[1:3], index)
+    check_features("bsr_linear", "x", x, layout.shape[1])
+    return bsr_linear_reference(x, values, layout, bias)
+
+
+def _grad_input_reference(grad_out, values, *index):
+    layout = layout_of(values.shape[1:3], index)
+    check_features("bsr_linear_grad_input", "grad_out", grad_out, layout.shape[0])
+    return bsr_linear_grad_input_reference(grad_out, values, layout)
+
+
+def _grad_weight_reference(grad_out, x, *index_and_block):
+    *index, block_out, block_in = index_and_block
+    layout = layout_of((block_out, block_in), index)
+    check_features("bsr_linear_grad_weight", "grad_out", grad_out, layout.shape[0])
+    check_features("bsr_linear_grad_weight", "x", x, layout.shape[1])
+    return bsr_linear_grad_weight_reference(grad_out, x, layout)
+
+
+REFERENCE_KERNELS: Dict[str, Callable] = {
+    "bsr_linear": _forward_reference,
+    "bsr_linear_grad_input": _grad_input_reference,
+    "bsr_linear_grad_weight": _grad_weight_reference,
+}
+
+
+# --------------------------------------------------------------------------- Triton kernels
+def triton_kernels(strict: bool) -> Dict[str, Callable]:
+    """The Triton kernels of the three ops, by name. Cases Triton cannot take (fp64, block
+    sides that are not powers of two >= 16) run on the references, or raise if ``strict``."""
+
+    def takes(op: str, t: Tensor, block_size) -> bool:
+        reason = triton_unsupported_reason(t.device, t.dtype, tuple(block_size))
+        if reason is not None and strict:
+            raise ValueError(f"{op}: the Triton kernels cannot run this: {reason}")
+        return reason is None
+
+    def forward(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+        check_features("bsr_linear", "x", x, (col_ptr.shape[0] - 1) * values.shape[2])
+        if not takes("bsr_linear", x, values.shape[1:3]):
+            return _forward_reference(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+        from ..triton import linear as kernels
+
+        y = kernels.bsr_linear_fwd(x.reshape(-1, x.shape[-1]), values, row_ptr, row_slots, col_idx, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def grad_input(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+        check_features("bsr_linear_grad_input", "grad_out", grad_out, (row_ptr.shape[0] - 1) * values.shape[1])
+        if not takes("bsr_linear_grad_input", grad_out, values.shape[1:3]):
+            return _grad_input_reference(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
+        from ..triton import linear as kernels
+
+        dx = kernels.bsr_linear_grad_input(grad_out.reshape(-1, grad_out.shape[-1]), values, col_ptr, col_slots,
+                                           row_idx)
+        return dx.view(*grad_out.shape[:-1], dx.shape[-1])
+
+    def grad_weight(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_out, block_in):
+        check_features("bsr_linear_grad_weight", "grad_out", grad_out, (row_ptr.shape[0] - 1) * block_out)
+        check_features("bsr_linear_grad_weight", "x", x, (col_ptr.shape[0] - 1) * block_in)
+        if not takes("bsr_linear_grad_weight", x, (block_out, block_in)):
+            return _grad_weight_reference(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
+                                          block_out, block_in)
+        from ..triton import linear as kernels
+
+        return kernels.bsr_linear_grad_weight(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                              row_idx, col_idx, row_slots, (block_out, block_in))
+
+    return {"bsr_linear": forward, "bsr_linear_grad_input": grad_input, "bsr_linear_grad_weight": grad_weight}
+
+
+for _name, _kernel in triton_kernels(strict=False).items():
+    torch.library.register_kernel(f"sparse_kernels::{_name}", "cuda", _kernel)

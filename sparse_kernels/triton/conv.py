@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.common import conv_output_size
+from ..shapes import conv_output_size
 from .common import autotune_configs, check_operands, interpreting, on_device, precision_and_upcast
 
 Pair = Tuple[int, int]

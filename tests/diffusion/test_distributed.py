@@ -11,7 +11,6 @@ from torch import nn
 
 
 def _worker(rank, world_size, init_file, algo_name, results):
-    os.environ["SPARSE_KERNELS_BACKEND"] = "reference"
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: containers may resolve the host name elsewhere
     import sparse_diffusion as sd
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparse_kernels as sk
-from sparse_kernels.masks import build_index
+from sparse_kernels.layout import build_index
 
 
 @st.composite

@@ -1,7 +1,7 @@
 """The comparisons of test_linear.py on a CUDA device, at larger shapes (autotuned kernels)."""
 import pytest
 import torch
-from helpers import run_case, use_backend
+from helpers import run_case
 
 pytestmark = pytest.mark.gpu
 
@@ -19,11 +19,11 @@ GPU_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"x{c[0]}-b{c[1]}-g{c[2]}-{c[3]}")
-def test_triton_on_gpu_matches_masked_dense(case, dtype, monkeypatch):
-    use_backend(monkeypatch, "triton", "cuda")
+def test_triton_on_gpu_matches_masked_dense(case, dtype, use_backend):
+    use_backend("triton", "cuda")
     run_case(case, dtype, "cuda")
 
 
-def test_forced_reference_on_gpu(monkeypatch):
-    use_backend(monkeypatch, "reference", "cuda")
+def test_forced_reference_on_gpu(use_backend):
+    use_backend("reference", "cuda")
     run_case(((300,), 32, (8, 8), "random", True), torch.bfloat16, "cuda")

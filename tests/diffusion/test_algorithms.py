@@ -10,12 +10,6 @@ import sparse_diffusion as sd
 import sparse_kernels as sk
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    """These tests are about the training layer; the kernels have their own tests."""
-    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "reference")
-
-
 def two_block_layer(small=(0, 0), large=(1, 1)):
     """BlockSparseLinear 32 -> 32, blocks 16, live (0,0) with a small norm and (1,1) with a large one."""
     mask = torch.zeros(2, 2, dtype=torch.bool)

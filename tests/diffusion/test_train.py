@@ -13,7 +13,6 @@ from sparse_diffusion.train import TrainConfig, Trainer, train
 
 @pytest.fixture(autouse=True)
 def _fast_and_private(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "reference")  # the kernels have their own tests
     monkeypatch.setenv("SPARSE_DIFFUSION_CACHE", str(tmp_path / "cache"))
 
 
@@ -60,7 +59,7 @@ def test_every_model_with_every_method(tmp_path, autoencoder, model, method):
     assert (results["sparsity"] > 0.3) == (method != "dense")
     assert results.get("mask_updates", 0) == (1 if method in ("rigl", "magran") else 0)
     summary = (tmp_path / "run" / "summary.md").read_text()
-    expected = "dense model (no sparsity)" if method == "dense" else "weight layers sparsified"
+    expected = "dense model (no sparsity)" if method == "dense" else "weight layers block-sparse"
     assert "## Sparsity" in summary and expected in summary
 
 

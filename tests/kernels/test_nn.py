@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, naive_blocks, use_backend
+from helpers import BACKENDS, naive_blocks
 
 import sparse_kernels as sk
 
@@ -33,8 +33,8 @@ def test_density_rounding_and_limits():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_equals_dense_linear_of_to_dense(backend, monkeypatch):
-    use_backend(monkeypatch, backend, "cpu")
+def test_forward_equals_dense_linear_of_to_dense(backend, use_backend):
+    use_backend(backend, "cpu")
     layer = sk.BlockSparseLinear(48, 32, block_size=16, density=0.5)
     x = torch.randn(2, 3, 48)
     torch.testing.assert_close(layer(x), F.linear(x, layer.to_dense(), layer.bias), rtol=1e-5, atol=1e-5)
@@ -135,8 +135,8 @@ def test_conv_module_parameters_and_attributes():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_conv_from_dense_keeps_the_largest_blocks(backend, monkeypatch):
-    use_backend(monkeypatch, backend, "cpu")
+def test_conv_from_dense_keeps_the_largest_blocks(backend, use_backend):
+    use_backend(backend, "cpu")
     dense = torch.nn.Conv2d(32, 32, 3, padding=1, dilation=1)
     with torch.no_grad():
         dense.weight[16:, :16] *= 100  # block (1, 0) is the largest
@@ -194,9 +194,9 @@ def test_conv_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_modules_follow_autocast(backend, monkeypatch):
+def test_modules_follow_autocast(backend, use_backend):
     """Under autocast, fp32 modules run in bf16 and their fp32 parameters get fp32 grads."""
-    use_backend(monkeypatch, backend, "cpu")
+    use_backend(backend, "cpu")
     torch.manual_seed(0)
     linear = sk.BlockSparseLinear(64, 32, block_size=16, density=0.5)
     conv = sk.BlockSparseConv2d(16, 16, 3, padding=1, block_size=16, density=1.0)

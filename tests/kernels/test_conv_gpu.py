@@ -1,8 +1,7 @@
 """The comparisons of test_conv.py on a CUDA device, at UNet-like shapes (autotuned kernels)."""
 import pytest
 import torch
-from helpers import use_backend
-from test_conv import run_conv_case
+from helpers import run_conv_case
 
 pytestmark = pytest.mark.gpu
 
@@ -22,8 +21,8 @@ GPU_CASES = [
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[1]}to{c[2]}-{c[3]}-k{c[4]}-s{c[5]}-b{c[8]}-{c[9]}")
-def test_triton_conv_on_gpu_matches_masked_dense(case, dtype, channels_last, monkeypatch):
-    use_backend(monkeypatch, "triton", "cuda")
+def test_triton_conv_on_gpu_matches_masked_dense(case, dtype, channels_last, monkeypatch, use_backend):
+    use_backend("triton", "cuda")
     # fp32 follows cuDNN's TF32 setting (on by default, as for F.conv2d): compare exact fp32.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     run_conv_case(case, dtype, "cuda", channels_last=channels_last)

@@ -71,12 +71,11 @@ def test_sparsify_replaces_what_the_kernels_take_and_reports_why_not():
     assert by_name["body.5"].path.startswith("dense: 40x48 channels")
     conv = model.body[2]
     assert (conv.stride, conv.padding, conv.bias) == ((2, 2), (1, 1), None)
-    expected = "triton" if sk.backend.triton_interpreting() else "reference"
-    assert all(layer.path == expected for layer in report.sparse_layers)
+    assert all(layer.path == "compiled" for layer in report.sparse_layers)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
     # Exact up to one block per layer.
     one_block_each = sum(layer.params_dense / layer.total_blocks for layer in report.sparse_layers)
-    total = sum(layer.params_dense for layer in report.sparse_layers)
+    total = sum(layer.params_dense for layer in report.budgeted_layers)
     assert abs(report.global_sparsity - 0.75) <= one_block_each / total
     lines = str(report).splitlines()
     assert lines[0].split()[:3] == ["layer", "type", "weight"] and len(lines) == len(report.layers) + 2
@@ -104,9 +103,26 @@ def test_sparsity_zero_keeps_the_function_and_dtype():
         return m[2](h[:, :, None, None])
 
     expected = run(model)
-    sd.sparsify(model, 0.0, block_size=16, keep_dense=[])
-    assert model[1].values.dtype == torch.float64
+    report = sd.sparsify(model, 0.0, block_size=16, keep_dense=[])
+    assert all(layer.path == "dense (density 1.0)" and layer.budgeted for layer in report.layers)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear, nn.Conv2d] and report.global_sparsity == 0.0
     torch.testing.assert_close(run(model), expected)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64)).to(torch.float64)
+    sd.sparsify(model, 0.4, block_size=16, keep_dense=[], distribution="uniform")
+    assert model[1].values.dtype == torch.float64
+
+
+def test_layers_at_density_one_stay_dense_and_count_in_the_budget():
+    """ERK gives small layers density 1.0: they run as plain layers, and the global sparsity
+    is still exact over all the budgeted layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 512), nn.Linear(512, 512), nn.Linear(512, 16))
+    report = sd.sparsify(model, 0.5, block_size=16, keep_dense=[], distribution="erk")
+    dense = [layer for layer in report.layers if layer.path == "dense (density 1.0)"]
+    assert dense and all(type(model[int(layer.name)]) is nn.Linear for layer in dense)
+    assert all(layer.budgeted for layer in report.layers)
+    assert abs(report.global_sparsity - 0.5) < 0.01
+    assert "at density 1.0" in str(report).splitlines()[-1]
 
 
 def test_init_magnitude_and_random_keep_the_dense_values():

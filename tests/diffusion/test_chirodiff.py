@@ -196,8 +196,7 @@ def test_different_timesteps_give_different_outputs(kind):
     ("gru", dict(hidden_size=32, num_layers=2)),
     ("transformer", dict(hidden_size=64, num_layers=2, num_heads=4)),
 ])
-def test_sparsify_converts_every_divisible_projection(kind, kwargs, monkeypatch):
-    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "reference")
+def test_sparsify_converts_every_divisible_projection(kind, kwargs):
     net = ChiroDiffNet(kind, **kwargs)
     before = linear_names(net)
     report = sd.sparsify(net, 0.5, block_size=16, keep_dense=[])

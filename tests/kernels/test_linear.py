@@ -1,53 +1,37 @@
-"""bsr_linear on both backends against an fp64 masked-dense truth: forward and gradients.
+"""bsr_linear on every kernel path against an fp64 masked-dense truth: forward and gradients.
 
-The Triton backend runs under the interpreter on CPU (conftest sets TRITON_INTERPRET=1
+The Triton kernels run under the interpreter on CPU (conftest sets TRITON_INTERPRET=1
 without CUDA). bf16 tiles are upcast before ``tl.dot`` there, so bf16 is tested too.
 """
 import pytest
 import torch
-from helpers import BACKENDS, DEVICES, assert_compiled_matches_eager, run_case, use_backend
+from helpers import (
+    BACKENDS,
+    DEVICES,
+    LINEAR_CASES,
+    assert_compiled_matches_eager,
+    linear_case_id,
+    run_case,
+)
 
 import sparse_kernels as sk
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# (leading shape of x, block size, block grid [R, C], mask kind, bias)
-CASES = [
-    ((7,), 16, (3, 2), "random", True),
-    ((3, 5), 32, (2, 3), "random", False),
-    ((1,), 64, (2, 1), "random", True),
-    ((), 16, (2, 2), "random", True),
-    ((2, 1, 3), (16, 32), (3, 2), "random", True),
-    ((13,), (32, 16), (2, 3), "random", False),
-    ((5,), (16, 64), (2, 2), "random", True),
-    ((37,), 16, (4, 3), "random", True),
-    ((6,), 32, (2, 3), "empty", True),
-    ((6,), 32, (2, 3), "empty", False),
-    ((9,), 16, (3, 4), "full", True),
-    ((4,), 32, (3, 3), "one", False),
-    ((3,), 128, (1, 2), "full", True),
-    ((0,), 16, (2, 2), "random", True),
-]
-
-
-def _case_id(case):
-    lead, block, grid, mask, bias = case
-    return f"x{'x'.join(map(str, lead)) or 'scalar'}-b{block}-g{grid[0]}x{grid[1]}-{mask}-{'bias' if bias else 'nobias'}"
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=linear_case_id)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bsr_linear_matches_masked_dense(backend, case, dtype, device, monkeypatch):
-    use_backend(monkeypatch, backend, device)
+def test_bsr_linear_matches_masked_dense(backend, case, dtype, device, use_backend):
+    use_backend(backend, device)
     run_case(case, dtype, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input(backend, device, monkeypatch):
-    use_backend(monkeypatch, backend, device)
+def test_non_contiguous_input(backend, device, use_backend):
+    use_backend(backend, device)
     # x is a transposed view: strides (1, 5) in its 2-D form.
     run_case(((5,), 16, (2, 3), "random", True), torch.float32, device,
              make_x=lambda lead, k: torch.randn(k, *lead, device=device).T)
@@ -57,9 +41,9 @@ def test_reference_float64():
     run_case(((4,), 8, (2, 3), "random", True), torch.float64, "cpu")
 
 
-def test_interpreter_runs_the_triton_kernels(monkeypatch):
+def test_interpreter_runs_the_triton_kernels(monkeypatch, use_backend):
     """Guards the suite's premise: on CPU the Triton backend really is taken."""
-    use_backend(monkeypatch, "triton", "cpu")
+    use_backend("triton", "cpu")
     import sparse_kernels.triton.linear as kernels
 
     calls = []
@@ -70,19 +54,48 @@ def test_interpreter_runs_the_triton_kernels(monkeypatch):
     assert calls == [1]
 
 
-def test_auto_backend_selection(monkeypatch):
-    monkeypatch.delenv("SPARSE_KERNELS_BACKEND", raising=False)
-    expected = "triton" if sk.backend.triton_interpreting() else "reference"
-    assert sk.select_backend(torch.device("cpu"), torch.float32, (32, 32)) == expected
+def test_backend_selection_describes_the_dispatcher():
+    """What select_backend reports, on any host (with or without CUDA, interpreting or not)."""
+    assert sk.backend.active_override() is None
+    assert sk.select_backend(torch.device("cpu"), torch.float32, (32, 32)) == "compiled"
+    assert sk.select_backend(torch.device("cpu"), torch.bfloat16, (16, 64)) == "compiled"
     assert sk.select_backend(torch.device("cpu"), torch.float64, (32, 32)) == "reference"
     assert sk.select_backend(torch.device("cpu"), torch.float32, (24, 32)) == "reference"
-    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "reference")
-    assert sk.select_backend(torch.device("cuda"), torch.float16, (32, 32)) == "reference"
+    assert sk.select_backend(torch.device("cuda"), torch.float16, (32, 32)) == "triton"
+    assert sk.select_backend(torch.device("cuda"), torch.float16, (48, 32)) == "reference"
+    with sk.backend.override("reference"):
+        assert sk.select_backend(torch.device("cuda"), torch.float16, (32, 32)) == "reference"
+        assert sk.select_backend(torch.device("cpu"), torch.float32, (32, 32)) == "reference"
+    assert sk.select_backend(torch.device("cpu"), torch.float32, (32, 32)) == "compiled"
 
 
-def test_unsupported_block_falls_back_to_reference(monkeypatch):
-    monkeypatch.delenv("SPARSE_KERNELS_BACKEND", raising=False)
+def test_the_cpu_kernels_are_compiled_and_routed_by_the_dispatcher():
+    """One schema per op, a C++ kernel for CPU and the autograd kernel in C++: no Python
+    kernel or routing on the CPU path."""
+    for op in ("bsr_linear", "bsr_linear_grad_input", "bsr_linear_grad_weight"):
+        assert sk.extension.has_compiled_kernel(op, "cpu")
+        dump = torch._C._dispatch_dump(f"sparse_kernels::{op}")
+        cpu_lines = [line for line in dump.splitlines() if line.startswith("CPU:")]
+        assert cpu_lines and "python" not in cpu_lines[0].lower(), dump
+    dump = torch._C._dispatch_dump("sparse_kernels::bsr_linear")
+    assert any(line.startswith("Autograd[alias]:") and "python" not in line.lower() for line in dump.splitlines()), dump
+
+
+def test_unsupported_block_falls_back_to_reference():
     run_case(((3,), (8, 24), (2, 2), "random", True), torch.float32, "cpu")
+
+
+def test_the_reference_override_comes_and_goes(monkeypatch):
+    import sparse_kernels.ops.linear as linear
+
+    calls = []
+    original = linear.REFERENCE_KERNELS["bsr_linear"]
+    monkeypatch.setitem(linear.REFERENCE_KERNELS, "bsr_linear", lambda *a: calls.append(1) or original(*a))
+    x, values, layout = _operands()
+    with sk.backend.override("reference"):
+        sk.bsr_linear(x, values, layout)
+    sk.bsr_linear(x, values, layout)
+    assert calls == [1]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -119,14 +132,15 @@ def test_bad_input_is_refused(mutate, error, match):
 
 
 def test_bad_backend_name(monkeypatch):
-    x, values, layout = _operands()
     monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "cutlass")
     with pytest.raises(ValueError, match="cutlass"):
-        sk.bsr_linear(x, values, layout)
+        sk.backend.requested_backend()
+    with pytest.raises(ValueError, match="cutlass"), sk.backend.override("cutlass"):
+        pass
 
 
-def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):
-    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "triton")
+def test_forced_triton_refuses_what_it_cannot_run(use_backend):
+    use_backend("triton", "cpu")
     x, values, layout = _operands(block=8)
     with pytest.raises(ValueError, match=r"\(8, 8\).*power of two"):
         sk.bsr_linear(x, values, layout)
@@ -138,25 +152,26 @@ def test_forced_triton_refuses_what_it_cannot_run(monkeypatch):
 # --------------------------------------------------------------------------- registration
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend, device, monkeypatch):
-    use_backend(monkeypatch, backend, device)
+def test_opcheck(backend, device, use_backend):
+    use_backend(backend, device)
     layout = sk.BlockSparseLayout.from_block_mask(torch.tensor([[True, False], [True, True]]), 16).to(device)
-    index = list(layout.tensors())
+    index = layout.tensors()
     x = torch.randn(5, 32, device=device, requires_grad=True)
     values = torch.randn(3, 16, 16, device=device, requires_grad=True)
     bias = torch.randn(32, device=device, requires_grad=True)
     grad_out = torch.randn(5, 32, device=device)
     ops = torch.ops.sparse_kernels
-    torch.library.opcheck(ops.bsr_linear.default, (x, values, bias, index))
-    torch.library.opcheck(ops.bsr_linear.default, (x, values, None, index))
-    torch.library.opcheck(ops.bsr_linear_grad_input.default, (grad_out, values.detach(), index))
-    torch.library.opcheck(ops.bsr_linear_grad_weight.default, (grad_out, x.detach(), 16, 16, index))
+    torch.library.opcheck(ops.bsr_linear.default, (x, values, bias, *index))
+    torch.library.opcheck(ops.bsr_linear.default, (x, values, None, *index))
+    torch.library.opcheck(ops.bsr_linear.default, (x.detach().reshape(5, 1, 32), values, None, *index))
+    torch.library.opcheck(ops.bsr_linear_grad_input.default, (grad_out, values.detach(), *index))
+    torch.library.opcheck(ops.bsr_linear_grad_weight.default, (grad_out, x.detach(), *index, 16, 16))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend, device, monkeypatch):
-    use_backend(monkeypatch, backend, device)
+def test_torch_compile_fullgraph(backend, device, use_backend):
+    use_backend(backend, device)
     model = torch.nn.Sequential(
         sk.BlockSparseLinear(32, 64, block_size=16, density=0.5),
         torch.nn.GELU(),
@@ -169,9 +184,9 @@ def test_torch_compile_fullgraph(backend, device, monkeypatch):
 # --------------------------------------------------------------------------- strides and flags
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_bias_and_values(backend, device, monkeypatch):
+def test_strided_bias_and_values(backend, device, use_backend):
     """The kernels read bias with unit stride and values through their strides."""
-    use_backend(monkeypatch, backend, device)
+    use_backend(backend, device)
     layout = sk.BlockSparseLayout.from_block_mask(torch.tensor([[True, False], [True, True]]), 16).to(device)
     values = torch.randn(3, 16, 16, device=device).transpose(1, 2).contiguous().transpose(1, 2)
     bias = torch.randn(64, device=device)[::2]
@@ -181,12 +196,12 @@ def test_strided_bias_and_values(backend, device, monkeypatch):
     torch.testing.assert_close(sk.bsr_linear(x, values, layout, bias).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_new_tf32_api_does_not_break_fp32(monkeypatch):
+def test_new_tf32_api_does_not_break_fp32(use_backend):
     """torch >= 2.9 raises on reading ``allow_tf32`` once ``fp32_precision`` was set."""
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision API")
-    use_backend(monkeypatch, "triton", "cpu")
+    use_backend("triton", "cpu")
     previous = matmul.fp32_precision
     matmul.fp32_precision = "tf32"
     try:
@@ -198,23 +213,25 @@ def test_new_tf32_api_does_not_break_fp32(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_runs_on_a_second_gpu(monkeypatch):
+def test_runs_on_a_second_gpu(use_backend):
     """Triton launches on the current device; the launchers must switch to the tensors'."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    use_backend(monkeypatch, "triton", "cuda")
+    use_backend("triton", "cuda")
     run_case(((64,), 32, (4, 4), "random", True), torch.float16, "cuda:1")
 
 
-def test_ops_refuse_mismatched_features_when_called_directly():
-    """The custom ops check their operands against the index (no host sync needed)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_refuse_mismatched_features_when_called_directly(backend, use_backend):
+    """The ops check their operands against the index (no host sync needed)."""
+    use_backend(backend, "cpu")
     layout = sk.BlockSparseLayout.from_block_mask(torch.ones(2, 3, dtype=torch.bool), 16)
-    index = list(layout.tensors())
+    index = layout.tensors()
     values = torch.randn(6, 16, 16)
     ops = torch.ops.sparse_kernels
-    with pytest.raises(ValueError, match=r"x of shape \(4, 32\) must have 48 features"):
-        ops.bsr_linear(torch.randn(4, 32), values, None, index)
-    with pytest.raises(ValueError, match=r"grad_out of shape \(4, 48\) must have 32 features"):
-        ops.bsr_linear_grad_input(torch.randn(4, 48), values, index)
-    with pytest.raises(ValueError, match=r"x of shape \(4, 32\) must have 48"):
-        ops.bsr_linear_grad_weight(torch.randn(4, 32), torch.randn(4, 32), 16, 16, index)
+    with pytest.raises(ValueError, match=r"x (?=.*4, 32)(?=.*48)"):
+        ops.bsr_linear(torch.randn(4, 32), values, None, *index)
+    with pytest.raises(ValueError, match=r"grad_out (?=.*4, 48)(?=.*32)"):
+        ops.bsr_linear_grad_input(torch.randn(4, 48), values, *index)
+    with pytest.raises(ValueError, match=r"x (?=.*4, 32)(?=.*48)"):
+        ops.bsr_linear_grad_weight(torch.randn(4, 32), torch.randn(4, 32), *index, 16, 16)
