@@ -21,6 +21,13 @@ import sparse_kernels as sk
 DISTRIBUTIONS = ("uniform", "er", "erk")
 INITS = ("random", "magnitude")
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+# The densities from which a block-sparse layer runs dense kernels on its masked weight
+# (BlockSparseModule.masked_dense): measured layer by layer with benchmarks/layers.py on the
+# demo and small UNets (benchmarks/results/layers-*.json). At stride 1 the block-sparse kernels
+# cost about what oneDNN costs on the masked weight at density 0.8 to 0.85, less below; a
+# strided convolution's grad-input gathers mostly empty taps, and crosses at about 0.5.
+MASKED_DENSE_FROM = 0.8
+MASKED_DENSE_FROM_STRIDED = 0.5
 
 
 # --------------------------------------------------------------------------- densities
@@ -75,7 +82,7 @@ class LayerReport:
     density: float
     live_blocks: int
     total_blocks: int
-    path: str  # "compiled", "triton", "reference", "reference (masked, block 1)", "dense (density 1.0)" or "dense: <why>"
+    path: str  # "compiled", "triton", "reference", "masked dense", "reference (masked, block 1)", "dense (density 1.0)" or "dense: <why>"
     params_dense: int
     params_sparse: int
     macs_dense: int
@@ -163,6 +170,7 @@ def sparsify(
     distribution: str = "erk",
     keep_dense: Optional[Sequence[str]] = None,
     init: str = "random",
+    masked_dense: bool = True,
 ) -> SparsityReport:
     """Replaces ``model``'s ``nn.Linear`` / ``nn.Conv2d`` layers by block-sparse ones, in place.
 
@@ -178,6 +186,11 @@ def sparsify(
         init: ``random`` draws the live blocks at random (sparse from scratch, torch's RNG);
             ``magnitude`` keeps the largest blocks of the current weights. Either way live
             values keep their current (dense) initialisation.
+        masked_dense: let layers at high density (:data:`MASKED_DENSE_FROM`, or
+            :data:`MASKED_DENSE_FROM_STRIDED` for strided convolutions) run dense kernels on
+            their masked weight, where that was measured faster; ``False`` runs every sparse
+            layer on the block-sparse kernels. A layer at density 1.0 always stays a plain
+            dense module.
     Returns:
         A :class:`SparsityReport`. Create the optimizer after this call.
     """
@@ -221,6 +234,7 @@ def sparsify(
             layers.append(_dense_report(name, module, "dense (density 1.0)", budgeted=True))
             continue
         sparse_module = _sparse_copy(module, block, densities[name], init)
+        sparse_module.masked_dense = masked_dense and block != (1, 1) and _masked_dense_wins(sparse_module)
         parent, child = _parent(model, name)
         setattr(parent, child, sparse_module)
         layers.append(_sparse_report(name, module, sparse_module, block))
@@ -241,6 +255,12 @@ def _sparse_copy(module: nn.Module, block: Tuple[int, int], density: float, init
     return sparse_module
 
 
+def _masked_dense_wins(module: nn.Module) -> bool:
+    """Whether dense kernels on the masked weight were measured faster for this layer."""
+    strided = isinstance(module, sk.BlockSparseConv2d) and module.stride != (1, 1)
+    return module.density >= (MASKED_DENSE_FROM_STRIDED if strided else MASKED_DENSE_FROM)
+
+
 def _dense_report(name: str, module: nn.Module, reason: str, budgeted: bool) -> LayerReport:
     n = module.weight.numel()
     return LayerReport(name, type(module).__name__, tuple(module.weight.shape), None, 1.0, 0, 0, reason, n, n, n, n,
@@ -250,7 +270,12 @@ def _dense_report(name: str, module: nn.Module, reason: str, budgeted: bool) -> 
 def _sparse_report(name: str, dense: nn.Module, sparse_module: nn.Module, block: Tuple[int, int]) -> LayerReport:
     values = sparse_module.values
     backend = sk.select_backend(values.device, values.dtype, block)
-    path = "reference (masked, block 1)" if block == (1, 1) else backend
+    if block == (1, 1):
+        path = "reference (masked, block 1)"
+    elif sparse_module.masked_dense:
+        path = "masked dense"
+    else:
+        path = backend
     # One multiply-accumulate per (live) weight per output position.
     n, live = dense.weight.numel(), values.numel()
     total_blocks = sparse_module.grid[0] * sparse_module.grid[1]

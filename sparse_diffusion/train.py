@@ -26,6 +26,7 @@ from torch import nn
 
 import sparse_diffusion as sd
 
+from .channels_last import channels_last
 from .io import atomic_save, check_writable, save_image_grid, save_loss_curve
 from .tasks import build_task, count_flops, draw_batch, reference_and_samples_for_metrics
 
@@ -124,7 +125,7 @@ class Trainer:
                                       distribution=config.distribution)
         self.task.to(self.device)
         if config.model != "chirodiff":
-            self.task.to(memory_format=torch.channels_last)
+            channels_last(self.task)
         parameters = [p for p in self.denoiser.parameters() if p.requires_grad]
         self.optimizer = make_adamw(parameters, config.lr, config.weight_decay, self.device)
         from diffusers.training_utils import EMAModel

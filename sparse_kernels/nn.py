@@ -16,6 +16,7 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layout import BlockSparseLayout, build_index, from_dense, to_dense
@@ -73,7 +74,12 @@ class BlockSparseModule(nn.Module):
     Attributes:
         values: ``nn.Parameter [nnz, bo, bi, *taps]``, the only weight parameter.
         layout: the current :class:`BlockSparseLayout` (built from the buffers on access).
+        masked_dense: run the dense op on the scattered weight ``to_dense()`` instead of the
+            block-sparse kernels (same storage, same gradients). Faster for layers close to
+            dense: :func:`sparse_diffusion.sparsify` sets it from a measured density threshold.
     """
+
+    masked_dense = False
 
     def _init_sparse(
         self,
@@ -242,6 +248,8 @@ class BlockSparseLinear(BlockSparseModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in_features]`` -> ``[..., out_features]``."""
         parameters = self._parameters
+        if self.masked_dense:
+            return F.linear(x, self.to_dense(), parameters.get("bias"))
         return _linear_op(x, parameters["values"], parameters.get("bias"), *self._index())
 
     def dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -255,6 +263,7 @@ class BlockSparseLinear(BlockSparseModule):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, block_size={self.block_size}, "
             f"density={self.density:.3f} ({self.nnz}/{self.grid[0] * self.grid[1]} blocks)"
+            + (", masked_dense=True" if self.masked_dense else "")
         )
 
 
@@ -358,8 +367,13 @@ class BlockSparseConv2d(BlockSparseModule):
         ``x`` is, or when the module is (``channels_last``: set by
         ``model.to(memory_format=torch.channels_last)``, as ``nn.Conv2d`` with a channels-last
         weight gives channels-last outputs)."""
-        unbatched = x.dim() == 3
         parameters = self._parameters
+        if self.masked_dense:
+            weight = self.to_dense()
+            if self.channels_last:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            return F.conv2d(x, weight, parameters.get("bias"), self.stride, self._explicit_padding(), self.dilation)
+        unbatched = x.dim() == 3
         y = _conv_op(x.unsqueeze(0) if unbatched else x, parameters["values"], parameters.get("bias"), *self._index(),
                      self.stride, self._explicit_padding(), self.dilation, self.channels_last)
         return y.squeeze(0) if unbatched else y
@@ -382,6 +396,7 @@ class BlockSparseConv2d(BlockSparseModule):
             f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
             f"block_size={self.block_size}, density={self.density:.3f} "
             f"({self.nnz}/{self.grid[0] * self.grid[1]} blocks)"
+            + (", masked_dense=True" if self.masked_dense else "")
         )
 
 

@@ -37,8 +37,10 @@ int64_t output_size(int64_t size, int64_t kernel, const Conv& c, int d) {
   return span < 0 ? 0 : span / c.stride[d] + 1;
 }
 
+// Channels-last as torch sees it (strides ordered N, H, W, C; a channel slice of a
+// channels-last tensor counts), and not also plainly contiguous.
 bool is_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast && !t.is_contiguous();
 }
 
 // out[n][q][p] = in[n][p][q] for contiguous [n][p][q] blocks, 32 x 32 tiles at a time through a
@@ -62,9 +64,11 @@ void transpose_batched(const float* in, float* out, int64_t batch, int64_t p, in
   });
 }
 
-// The NHWC [N, H, W, C] contiguous form of an NCHW tensor: a view when it is stored so.
+// The NHWC [N, H, W, C] contiguous form of an NCHW tensor: a view when it is stored so, a
+// row copy when it is a channels-last view (a channel slice, as the backward of torch.cat gives).
 at::Tensor channels_last(const at::Tensor& t) {
-  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t.permute({0, 2, 3, 1});
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast) || is_channels_last(t))
+    return t.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1});
   const at::Tensor c = t.contiguous();
   at::Tensor out = at::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options());
   transpose_batched(c.data_ptr<float>(), out.data_ptr<float>(), t.size(0), t.size(1), t.size(2) * t.size(3));

@@ -77,15 +77,15 @@ PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& sl
   for (int64_t i = 0; i < nnz; ++i) position[o[i]] = 0;
   for (int64_t j = 0; j < other_blocks; ++j)
     if (position[j] == 0) position[j] = static_cast<int64_t>(table.used.size()), table.used.push_back(j);
-  const int64_t used = static_cast<int64_t>(table.used.size()), chunks = k / kPanelWidth;
+  const int64_t chunks = k / kPanelWidth;
   table.ptr.resize(blocks + 1);
   table.pairs.reserve(nnz * taps);
   for (int64_t b = 0; b < blocks; ++b) {
     table.ptr[b] = static_cast<int64_t>(table.pairs.size());
     for (int64_t i = p[b]; i < p[b + 1]; ++i)
       for (int64_t tap = 0; tap < taps; ++tap) {
-        const int64_t column = (layout.group[tap] * used + position[o[s[i]]]) * chunks;
-        table.pairs.push_back({(column * layout.rows + layout.shift[tap]) * kPanelWidth,
+        const int64_t column = position[o[s[i]]] * chunks;
+        table.pairs.push_back({layout.group[tap], (column * layout.rows + layout.shift[tap]) * kPanelWidth,
                                packed + (s[i] * taps + tap) * k * n});
       }
   }

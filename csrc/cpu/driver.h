@@ -60,18 +60,16 @@ struct PanelLayout {
 };
 
 // The live (block, tap) pairs of each output block b < ptr.size() - 1, in the order of the
-// index, and the input blocks they read: input block used[j] of group g is packed into the
-// k / 16 columns from (g * used.size() + j) * k / 16 on. Pair weights sit at
-// packed + (slot * taps + tap) * k * n.
+// index, and the input blocks they read: input block used[j] fills the k / 16 columns of its
+// group from j * k / 16 on. Pair weights sit at packed + (slot * taps + tap) * k * n.
 struct PairTable {
   std::vector<DsdPair> pairs;
   std::vector<int64_t> ptr;
   std::vector<int64_t> used;  // input blocks read by some pair, ascending
   PanelLayout layout;
   int64_t k = 0;
-  int64_t panel_floats() const {
-    return layout.groups * static_cast<int64_t>(used.size()) * k * layout.rows;
-  }
+  // Floats of one group of the panel.
+  int64_t group_floats() const { return static_cast<int64_t>(used.size()) * k * layout.rows; }
 };
 
 // Builds the table from an index (ptr [blocks + 1], slots [nnz], other [nnz]: the input block
@@ -79,13 +77,26 @@ struct PairTable {
 PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& slots, const at::Tensor& other,
                      int64_t other_blocks, PanelLayout layout, int64_t k, int64_t n, const float* packed);
 
+// A thread's packed panel: each group's address for the current tile, and the storage behind.
+struct Panel {
+  std::vector<float> storage;
+  std::vector<const float*> groups;
+  std::vector<const float*> pixels;  // scratch: the source pixel of each packed row
+  std::vector<int64_t> keys;         // what each slot of storage holds (SegmentTiles)
+};
+
+// Packs `rows` panel rows of one group from the source pixels in panel.pixels into `dest`.
+inline void pack_group(const Isa& isa, const PairTable& table, Panel& panel, int64_t rows, float* dest) {
+  isa.pack({panel.pixels.data(), rows, table.layout.rows, table.used.data(), static_cast<int64_t>(table.used.size()),
+            table.k, dest});
+}
+
 // Checks (row_idx, col_idx, order) of a grad-weight call: order is a permutation of the slots.
 void check_slots(const char* op, const at::Tensor& row_idx, const at::Tensor& col_idx, const at::Tensor& order,
                  int64_t rows, int64_t cols);
 
-// Tiles of a dsd's destination rows, and the source pixels each tile packs. A tile covers the
-// destination rows m0 .. m0 + rows - 1; pixels(t, out) fills out[q * groups + g] for every
-// panel row q (nullptr: zeros).
+// Tiles of a dsd's destination rows: tile(t) is the run of destination rows m0 .. m0 + rows - 1
+// it covers, and pack(isa, table, t, panel) makes panel.groups point at its packed operand.
 
 // A linear layer's rows (row m is a + m * lda), kPanelRows at a time.
 struct DirectTiles {
@@ -96,9 +107,13 @@ struct DirectTiles {
   std::pair<int64_t, int64_t> tile(int64_t t) const {
     return {t * kPanelRows, std::min(kPanelRows, total - t * kPanelRows)};
   }
-  void pixels(int64_t t, const float** out) const {
+  void pack(const Isa& isa, const PairTable& table, int64_t t, Panel& panel) const {
     const auto [m0, rows] = tile(t);
-    for (int64_t r = 0; r < rows; ++r) out[r] = a + (m0 + r) * lda;
+    panel.storage.resize(table.group_floats());
+    panel.pixels.assign(kPanelRows, nullptr);
+    for (int64_t r = 0; r < rows; ++r) panel.pixels[r] = a + (m0 + r) * lda;
+    pack_group(isa, table, panel, kPanelRows, panel.storage.data());
+    panel.groups.assign(1, panel.storage.data());
   }
 };
 
@@ -116,8 +131,12 @@ struct GatherTiles {
   std::pair<int64_t, int64_t> tile(int64_t t) const {
     return {t * kPanelRows, std::min(kPanelRows, total - t * kPanelRows)};
   }
-  void pixels(int64_t t, const float** out) const {
+  void pack(const Isa& isa, const PairTable& table, int64_t t, Panel& panel) const {
     const auto [m0, rows] = tile(t);
+    const int64_t taps = kh * kw, floats = table.group_floats();
+    panel.storage.resize(taps * floats);
+    panel.groups.resize(taps);
+    panel.pixels.assign(taps * kPanelRows, nullptr);  // tap-major: pixels[tap * kPanelRows + r]
     int64_t x = m0 % dst_w, y = m0 / dst_w % dst_h, n = m0 / (dst_w * dst_h);
     for (int64_t r = 0; r < rows; ++r) {
       const float* image = src + n * src_h * src_w * channels;
@@ -125,7 +144,7 @@ struct GatherTiles {
         const int64_t sy = source_rows[y * kh + i];
         for (int64_t j = 0; j < kw; ++j) {
           const int64_t sx = source_cols[x * kw + j];
-          *out++ = sy < 0 || sx < 0 ? nullptr : image + (sy * src_w + sx) * channels;
+          if (sy >= 0 && sx >= 0) panel.pixels[(i * kw + j) * kPanelRows + r] = image + (sy * src_w + sx) * channels;
         }
       }
       if (++x == dst_w) {
@@ -133,13 +152,20 @@ struct GatherTiles {
         if (++y == dst_h) y = 0, ++n;
       }
     }
+    const std::vector<const float*> all = std::move(panel.pixels);
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      panel.pixels.assign(all.begin() + tap * kPanelRows, all.begin() + (tap + 1) * kPanelRows);
+      pack_group(isa, table, panel, kPanelRows, panel.storage.data() + tap * floats);
+      panel.groups[tap] = panel.storage.data() + tap * floats;
+    }
   }
 };
 
 // A convolution whose kernel columns step through the source one pixel apart (stride 1 along
-// the width, forward or transposed): tiles are segments of one destination row, and each
-// kernel row packs one window of its source row, halo included, which all its taps read at
-// shifted rows. Packs kw times less than GatherTiles.
+// the width, forward or transposed). Tiles are segments of one destination row, taken segment
+// by segment down the rows; each kernel row reads one packed window of a source row (halo
+// included), at shifted rows for its taps, and a window packed for one destination row serves
+// the next ones too (a ring of kh windows per thread). Each source row is packed about once.
 struct SegmentTiles {
   const float* src;
   int64_t channels, src_h, src_w, dst_h, dst_w, kh, kw, batch;
@@ -160,52 +186,70 @@ struct SegmentTiles {
     return layout;
   }
   int64_t tiles() const { return batch * dst_h * segments(); }
+  // Tile t: segment t / (batch * dst_h) of destination row t % (batch * dst_h).
   std::pair<int64_t, int64_t> tile(int64_t t) const {
-    const int64_t segs = segments(), row = t / segs, s = t % segs;
+    const int64_t segs = segments(), s = t / (batch * dst_h), row = t % (batch * dst_h);
     const int64_t x0 = s * dst_w / segs, x1 = (s + 1) * dst_w / segs;
     return {row * dst_w + x0, x1 - x0};
   }
-  void pixels(int64_t t, const float** out) const {
-    const int64_t segs = segments(), row = t / segs, s = t % segs, y = row % dst_h, n = row / dst_h;
+  void pack(const Isa& isa, const PairTable& table, int64_t t, Panel& panel) const {
+    const int64_t segs = segments(), s = t / (batch * dst_h), row = t % (batch * dst_h);
+    const int64_t y = row % dst_h, n = row / dst_h, floats = table.group_floats();
     const int64_t x0 = s * dst_w / segs, width = (s + 1) * dst_w / segs - x0 + halo();
-    const float* image = src + n * src_h * src_w * channels;
-    for (int64_t q = 0; q < width; ++q) {
-      const int64_t sx = x0 + window_shift + q;
-      for (int64_t i = 0; i < kh; ++i) {
-        const int64_t sy = source_rows[y * kh + i];
-        out[q * kh + i] = sy < 0 || sx < 0 || sx >= src_w ? nullptr : image + (sy * src_w + sx) * channels;
+    if (panel.keys.empty()) {  // kh slots of windows, then one of zeros
+      panel.storage.assign((kh + 1) * floats, 0.f);
+      panel.keys.assign(kh, -1);
+      panel.groups.resize(kh);
+    }
+    std::vector<int64_t> wanted(kh);
+    for (int64_t i = 0; i < kh; ++i) {
+      const int64_t sy = source_rows[y * kh + i];
+      wanted[i] = sy < 0 ? -1 : (n * src_h + sy) * segs + s;
+    }
+    for (int64_t i = 0; i < kh; ++i) {
+      if (wanted[i] < 0) {
+        panel.groups[i] = panel.storage.data() + kh * floats;  // a padding row: zeros
+        continue;
       }
+      int64_t slot = std::find(panel.keys.begin(), panel.keys.end(), wanted[i]) - panel.keys.begin();
+      if (slot == kh) {  // not packed yet: take a slot this tile does not need
+        slot = 0;
+        while (panel.keys[slot] >= 0 && std::find(wanted.begin(), wanted.end(), panel.keys[slot]) != wanted.end())
+          ++slot;
+        const int64_t sy = source_rows[y * kh + i];
+        const float* line = src + ((n * src_h + sy) * src_w) * channels;
+        panel.pixels.resize(width);
+        for (int64_t q = 0; q < width; ++q) {
+          const int64_t sx = x0 + window_shift + q;
+          panel.pixels[q] = sx >= 0 && sx < src_w ? line + sx * channels : nullptr;
+        }
+        pack_group(isa, table, panel, width, panel.storage.data() + slot * floats);
+        panel.keys[slot] = wanted[i];
+      }
+      panel.groups[i] = panel.storage.data() + slot * floats;
     }
   }
 };
 
 // out[m, b * n : (b + 1) * n] = bias + sum over the pairs of output block b, for every tile's
 // rows. Work items are (tile, group of output blocks): a few groups when the tiles alone would
-// not keep every thread busy; each tile is packed once per item.
+// not keep every thread busy; a thread packs each tile once.
 template <class Tiles>
 void run_dsd(const Isa& isa, const Tiles& tiles, const PairTable& table, int64_t n, const float* bias, float* out) {
   const int64_t blocks = static_cast<int64_t>(table.ptr.size()) - 1, ldo = blocks * n, count = tiles.tiles();
   if (count == 0 || blocks == 0) return;
   const int64_t groups = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), count), 1, blocks);
-  const int64_t per_group = ceil_div(blocks, groups);
-  const PanelLayout& layout = table.layout;
+  const int64_t per_group = ceil_div(blocks, groups), column_stride = table.layout.rows * kPanelWidth;
   at::parallel_for(0, count * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(table.panel_floats());
-    std::vector<const float*> pixels;
+    Panel panel;
     int64_t packed = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / groups, group = item % groups;
       const auto [m0, rows] = tiles.tile(t);
-      if (t != packed) {
-        pixels.assign(layout.rows * layout.groups, nullptr);
-        tiles.pixels(t, pixels.data());
-        isa.pack({pixels.data(), layout.rows, layout.groups, table.used.data(),
-                  static_cast<int64_t>(table.used.size()), table.k, panel.data()});
-        packed = t;
-      }
+      if (t != packed) tiles.pack(isa, table, t, panel), packed = t;
       for (int64_t b = group * per_group; b < std::min(blocks, (group + 1) * per_group); ++b) {
         const int64_t p = table.ptr[b];
-        isa.dsd({panel.data(), layout.rows * kPanelWidth, table.pairs.data() + p, table.ptr[b + 1] - p, table.k, n,
+        isa.dsd({panel.groups.data(), column_stride, table.pairs.data() + p, table.ptr[b + 1] - p, table.k, n,
                  bias ? bias + b * n : nullptr, out + m0 * ldo + b * n, ldo, rows});
       }
     }

@@ -14,18 +14,19 @@ constexpr int64_t kPanelWidth = 16;
 // Rows per tile when tiles are plain runs of rows (and the most a register tile covers).
 constexpr int64_t kPanelRows = 24;
 
-// One live (block, tap) pair feeding a block of outputs: its k inputs start at panel + offset
-// (row 0 of the first column; the next k / 16 - 1 columns follow, column_stride floats apart),
-// and its packed weights w are [k][n], row-major.
+// One live (block, tap) pair feeding a block of outputs: its k inputs start at
+// groups[group] + offset (row 0 of the first column; the next k / 16 - 1 columns follow,
+// column_stride floats apart), and its packed weights w are [k][n], row-major.
 struct DsdPair {
-  int64_t offset;
+  int64_t group, offset;
   const float* w;
 };
 
 // out[r, 0:n] = bias[0:n] + sum over pairs p, kk < k of panel(p, r, kk) * p.w[kk, :] for
 // r < rows (<= kPanelRows); k and n are multiples of 16. Output rows are ldo floats apart.
+// A panel is packed in groups of columns (a tap, or a kernel row), each at its own address.
 struct DsdTile {
-  const float* panel;
+  const float* const* groups;
   int64_t column_stride;
   const DsdPair* pairs;
   int64_t npairs, k, n;
@@ -34,13 +35,12 @@ struct DsdTile {
   int64_t ldo, rows;
 };
 
-// A panel to pack: for every panel row r < rows and group g < groups, pixels[r * groups + g]
-// points at the channels of a source pixel (nullptr: zeros). Used input block j of group g
-// fills the k / 16 columns from (g * nused + j) * k / 16 on (columns `rows` rows high) with
-// floats used[j] * k onwards.
+// One group of a panel to pack: for every panel row r < rows, pixels[r] points at the channels
+// of a source pixel (nullptr: zeros). Used input block j fills the k / 16 columns from
+// j * k / 16 on (columns column_rows >= rows rows high) with floats used[j] * k onwards.
 struct PanelSource {
   const float* const* pixels;
-  int64_t rows, groups;
+  int64_t rows, column_rows;
   const int64_t* used;
   int64_t nused, k;
   float* panel;

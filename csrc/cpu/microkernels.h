@@ -39,7 +39,7 @@ __attribute__((always_inline)) inline void dsd_tile(const DsdTile& t, int64_t r0
   }
   const int64_t chunks = t.k / kPanelWidth, n = t.n;
   for (int64_t p = 0; p < t.npairs; ++p) {
-    const float* a = t.panel + t.pairs[p].offset + r0 * kPanelWidth;
+    const float* a = t.groups[t.pairs[p].group] + t.pairs[p].offset + r0 * kPanelWidth;
     const float* w = t.pairs[p].w + n0;
     for (int64_t c = 0; c < chunks; ++c, a += t.column_stride) {
 #pragma GCC unroll 16
@@ -136,21 +136,20 @@ void dsd(const DsdTile& t) {
     dsd_columns<1>(t);
 }
 
-// Copies rows into a panel: see PanelSource.
+// Copies rows into one group of a panel: see PanelSource.
 void pack(const PanelSource& t) {
-  const int64_t chunks = t.k / kPanelWidth, column = t.rows * kPanelWidth;
-  for (int64_t r = 0; r < t.rows; ++r)
-    for (int64_t g = 0; g < t.groups; ++g) {
-      const float* pixel = t.pixels[r * t.groups + g];
-      float* out = t.panel + g * t.nused * chunks * column + r * kPanelWidth;
-      for (int64_t j = 0; j < t.nused; ++j) {
-        const float* block = pixel ? pixel + t.used[j] * t.k : nullptr;
-        for (int64_t c = 0; c < chunks; ++c, out += column)
+  const int64_t chunks = t.k / kPanelWidth, column = t.column_rows * kPanelWidth;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const float* pixel = t.pixels[r];
+    float* out = t.panel + r * kPanelWidth;
+    for (int64_t j = 0; j < t.nused; ++j) {
+      const float* block = pixel ? pixel + t.used[j] * t.k : nullptr;
+      for (int64_t c = 0; c < chunks; ++c, out += column)
 #pragma GCC unroll 4
-          for (int v = 0; v < kPanelWidth / SK_VW; ++v)
-            store(out + v * SK_VW, block ? load(block + c * kPanelWidth + v * SK_VW) : vec{});
-      }
+        for (int v = 0; v < kPanelWidth / SK_VW; ++v)
+          store(out + v * SK_VW, block ? load(block + c * kPanelWidth + v * SK_VW) : vec{});
     }
+  }
 }
 
 // One weight-gradient block: see SddBlock.

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from ..layout import BlockSparseLayout
 
@@ -22,8 +23,10 @@ def layout_of(block_size: Sequence[int], index: Sequence[Tensor]) -> BlockSparse
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
-    """channels-last if ``t`` is stored so (and not also plainly contiguous), else contiguous."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+    """channels-last if torch suggests it for ``t`` (strides ordered N, H, W, C: also a channel
+    slice of a channels-last tensor) and ``t`` is not plainly contiguous, else contiguous: the
+    rule of the C++ kernels."""
+    if t.dim() == 4 and suggest_memory_format(t) == torch.channels_last and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 

@@ -63,6 +63,21 @@ def test_every_model_with_every_method(tmp_path, autoencoder, model, method):
     assert "## Sparsity" in summary and expected in summary
 
 
+def test_the_loop_has_the_generic_speedups_and_times_its_phases(tmp_path):
+    """Dense and sparse alike: channels-last image models, fused AdamW, a foreach EMA; and
+    train_step() with timing on fills the phase timers the training-loop benchmark reads."""
+    for method in ("dense", "rigl"):
+        trainer = Trainer(tiny(tmp_path / method, method=method))
+        assert trainer.optimizer.defaults["fused"] and trainer.ema.foreach
+        convs = [m for m in trainer.denoiser.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+        trainer.timing = True
+        loss = trainer.train_step()
+        assert np.isfinite(loss) and trainer.step == 1
+        phases = {"data", "forward", "backward", "optimizer", "ema"} | ({"mask_update"} if method == "rigl" else set())
+        assert set(trainer.phase_seconds) == phases and all(v > 0 for v in trainer.phase_seconds.values())
+
+
 def test_chirodiff_transformer(tmp_path):
     results = train(tiny(tmp_path / "run", model="chirodiff", dataset="kanjivg", max_len=16, limit=16,
                          chirodiff_kind="transformer", method="rigl"))

@@ -222,3 +222,61 @@ def test_channels_last_model_conversion_keeps_values():
     x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
     model(x).sum().backward()
     assert model[0].values.grad.shape == before.shape
+
+
+def test_channels_last_conversion_makes_the_conv_return_channels_last():
+    """As nn.Conv2d with a channels-last weight: after model.to(channels_last) an NCHW input
+    gives a channels-last output; converting back, or moving device/dtype, keeps the rule in step."""
+    conv = sk.BlockSparseConv2d(32, 32, 3, padding=1, block_size=16, density=0.5)
+    x = torch.randn(2, 32, 6, 6)
+    assert conv(x).is_contiguous() and not conv.channels_last
+    conv.to(memory_format=torch.channels_last)
+    y = conv(x)
+    assert conv.channels_last and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    conv.to(torch.float64).to(torch.float32)  # dtype moves preserve the format
+    assert conv.channels_last
+    conv.to(memory_format=torch.contiguous_format)
+    assert not conv.channels_last and conv(x).is_contiguous()
+    torch.testing.assert_close(y, conv(x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "strided conv"])
+def test_masked_dense_path_equals_the_kernels(kind):
+    """masked_dense runs dense ops on the scattered weight: same outputs, same gradients, same
+    storage (values stay [nnz, ...], slot for slot)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = sk.BlockSparseLinear(48, 32, block_size=16, density=0.5)
+        x = torch.randn(5, 7, 48, requires_grad=True)
+    else:
+        stride = 2 if kind == "strided conv" else 1
+        layer = sk.BlockSparseConv2d(32, 48, 3, stride=stride, padding=1, block_size=16, density=0.5)
+        layer.to(memory_format=torch.channels_last)
+        x = torch.randn(2, 32, 9, 8, requires_grad=True)
+    outputs = []
+    for masked in (False, True):
+        layer.masked_dense = masked
+        x.grad = layer.values.grad = layer.bias.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        outputs.append((y.detach(), x.grad, layer.values.grad, layer.bias.grad))
+    for kernels, masked in zip(*outputs):
+        torch.testing.assert_close(masked, kernels, rtol=1e-4, atol=1e-4)
+    assert "masked_dense=True" in repr(layer)
+    if kind != "linear":
+        assert outputs[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_layer_call_runs_no_python_below_the_module():
+    """forward and backward of a module reach the C++ kernels through the dispatcher (one op
+    call each way): no Python kernel or autograd.Function on the path."""
+    layer = sk.BlockSparseLinear(64, 64, block_size=16, density=0.5)
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        layer(x).sum().backward()
+    names = [event.name for event in profile.events()]
+    assert names.count("sparse_kernels::bsr_linear") == 1
+    # The backward node is the C++ autograd function (a Python one would be a PyNode or a
+    # GeneratedBackwardFor_... node).
+    assert any(name.startswith("torch::autograd::CppNode<sparse_kernels::") for name in names), names
+    assert not [name for name in names if "PyNode" in name or "GeneratedBackwardFor" in name], names
