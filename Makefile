@@ -46,7 +46,7 @@ kernel-demo: $(STAMP)
 bench: $(STAMP)
 	quick=$$($(VPY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"); \
 	$(VPY) -m benchmarks.linear $$quick --out-dir benchmarks/results; \
-	$(VPY) -m benchmarks.conv $$quick --out-dir benchmarks/results; \
+	$(VPY) -m benchmarks.conv2d $$quick --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.masks $$quick --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.train_step --out-dir benchmarks/results
 	$(VPY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
@@ -62,7 +62,7 @@ gpu-check:
 	gpu=$$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))"); \
 	SPARSE_KERNELS_AUTOTUNE=0 python3 -m pytest -q -m gpu tests 2>&1 | tee "benchmarks/results/gpu-tests-$$(date +%F)-$$gpu.log"
 	python3 -m benchmarks.linear $(GPU_BENCH_ARGS) --out-dir benchmarks/results
-	python3 -m benchmarks.conv $(GPU_BENCH_ARGS) --out-dir benchmarks/results
+	python3 -m benchmarks.conv2d $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 	python3 -m benchmarks.masks $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 	python3 -m benchmarks.masks --device cpu $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 	@python3 -c "import diffusers" 2>/dev/null && python3 -m benchmarks.train_step --repeats 3 --out-dir benchmarks/results \

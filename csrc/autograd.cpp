@@ -32,10 +32,10 @@ using LinearGradInputSignature = at::Tensor(const at::Tensor&, const at::Tensor&
                                             Index);
 using LinearGradWeightSignature = at::Tensor(const at::Tensor&, const at::Tensor&, Index, Index, Index, Index, Index,
                                              Index, c10::SymInt, c10::SymInt);
-using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, Index, Index,
+using Conv2dSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, Index, Index,
                                  Index, Index, Index, Index, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
                                  bool);
-using ConvGradSignature = at::Tensor(const at::Tensor&, const at::Tensor&, Index, Index, Index, Index, Index, Index,
+using Conv2dGradSignature = at::Tensor(const at::Tensor&, const at::Tensor&, Index, Index, Index, Index, Index, Index,
                                      c10::SymIntArrayRef, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef);
 
 const auto& linear_op() {
@@ -50,16 +50,16 @@ const auto& linear_grad_weight_op() {
   static const auto op = handle<LinearGradWeightSignature>("sparse_kernels::bsr_linear_grad_weight");
   return op;
 }
-const auto& conv_op() {
-  static const auto op = handle<ConvSignature>("sparse_kernels::bsr_conv2d");
+const auto& conv2d_op() {
+  static const auto op = handle<Conv2dSignature>("sparse_kernels::bsr_conv2d");
   return op;
 }
-const auto& conv_grad_input_op() {
-  static const auto op = handle<ConvGradSignature>("sparse_kernels::bsr_conv2d_grad_input");
+const auto& conv2d_grad_input_op() {
+  static const auto op = handle<Conv2dGradSignature>("sparse_kernels::bsr_conv2d_grad_input");
   return op;
 }
-const auto& conv_grad_weight_op() {
-  static const auto op = handle<ConvGradSignature>("sparse_kernels::bsr_conv2d_grad_weight");
+const auto& conv2d_grad_weight_op() {
+  static const auto op = handle<Conv2dGradSignature>("sparse_kernels::bsr_conv2d_grad_weight");
   return op;
 }
 
@@ -114,7 +114,7 @@ class Conv2d : public torch::autograd::Function<Conv2d> {
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->save_for_backward({x, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots});
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return conv_op().call(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, stride, padding,
+    return conv2d_op().call(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, stride, padding,
                           dilation, channels_last);
   }
 
@@ -128,10 +128,10 @@ class Conv2d : public torch::autograd::Function<Conv2d> {
     const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
     variable_list result(3 + 6 + 4);
     if (ctx->needs_input_grad(0))
-      result[0] = conv_grad_input_op().call(grad_out, values, index[0], index[1], index[2], index[3], index[4],
+      result[0] = conv2d_grad_input_op().call(grad_out, values, index[0], index[1], index[2], index[3], index[4],
                                             index[5], x.sym_sizes().slice(2), stride, padding, dilation);
     if (ctx->needs_input_grad(1))
-      result[1] = conv_grad_weight_op().call(grad_out, x, index[0], index[1], index[2], index[3], index[4], index[5],
+      result[1] = conv2d_grad_weight_op().call(grad_out, x, index[0], index[1], index[2], index[3], index[4], index[5],
                                              values.sym_sizes().slice(1), stride, padding, dilation);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) result[2] = bias_grad(grad_out, {0, 2, 3});
     return result;
@@ -144,7 +144,7 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& values, const 
   return Linear::apply(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots);
 }
 
-at::Tensor conv_autograd(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
+at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                          Index row_idx, Index col_idx, Index row_ptr, Index row_slots, Index col_ptr, Index col_slots,
                          c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                          bool channels_last) {
@@ -166,13 +166,13 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& values, const 
 }
 
 template <c10::DeviceType device>
-at::Tensor conv_autocast(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
+at::Tensor conv2d_autocast(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                          Index row_idx, Index col_idx, Index row_ptr, Index row_slots, Index col_ptr, Index col_slots,
                          c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                          bool channels_last) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
-  return conv_op().call(at::autocast::cached_cast(dtype, x, device), at::autocast::cached_cast(dtype, values, device),
+  return conv2d_op().call(at::autocast::cached_cast(dtype, x, device), at::autocast::cached_cast(dtype, values, device),
                         at::autocast::cached_cast(dtype, bias, device), row_idx, col_idx, row_ptr, row_slots, col_ptr,
                         col_slots, stride, padding, dilation, channels_last);
 }
@@ -181,17 +181,17 @@ at::Tensor conv_autocast(const at::Tensor& x, const at::Tensor& values, const st
 
 TORCH_LIBRARY_IMPL(sparse_kernels, Autograd, m) {
   m.impl("bsr_linear", &linear_autograd);
-  m.impl("bsr_conv2d", &conv_autograd);
+  m.impl("bsr_conv2d", &conv2d_autograd);
 }
 
 TORCH_LIBRARY_IMPL(sparse_kernels, AutocastCPU, m) {
   m.impl("bsr_linear", &linear_autocast<c10::DeviceType::CPU>);
-  m.impl("bsr_conv2d", &conv_autocast<c10::DeviceType::CPU>);
+  m.impl("bsr_conv2d", &conv2d_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(sparse_kernels, AutocastCUDA, m) {
   m.impl("bsr_linear", &linear_autocast<c10::DeviceType::CUDA>);
-  m.impl("bsr_conv2d", &conv_autocast<c10::DeviceType::CUDA>);
+  m.impl("bsr_conv2d", &conv2d_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace sparse_kernels

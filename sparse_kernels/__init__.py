@@ -20,7 +20,7 @@ from .nn import (
     largest_blocks_mask,
     random_blocks_mask,
 )
-from .ops.conv import bsr_conv2d
+from .ops.conv2d import bsr_conv2d
 from .ops.linear import bsr_linear
 from .reference import bsr_conv2d_reference, bsr_linear_reference
 from .shapes import BlockSize, normalize_block_size

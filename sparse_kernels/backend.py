@@ -121,14 +121,14 @@ def override(kind: str) -> Iterator[None]:
 def _install(kind: str) -> torch.library.Library:
     """A library fragment holding the override's kernels (destroying it restores the others)."""
     from . import masks
-    from .ops import conv, linear
+    from .ops import conv2d, linear
 
     library = torch.library.Library("sparse_kernels", "IMPL")
     if kind == "reference":
-        kernels = {**linear.REFERENCE_KERNELS, **conv.REFERENCE_KERNELS, **masks.REFERENCE_KERNELS}
+        kernels = {**linear.REFERENCE_KERNELS, **conv2d.REFERENCE_KERNELS, **masks.REFERENCE_KERNELS}
         devices = ("cpu", "cuda")
     else:
-        kernels = {**linear.triton_kernels(strict=True), **conv.triton_kernels(strict=True)}
+        kernels = {**linear.triton_kernels(strict=True), **conv2d.triton_kernels(strict=True)}
         devices = ("cpu",)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")  # replacing a kernel is the point

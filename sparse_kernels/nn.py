@@ -21,7 +21,7 @@ from torch import nn
 
 from .layout import BlockSparseLayout, build_index, from_dense, to_dense
 from .masks import block_norms
-from .ops import conv as _conv  # noqa: F401  (registers the conv kernels)
+from .ops import conv2d as _conv2d  # noqa: F401  (registers the conv2d kernels)
 from .ops import linear as _linear  # noqa: F401  (registers the linear kernels)
 from .shapes import BlockSize, explicit_padding, normalize_block_size
 

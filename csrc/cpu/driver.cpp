@@ -1,4 +1,4 @@
-// The CPU kernels' instruction-set choice, their index tables and the sdd driver (linear.cpp, conv.cpp).
+// The CPU kernels' instruction-set choice, their index tables and the sdd driver (linear.cpp, conv2d.cpp).
 #include "driver.h"
 
 #include <ATen/ops/zeros.h>

@@ -20,7 +20,7 @@ except ImportError as error:  # pragma: no cover - other Triton versions
     print(f"unknown Triton compile API ({triton.__version__}): {error}")
     sys.exit(3)
 
-import sparse_kernels.triton.conv as conv_kernels  # noqa: E402
+import sparse_kernels.triton.conv2d as conv2d_kernels  # noqa: E402
 import sparse_kernels.triton.linear as kernels  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block on A100 / H100
@@ -32,8 +32,8 @@ INDEX_POINTERS = ("block_ptr_ptr", "block_slots_ptr", "slot_block_idx_ptr", "row
 UNIT_STRIDES = {
     "_bsr_dsd_kernel": ("stride_ak", "stride_on"),
     "_bsr_sdd_kernel": ("stride_dyn", "stride_xk", "stride_oi"),
-    "_bsr_conv_dsd_kernel": ("stride_sc", "stride_oc"),
-    "_bsr_conv_sdd_kernel": ("stride_dyc", "stride_xc", "stride_pi"),
+    "_bsr_conv2d_dsd_kernel": ("stride_sc", "stride_oc"),
+    "_bsr_conv2d_sdd_kernel": ("stride_dyc", "stride_xc", "stride_pi"),
 }
 
 
@@ -94,13 +94,13 @@ def conv_cases(capability, dtype, common, block_out, block_in, sweep):
         every = sweep and (kh, kw) == (3, 3)
         taps = {"KH": kh, "KW": kw, "STRIDE_H": 1, "STRIDE_W": 1}
         for name, out, red, transposed in (("fwd", block_out, block_in, False), ("grad_input", block_in, block_out, True)):
-            kernel = conv_kernels._bsr_conv_dsd_kernel
+            kernel = conv2d_kernels._bsr_conv2d_dsd_kernel
             strides = {"STRIDE_H": 2, "STRIDE_W": 2} if transposed else {}  # the divisibility path
             yield capability, f"conv-dsd-{name}-{kh}x{kw}", kernel, dtype, {
                 **common, **taps, **strides, "TRANSPOSED": transposed, "HAS_BIAS": not transposed,
                 "BLOCK_OUT": out, "BLOCK_RED": red, "BLOCK_N": min(out, 128), "BLOCK_K": min(red, 64),
             }, kernel.configs if every else kernel.configs[:1]
-        kernel = conv_kernels._bsr_conv_sdd_kernel
+        kernel = conv2d_kernels._bsr_conv2d_sdd_kernel
         yield capability, f"conv-sdd-grad_weight-{kh}x{kw}", kernel, dtype, {
             **common, **taps, "BLOCK_OUT": block_out, "BLOCK_IN": block_in,
             "TILE_O": min(block_out, 64), "TILE_I": min(block_in, 64),
@@ -124,7 +124,7 @@ def compile_one(job):
 
 KERNELS = {
     k.fn.__name__: k
-    for k in (kernels._bsr_dsd_kernel, kernels._bsr_sdd_kernel, conv_kernels._bsr_conv_dsd_kernel, conv_kernels._bsr_conv_sdd_kernel)
+    for k in (kernels._bsr_dsd_kernel, kernels._bsr_sdd_kernel, conv2d_kernels._bsr_conv2d_dsd_kernel, conv2d_kernels._bsr_conv2d_sdd_kernel)
 }
 
 

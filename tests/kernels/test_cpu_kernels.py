@@ -1,7 +1,7 @@
 """The compiled CPU kernels (csrc/cpu): every instruction set against the fp64 truth, larger
 random cases (hypothesis), thread counts, the tiling paths, dispatch and refusals.
 
-The case grids of test_linear.py and test_conv.py run them too (backend ``compiled``)."""
+The case grids of test_linear.py and test_conv2d.py run them too (backend ``compiled``)."""
 import pytest
 import torch
 from helpers import CONV_CASES, LINEAR_CASES, random_block_mask, run_case, run_conv_case

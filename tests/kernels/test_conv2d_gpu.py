@@ -1,4 +1,4 @@
-"""The comparisons of test_conv.py on a CUDA device, at UNet-like shapes (autotuned kernels)."""
+"""The comparisons of test_conv2d.py on a CUDA device, at UNet-like shapes (autotuned kernels)."""
 import pytest
 import torch
 from helpers import run_conv_case

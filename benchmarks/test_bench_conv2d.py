@@ -1,6 +1,6 @@
 """pytest-benchmark suite for the block-sparse conv2d (``make bench``; never part of ``make test``).
 
-Same methods as ``python -m benchmarks.conv``: the UNet's 256->256 3x3 at 32x32 (batch 32)
+Same methods as ``python -m benchmarks.conv2d``: the UNet's 256->256 3x3 at 32x32 (batch 32)
 on CUDA in bf16, a CPU-sized 128->128 at 16x16 (batch 4) in fp32 otherwise; block 32.
 Each group (one pass, one density) times dense beside the others.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from .common import synchronized
-from .conv import build_methods
+from .conv2d import build_methods
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -11,7 +11,7 @@ A weight ``[Cout, Cin, kh, kw]`` is block-sparse over channel blocks: the layout
 ``[Cout / bo, Cin / bi]`` and a live block holds all taps, ``values [nnz, bo, bi, kh, kw]``.
 Outputs are channels-last when the input is (or, for the forward, when ``channels_last`` is
 set, as ``F.conv2d`` gives for a channels-last weight), contiguous otherwise. Kernels: C++ for
-CPU (csrc/cpu/conv.cpp); registered here: Triton for CUDA (1x1 convolutions on the linear
+CPU (csrc/cpu/conv2d.cpp); registered here: Triton for CUDA (1x1 convolutions on the linear
 kernels; the reference where Triton cannot take a case), the fake kernels, and the pure-torch
 references by name for :func:`sparse_kernels.backend.override`.
 """
@@ -187,14 +187,14 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_conv2d", "x", x, (col_ptr.shape[0] - 1) * values.shape[2], dim=1)
         if not takes("bsr_conv2d", x, values.shape[1:3]):
             return _forward_reference(x, values, bias, *index, stride, padding, dilation, channels_last)
-        from ..triton import conv, linear
+        from ..triton import conv2d, linear
 
         if _pointwise(values.shape[3:], stride, padding):
             rows = linear.bsr_linear_fwd(_pixels(x), values.reshape(values.shape[:3]), row_ptr, row_slots, col_idx,
                                          bias)
             y = _image(rows, x)
         else:
-            y = conv.bsr_conv2d_fwd(x, values, row_ptr, row_slots, col_idx, bias, stride, padding, dilation)
+            y = conv2d.bsr_conv2d_fwd(x, values, row_ptr, row_slots, col_idx, bias, stride, padding, dilation)
         return y.contiguous(memory_format=_output_format(x, channels_last))
 
     def grad_input(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, input_size, stride,
@@ -203,13 +203,13 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_conv2d_grad_input", "grad_out", grad_out, (row_ptr.shape[0] - 1) * values.shape[1], dim=1)
         if not takes("bsr_conv2d_grad_input", grad_out, values.shape[1:3]):
             return _grad_input_reference(grad_out, values, *index, input_size, stride, padding, dilation)
-        from ..triton import conv, linear
+        from ..triton import conv2d, linear
 
         if _pointwise(values.shape[3:], stride, padding):
             dx = _image(linear.bsr_linear_grad_input(_pixels(grad_out), values.reshape(values.shape[:3]), col_ptr,
                                                      col_slots, row_idx), grad_out)
         else:
-            dx = conv.bsr_conv2d_grad_input(grad_out, values, col_ptr, col_slots, row_idx, input_size, stride, padding,
+            dx = conv2d.bsr_conv2d_grad_input(grad_out, values, col_ptr, col_slots, row_idx, input_size, stride, padding,
                                             dilation)
         return dx.contiguous(memory_format=memory_format(grad_out))
 
@@ -220,13 +220,13 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_conv2d_grad_weight", "x", x, (col_ptr.shape[0] - 1) * block_shape[1], dim=1)
         if not takes("bsr_conv2d_grad_weight", x, block_shape[:2]):
             return _grad_weight_reference(grad_out, x, *index, block_shape, stride, padding, dilation)
-        from ..triton import conv, linear
+        from ..triton import conv2d, linear
 
         if _pointwise(block_shape[2:], stride, padding):
             dw = linear.bsr_linear_grad_weight(_pixels(grad_out), _pixels(x), row_idx, col_idx, row_slots,
                                                tuple(block_shape[:2]))
             return dw.reshape(*dw.shape, 1, 1)
-        return conv.bsr_conv2d_grad_weight(grad_out, x, row_idx, col_idx, row_slots, block_shape, stride, padding,
+        return conv2d.bsr_conv2d_grad_weight(grad_out, x, row_idx, col_idx, row_slots, block_shape, stride, padding,
                                            dilation)
 
     return {"bsr_conv2d": forward, "bsr_conv2d_grad_input": grad_input, "bsr_conv2d_grad_weight": grad_weight}

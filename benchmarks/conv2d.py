@@ -1,8 +1,8 @@
 """Block-sparse conv2d vs dense (cuDNN on a GPU) and masked dense, in one run.
 
-    python -m benchmarks.conv --out FILE.json          # the latent-diffusion UNet shapes
-    python -m benchmarks.conv --device cpu             # the CPU issue's shapes (~2 min on 2 cores)
-    python -m benchmarks.conv --device cpu --quick     # a minute on a laptop
+    python -m benchmarks.conv2d --out FILE.json          # the latent-diffusion UNet shapes
+    python -m benchmarks.conv2d --device cpu             # the CPU issue's shapes (~2 min on 2 cores)
+    python -m benchmarks.conv2d --device cpu --quick     # a minute on a laptop
 
 Methods, timed forward and forward+backward (grads of x, weight and bias), channels-last
 activations by default (the fast layout for cuDNN and for our kernels; ``--memory-format
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                         })
     add_vs_dense(rows, ("shape", "block", "pass"))
     _check_targets(rows, device, dtype, args.batch)
-    return {"suite": "conv", "environment": env, "parameters": params, "rows": rows}
+    return {"suite": "conv2d", "environment": env, "parameters": params, "rows": rows}
 
 
 def _check_targets(rows: List[Dict[str, object]], device: torch.device, dtype: torch.dtype, batch: int) -> None:

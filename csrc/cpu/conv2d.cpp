@@ -128,7 +128,7 @@ void check_input(const char* op, const char* name, const at::Tensor& t, int64_t 
 
 // y = conv2d(x, W) + bias: each panel of output pixels gathers its im2col rows once and
 // walks every output block's live (block, tap) pairs.
-at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                 const at::Tensor& row_idx, const at::Tensor& col_idx, const at::Tensor& row_ptr,
                 const at::Tensor& row_slots, const at::Tensor& col_ptr, const at::Tensor& col_slots,
                 c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, bool channels_last_out) {
@@ -161,7 +161,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& values, const std::option
 
 // dx = conv_transpose2d(dy, W): each panel of input pixels gathers the output pixels that
 // each tap maps onto it (none where the stride skips it) and walks each input block's pairs.
-at::Tensor conv_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& row_idx,
+at::Tensor conv2d_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& row_idx,
                            const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
                            const at::Tensor& col_ptr, const at::Tensor& col_slots, c10::IntArrayRef input_size,
                            c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
@@ -210,7 +210,7 @@ std::pair<int64_t, int64_t> valid_range(int64_t out, int64_t in, int64_t j, cons
 // dW at the live blocks, [nnz, bo, bi, kh, kw]: a reduction over every output pixel. For each
 // chunk of output rows and each tap, the runs of output pixels whose tap lands inside the
 // input, read in place (no im2col copy); see run_sdd.
-at::Tensor conv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_idx,
+at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_idx,
                             const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
                             const at::Tensor& col_ptr, const at::Tensor& col_slots, c10::IntArrayRef block_shape,
                             c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
@@ -262,9 +262,9 @@ at::Tensor conv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, con
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
-  m.impl("bsr_conv2d", &conv);
-  m.impl("bsr_conv2d_grad_input", &conv_grad_input);
-  m.impl("bsr_conv2d_grad_weight", &conv_grad_weight);
+  m.impl("bsr_conv2d", &conv2d);
+  m.impl("bsr_conv2d_grad_input", &conv2d_grad_input);
+  m.impl("bsr_conv2d_grad_weight", &conv2d_grad_weight);
 }
 
 }  // namespace cpu

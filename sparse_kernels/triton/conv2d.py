@@ -4,11 +4,11 @@ The GEMM view of ``y = conv2d(x, W)``: rows are output pixels ``(n, oh, ow)``, c
 are output channels, and the reduction runs over (input channel, tap). No im2col buffer
 is made: each tile of ``x`` is gathered from the shifted pixels of one tap.
 
-* ``_bsr_conv_dsd_kernel``: dense pixels @ block-sparse weight. The forward walks the
+* ``_bsr_conv2d_dsd_kernel``: dense pixels @ block-sparse weight. The forward walks the
   row-sorted index; the grad-input (a transposed convolution) walks the column-sorted one,
   each input pixel gathering the output pixels that read it, which handles stride and
   dilation without scattering.
-* ``_bsr_conv_sdd_kernel``: the weight gradient at live blocks only, per tap, reducing
+* ``_bsr_conv2d_sdd_kernel``: the weight gradient at live blocks only, per tap, reducing
   over batch and pixels; the pixels are split across programs when there are few blocks,
   and the fp32 partial sums are added afterwards (deterministic, no atomics).
 
@@ -36,7 +36,7 @@ Pair = Tuple[int, int]
     key=["M_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "KH", "KW", "TRANSPOSED", "HAS_BIAS", "PRECISION"],
 )
 @triton.jit
-def _bsr_conv_dsd_kernel(
+def _bsr_conv2d_dsd_kernel(
     src_ptr, values_ptr, bias_ptr, out_ptr,
     block_ptr_ptr, block_slots_ptr, slot_block_idx_ptr,
     M, M_BUCKET, NUM_N_TILES,
@@ -145,7 +145,7 @@ def _bsr_conv_dsd_kernel(
     key=["M_BUCKET", "BLOCK_OUT", "BLOCK_IN", "KH", "KW", "PRECISION"],
 )
 @triton.jit
-def _bsr_conv_sdd_kernel(
+def _bsr_conv2d_sdd_kernel(
     dy_ptr, x_ptr, partial_ptr, row_slots_ptr, row_idx_ptr, col_idx_ptr,
     M, M_BUCKET, CHUNK,
     OUT_H, OUT_W, IN_H, IN_W,
@@ -220,7 +220,7 @@ def _tap_major(values: torch.Tensor) -> torch.Tensor:
     return values.permute(0, 3, 4, 1, 2).contiguous()
 
 
-def _conv_dsd(
+def _conv2d_dsd(
     name: str,
     src: torch.Tensor,
     values: torch.Tensor,
@@ -234,7 +234,7 @@ def _conv_dsd(
     padding: Pair,
     dilation: Pair,
 ) -> torch.Tensor:
-    """Launches ``_bsr_conv_dsd_kernel``; returns ``[N, Nb * block_out, *out_hw]`` channels-last."""
+    """Launches ``_bsr_conv2d_dsd_kernel``; returns ``[N, Nb * block_out, *out_hw]`` channels-last."""
     check_operands(name, src, values.shape[1:3], values, block_ptr, block_slots, slot_block_idx, dense_dims=4)
     nnz, bo, bi, kh, kw = values.shape
     block_out, block_red = (bi, bo) if transposed else (bo, bi)
@@ -262,7 +262,7 @@ def _conv_dsd(
     precision, upcast = precision_and_upcast(src.dtype, conv=True)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * num_n_tiles,)  # noqa: E731
     with on_device(src):
-        _bsr_conv_dsd_kernel[grid](
+        _bsr_conv2d_dsd_kernel[grid](
             src, weights, bias if bias is not None else out, out,
             block_ptr, block_slots, slot_block_idx,
             M, triton.next_power_of_2(M), num_n_tiles,
@@ -301,7 +301,7 @@ def bsr_conv2d_fwd(
         conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0]),
         conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1]),
     )
-    return _conv_dsd(
+    return _conv2d_dsd(
         "bsr_conv2d_fwd", x, values, row_ptr, row_slots, col_idx, out_hw, False, bias, stride, padding, dilation
     )
 
@@ -321,7 +321,7 @@ def bsr_conv2d_grad_input(
 
     grad_out: [N, R * bo, OH, OW]; returns dx: [N, C * bi, *input_hw], channels-last.
     """
-    return _conv_dsd(
+    return _conv2d_dsd(
         "bsr_conv2d_grad_input", grad_out, values, col_ptr, col_slots, row_idx,
         tuple(input_hw), True, None, stride, padding, dilation,
     )
@@ -372,7 +372,7 @@ def bsr_conv2d_grad_weight(
     partial = torch.empty(splits, nnz, kh, kw, bo, bi, device=x.device, dtype=torch.float32)
     precision, upcast = precision_and_upcast(x.dtype, conv=True)
     with on_device(x):
-        _bsr_conv_sdd_kernel[(base_programs, splits)](
+        _bsr_conv2d_sdd_kernel[(base_programs, splits)](
             grad_out, x, partial, row_slots, row_idx, col_idx,
             M, triton.next_power_of_2(M), chunk,
             out_h, out_w, x.shape[2], x.shape[3],

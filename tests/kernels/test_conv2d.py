@@ -43,9 +43,9 @@ def test_channels_last_in_channels_last_out(backend, device, use_backend):
 def test_grad_weight_split_over_pixel_chunks(monkeypatch, use_backend):
     """The split grad-weight (fp32 partial sums per pixel chunk) against the truth."""
     use_backend("triton", "cpu")
-    import sparse_kernels.triton.conv as conv_kernels
+    import sparse_kernels.triton.conv2d as conv2d_kernels
 
-    monkeypatch.setattr(conv_kernels, "_pixel_splits", lambda *args: 3)
+    monkeypatch.setattr(conv2d_kernels, "_pixel_splits", lambda *args: 3)
     run_conv_case((3, 16, 16, (15, 15), 3, 1, 1, 1, 16, "full", False), torch.float32, "cpu")
 
 
