@@ -193,7 +193,7 @@ def main(argv=None) -> Dict[str, object]:
           f"{args.dtype}, batch {args.batch}, {args.memory_format}, padding 'same'"
           + (f", ours on {env['cpu_backend']} ({env.get('cpu_isa')})" if "cpu_backend" in env else ""))
     print_table(payload["rows"], ["method", "pass", "shape", "block", "density", "ms", "vs_dense", "meets_target", "error"])
-    suite = "conv" if args.memory_format == "channels_last" else f"conv-{args.memory_format}"
+    suite = "conv2d" if args.memory_format == "channels_last" else f"conv2d-{args.memory_format}"
     write_json(result_path(args.out, args.out_dir, suite, env), payload)
     return payload
 
