@@ -148,12 +148,12 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const std::opti
     return y.contiguous(nhwc_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   }
   const at::Tensor src = channels_last(as_float(x));
-  const at::Tensor packed = as_float(values).permute({0, 3, 4, 2, 1}).contiguous();  // [nnz][kh][kw][bi][bo]
+  const float* packed = pack_weights(as_float(values), true);  // [nnz][kh][kw][bi][bo]
   const at::Tensor b = bias ? as_float(*bias).contiguous() : at::Tensor();
   at::Tensor y = at::empty({x.size(0), oh, ow, out_channels}, src.options());
   with_tiles(src, x.size(0), oh, ow, kh, kw, c, false, [&](const auto& tiles) {
     const PairTable table =
-        make_pairs(op, row_ptr, row_slots, col_idx, L.cols, tiles.layout(), L.bi, L.bo, packed.data_ptr<float>());
+        make_pairs(op, row_ptr, row_slots, col_idx, L.cols, tiles.layout(), L.bi, L.bo, packed);
     run_dsd(select_isa(), tiles, table, L.bo, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
   });
   return finish(y, nhwc_out, x.scalar_type());
@@ -188,11 +188,11 @@ at::Tensor conv2d_grad_input(const at::Tensor& grad_out, const at::Tensor& value
     return dx.contiguous(is_channels_last(grad_out) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   }
   const at::Tensor src = channels_last(as_float(grad_out));
-  const at::Tensor packed = as_float(values).permute({0, 3, 4, 1, 2}).contiguous();  // [nnz][kh][kw][bo][bi]
+  const float* packed = pack_weights(as_float(values), false);  // [nnz][kh][kw][bo][bi]
   at::Tensor dx = at::empty({grad_out.size(0), h, w, in_channels}, src.options());
   with_tiles(src, grad_out.size(0), h, w, kh, kw, c, true, [&](const auto& tiles) {
     const PairTable table =
-        make_pairs(op, col_ptr, col_slots, row_idx, L.rows, tiles.layout(), L.bo, L.bi, packed.data_ptr<float>());
+        make_pairs(op, col_ptr, col_slots, row_idx, L.rows, tiles.layout(), L.bo, L.bi, packed);
     run_dsd(select_isa(), tiles, table, L.bi, nullptr, dx.data_ptr<float>());
   });
   return finish(dx, is_channels_last(grad_out), grad_out.scalar_type());
@@ -239,8 +239,8 @@ at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
   check_slots(op, row_idx, col_idx, col_slots, L.rows, L.cols);
   const at::Tensor dy = channels_last(as_float(grad_out)), src = channels_last(as_float(x));
   const int64_t taps = kh * kw, out_rows = x.size(0) * oh, rows_per_chunk = std::max<int64_t>(1, 256 / ow);
-  SddPlan plan;
-  plan.taps = taps;
+  static thread_local SddPlan plan;
+  plan.reset(taps);
   for (int64_t r0 = 0; r0 < out_rows; r0 += rows_per_chunk, ++plan.chunks)
     for (int64_t tap = 0; tap < taps; ++tap) {
       const int64_t i = tap / kw, j = tap % kw;
@@ -253,11 +253,18 @@ at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
       }
       plan.close();
     }
-  at::Tensor acc = at::empty({L.nnz, kh, kw, bo, bi}, src.options());
+  static thread_local std::vector<float> buffer;  // [nnz][taps][bo][bi]
+  float* acc = grow(buffer, static_cast<size_t>(L.nnz * taps * bo * bi));
   run_sdd(select_isa(), dy.data_ptr<float>(), cout, src.data_ptr<float>(), c.stride[1] * cin, plan,
-          row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), L.nnz, bo, bi,
-          acc.data_ptr<float>());
-  return acc.permute({0, 3, 4, 1, 2}).contiguous().to(x.scalar_type());
+          row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), L.nnz, bo, bi, acc);
+  at::Tensor dw = at::empty({L.nnz, bo, bi, kh, kw}, src.options());
+  float* out = dw.data_ptr<float>();
+  at::parallel_for(0, L.nnz, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t oi = 0; oi < bo * bi; ++oi) out[(s * bo * bi + oi) * taps + t] = acc[(s * taps + t) * bo * bi + oi];
+  });
+  return dw.to(x.scalar_type());
 }
 }  // namespace
 

@@ -141,6 +141,25 @@ at::Tensor live_blocks(const at::Tensor& dense, const LayoutShape& shape, const 
   return dense.reshape(split).transpose(1, 2).reshape(flat).index_select(0, flat_blocks(shape, row_idx, col_idx));
 }
 
+const float* pack_weights(const at::Tensor& values, bool transpose) {
+  static thread_local std::vector<float> buffer;
+  const at::Tensor v = values.contiguous();
+  const int64_t nnz = v.size(0), bo = v.size(1), bi = v.size(2), block = bo * bi;
+  const int64_t taps = v.numel() / std::max<int64_t>(nnz * block, 1);
+  float* out = grow(buffer, static_cast<size_t>(v.numel()));
+  const float* in = v.data_ptr<float>();
+  at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      for (int64_t o = 0; o < bo; ++o)
+        for (int64_t i = 0; i < bi; ++i)
+          for (int64_t t = 0; t < taps; ++t) {
+            const int64_t kn = transpose ? i * bo + o : o * bi + i;
+            out[(s * taps + t) * block + kn] = in[((s * bo + o) * bi + i) * taps + t];
+          }
+  });
+  return out;
+}
+
 void run_sdd(const Isa& isa, const float* dy, int64_t dy_step, const float* a, int64_t a_step, const SddPlan& plan,
              const int32_t* row_idx, const int32_t* col_idx, const int32_t* order, int64_t nnz, int64_t bo,
              int64_t bi, float* acc) {

@@ -40,6 +40,19 @@ at::Tensor dense_weight(const at::Tensor& values, const LayoutShape& shape, cons
 at::Tensor live_blocks(const at::Tensor& dense, const LayoutShape& shape, const at::Tensor& row_idx,
                        const at::Tensor& col_idx);
 
+// A buffer a thread keeps from call to call, grown as needed and never freed: the kernels'
+// temporaries (packed weights, panels, runs, accumulators) then cost no malloc per call.
+// (glibc serves large blocks as fresh mappings, whose pages fault in, zeroed, on every call.)
+template <class T>
+T* grow(std::vector<T>& buffer, size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
+}
+
+// values [nnz, bo, bi, *taps] (fp32) packed as [nnz][taps][k][n] into a thread's buffer: with
+// (k, n) = (bi, bo) when `transpose` (the forward: inputs are the reduction), (bo, bi) else.
+const float* pack_weights(const at::Tensor& values, bool transpose);
+
 // fp16 and bf16 operands are widened to fp32 on the way in (the kernels compute in fp32).
 inline at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
@@ -241,7 +254,8 @@ void run_dsd(const Isa& isa, const Tiles& tiles, const PairTable& table, int64_t
   const int64_t groups = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), count), 1, blocks);
   const int64_t per_group = ceil_div(blocks, groups), column_stride = table.layout.rows * kPanelWidth;
   at::parallel_for(0, count * groups, 1, [&](int64_t begin, int64_t end) {
-    Panel panel;
+    static thread_local Panel panel;
+    panel.keys.clear();  // nothing packed yet in this call
     int64_t packed = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / groups, group = item % groups;
@@ -262,6 +276,12 @@ struct SddPlan {
   std::vector<SddRun> runs;
   std::vector<int64_t> start{0};
   int64_t chunks = 0, taps = 1;
+  // Empties the plan for `taps` taps, keeping its storage (plans live in a thread's buffer).
+  void reset(int64_t plan_taps) {
+    runs.clear();
+    start.assign(1, 0);
+    chunks = 0, taps = plan_taps;
+  }
   // Appends a run to the current (chunk, tap), merged with the previous one where it continues it.
   void add(int64_t dy, int64_t a, int64_t rows, int64_t dy_step, int64_t a_step) {
     if (rows <= 0) return;

@@ -38,9 +38,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const std::opti
   check_bias(op, bias, out, values);
   if (!kernels_take(values.scalar_type(), L.bo, L.bi))
     return at::linear(x, dense_weight(values, L, row_idx, col_idx), bias);
-  const at::Tensor a = float_rows(x, in), packed = as_float(values).transpose(1, 2).contiguous();  // [nnz][bi][bo]
-  const PairTable table = make_pairs(op, row_ptr, row_slots, col_idx, L.cols, PanelLayout::per_tap(1), L.bi, L.bo,
-                                     packed.data_ptr<float>());
+  const at::Tensor a = float_rows(x, in);
+  const float* packed = pack_weights(as_float(values), true);  // [nnz][bi][bo]
+  const PairTable table =
+      make_pairs(op, row_ptr, row_slots, col_idx, L.cols, PanelLayout::per_tap(1), L.bi, L.bo, packed);
   const at::Tensor b = bias ? as_float(*bias).contiguous() : at::Tensor();
   at::Tensor y = at::empty({a.size(0), out}, a.options());
   run_dsd(select_isa(), DirectTiles{a.data_ptr<float>(), in, a.size(0)}, table, L.bo,
@@ -86,7 +87,8 @@ at::Tensor linear_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
     return live_blocks(grad_out.reshape({-1, out}).t().matmul(x.reshape({-1, in})), L, row_idx, col_idx);
   const at::Tensor dy = float_rows(grad_out, out), a = float_rows(x, in);
   check_slots(op, row_idx, col_idx, col_slots, L.rows, L.cols);
-  SddPlan plan;  // chunks of 128 rows: a chunk of dy and x stays in cache across the slots
+  static thread_local SddPlan plan;  // chunks of 128 rows: a chunk of dy and x stays in cache across the slots
+  plan.reset(1);
   for (int64_t m0 = 0; m0 < a.size(0); m0 += 128, ++plan.chunks) {
     plan.add(m0 * out, m0 * in, std::min<int64_t>(128, a.size(0) - m0), out, in);
     plan.close();
