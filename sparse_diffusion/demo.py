@@ -73,15 +73,17 @@ def run_demo(out: str = "runs/demo", steps: Optional[int] = None, eval_samples: 
 def comparison_table(results: Dict[str, Dict], eval_samples: int) -> str:
     """A Markdown table: quality, size, cost and time of each run."""
     rows = [
-        "| run | sparsity | parameters | GFLOPs / sample | s / step | wall-clock | "
+        "| run | sparsity | parameters | GFLOPs / sample | s / step | wall-clock | speed vs dense | "
         f"FID@{eval_samples} | FD (local) | KID |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    dense = results.get("dense", {}).get("wall_clock_s")
     for name, r in results.items():
         m = r.get("metrics", {})
+        speed = f"{dense / r['wall_clock_s']:.2f}x" if dense and r["wall_clock_s"] else "-"
         rows.append(
             f"| {name} | {r['sparsity']:.2f} | {r['parameters']:,} | {r['flops_per_sample'] / 1e9:.3f} | "
-            f"{r['seconds_per_step']:.3f} | {r['wall_clock_s'] / 60:.1f} min | {m.get('fid', float('nan')):.1f} | "
-            f"{m.get('fd_local', float('nan')):.2f} | {m.get('kid_mean', float('nan')):.4f} |"
+            f"{r['seconds_per_step']:.3f} | {r['wall_clock_s'] / 60:.1f} min | {speed} | "
+            f"{m.get('fid', float('nan')):.1f} | {m.get('fd_local', float('nan')):.2f} | {m.get('kid_mean', float('nan')):.4f} |"
         )
     return "\n".join(rows)

@@ -255,10 +255,14 @@ def _sparse_copy(module: nn.Module, block: Tuple[int, int], density: float, init
     return sparse_module
 
 
-def _masked_dense_wins(module: nn.Module) -> bool:
-    """Whether dense kernels on the masked weight were measured faster for this layer."""
+def _masked_dense_from(module: nn.Module) -> float:
+    """The density from which dense kernels on the masked weight were measured faster."""
     strided = isinstance(module, sk.BlockSparseConv2d) and module.stride != (1, 1)
-    return module.density >= (MASKED_DENSE_FROM_STRIDED if strided else MASKED_DENSE_FROM)
+    return MASKED_DENSE_FROM_STRIDED if strided else MASKED_DENSE_FROM
+
+
+def _masked_dense_wins(module: nn.Module) -> bool:
+    return module.density >= _masked_dense_from(module)
 
 
 def _dense_report(name: str, module: nn.Module, reason: str, budgeted: bool) -> LayerReport:
@@ -273,7 +277,7 @@ def _sparse_report(name: str, dense: nn.Module, sparse_module: nn.Module, block:
     if block == (1, 1):
         path = "reference (masked, block 1)"
     elif sparse_module.masked_dense:
-        path = "masked dense"
+        path = f"masked dense (density >= {_masked_dense_from(sparse_module)})"
     else:
         path = backend
     # One multiply-accumulate per (live) weight per output position.

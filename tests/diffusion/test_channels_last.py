@@ -7,9 +7,9 @@ import sparse_kernels as sk
 from sparse_diffusion.channels_last import channels_last
 
 
-def _formats(model, x, t):
+def _formats(model, run):
     """{module name: (input channels-last, output channels-last)} of every convolution in a
-    training forward."""
+    training forward ``run(model)``, and its output."""
     seen = {}
 
     def hook(name):
@@ -21,32 +21,62 @@ def _formats(model, x, t):
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
                if isinstance(m, (torch.nn.Conv2d, sk.BlockSparseConv2d))]
-    y = model(x, t).sample
+    y = run(model)
     for handle in handles:
         handle.remove()
     return seen, y
 
 
-@pytest.mark.parametrize("method", ["dense", "sparse"])
-def test_every_convolution_stays_channels_last_through_the_shortcuts(method):
+def _unet():
     from diffusers import UNet2DModel
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    if method == "sparse":
-        sd.sparsify(unet, 0.5, block_size=16, distribution="uniform", masked_dense=False)
+    model = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "UpBlock2D"))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
-    unet.train()
-    _, expected = _formats(unet, x, t)
-    channels_last(unet)
-    channels_last(unet)  # idempotent
-    seen, y = _formats(unet, x, t)
+    return model, lambda m: m(x, t).sample
+
+
+def _conditional_unet():
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                 layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 5, 32)
+    return model, lambda m: m(x, t, encoder_hidden_states=context).sample
+
+
+def _autoencoder():
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                          norm_num_groups=8, latent_channels=4,
+                          down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                          up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    x = torch.randn(2, 3, 16, 16)
+    return model, lambda m: m(x).sample
+
+
+@pytest.mark.parametrize("build", [_unet, _conditional_unet, _autoencoder], ids=["unet", "conditional", "autoencoder"])
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_every_convolution_stays_channels_last_through_the_shortcuts(method, build):
+    torch.manual_seed(0)
+    model, run = build()
+    if method == "sparse":
+        sd.sparsify(model, 0.5, block_size=16, distribution="uniform", masked_dense=False)
+    model.train()
+    _, expected = _formats(model, run)
+    channels_last(model)
+    channels_last(model)  # idempotent
+    seen, y = _formats(model, run)
     shortcuts = [name for name in seen if name.endswith("conv_shortcut")]
     assert shortcuts, "the test model must have ResnetBlock2D shortcuts"
-    inner = {name: formats for name, formats in seen.items() if name not in ("conv_in", "conv_out")}
-    assert all(i and o for i, o in inner.values()), inner  # no NCHW copy before any shortcut either
+    # Every convolution hands on a channels-last activation (the first ones take the NCHW
+    # input), and no shortcut gets an NCHW copy of its block's input.
+    assert all(o for name, (i, o) in seen.items()), seen
+    assert all(seen[name][0] for name in shortcuts), {name: seen[name] for name in shortcuts}
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
     y.square().mean().backward()  # and the backward goes through
     # Outside ResnetBlock2D, .contiguous() still makes NCHW copies.

@@ -138,14 +138,14 @@ def test_layers_close_to_dense_run_dense_kernels_on_their_masked_weight():
     report = sd.sparsify(model, 0.4, block_size=16, keep_dense=[], distribution="uniform")
     density = 0.6  # 0.4 sparsity, uniform: below the stride-1 threshold, above the strided one
     assert module.MASKED_DENSE_FROM_STRIDED <= density < module.MASKED_DENSE_FROM
-    assert [layer.path for layer in report.layers] == ["compiled", "masked dense", "compiled"]
+    assert [layer.path for layer in report.layers] == ["compiled", "masked dense (density >= 0.5)", "compiled"]
     assert [m.masked_dense for m in model] == [False, True, False]
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, stride=2, padding=1))
     report = sd.sparsify(model, 0.4, block_size=16, keep_dense=[], distribution="uniform", masked_dense=False)
     assert [layer.path for layer in report.layers] == ["compiled", "compiled"]
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     report = sd.sparsify(model, 0.1, block_size=16, keep_dense=[], distribution="uniform")
-    assert all(layer.path == "masked dense" and layer.budgeted for layer in report.layers)
+    assert all(layer.path == "masked dense (density >= 0.8)" and layer.budgeted for layer in report.layers)
 
 
 def test_init_magnitude_and_random_keep_the_dense_values():
