@@ -257,14 +257,8 @@ at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
   float* acc = grow(buffer, static_cast<size_t>(L.nnz * taps * bo * bi));
   run_sdd(select_isa(), dy.data_ptr<float>(), cout, src.data_ptr<float>(), c.stride[1] * cin, plan,
           row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), L.nnz, bo, bi, acc);
-  at::Tensor dw = at::empty({L.nnz, bo, bi, kh, kw}, src.options());
-  float* out = dw.data_ptr<float>();
-  at::parallel_for(0, L.nnz, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      for (int64_t t = 0; t < taps; ++t)
-        for (int64_t oi = 0; oi < bo * bi; ++oi) out[(s * bo * bi + oi) * taps + t] = acc[(s * taps + t) * bo * bi + oi];
-  });
-  return dw.to(x.scalar_type());
+  const at::Tensor by_tap = at::from_blob(acc, {L.nnz, kh, kw, bo, bi}, src.options());
+  return by_tap.permute({0, 3, 4, 1, 2}).to(x.scalar_type(), false, true, at::MemoryFormat::Contiguous);
 }
 }  // namespace
 

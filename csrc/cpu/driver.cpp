@@ -1,8 +1,9 @@
 // The CPU kernels' instruction-set choice, their index tables and the sdd driver (linear.cpp, conv2d.cpp).
 #include "driver.h"
 
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include "../ops.h"
@@ -143,20 +144,14 @@ at::Tensor live_blocks(const at::Tensor& dense, const LayoutShape& shape, const 
 
 const float* pack_weights(const at::Tensor& values, bool transpose) {
   static thread_local std::vector<float> buffer;
-  const at::Tensor v = values.contiguous();
-  const int64_t nnz = v.size(0), bo = v.size(1), bi = v.size(2), block = bo * bi;
-  const int64_t taps = v.numel() / std::max<int64_t>(nnz * block, 1);
-  float* out = grow(buffer, static_cast<size_t>(v.numel()));
-  const float* in = v.data_ptr<float>();
-  at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      for (int64_t o = 0; o < bo; ++o)
-        for (int64_t i = 0; i < bi; ++i)
-          for (int64_t t = 0; t < taps; ++t) {
-            const int64_t kn = transpose ? i * bo + o : o * bi + i;
-            out[(s * taps + t) * block + kn] = in[((s * bo + o) * bi + i) * taps + t];
-          }
-  });
+  const int64_t taps = values.dim() - 3;
+  std::vector<int64_t> order{0};  // [nnz][taps...][k][n]
+  for (int64_t t = 0; t < taps; ++t) order.push_back(3 + t);
+  order.push_back(transpose ? 2 : 1);
+  order.push_back(transpose ? 1 : 2);
+  const at::Tensor source = values.permute(order);
+  float* out = grow(buffer, static_cast<size_t>(values.numel()));
+  at::from_blob(out, source.sizes(), values.options()).copy_(source);
   return out;
 }
 

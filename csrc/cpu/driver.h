@@ -6,7 +6,7 @@
 //   dsd: out[m, block b] = sum over the live (block, tap) pairs of b of a[m, pair] @ w[pair]
 //        (forward with the row-sorted index, grad-input with the column-sorted one);
 //   sdd: dW[slot, tap] = dy[:, row block].T @ a[:, tap, column block], for live slots only.
-// The dsd packs the rows it needs, kPanelRows at a time, into a panel (isa.h): a linear layer
+// The dsd packs the rows it needs, a tile at a time, into a panel (isa.h): a linear layer
 // copies its rows, a convolution gathers the rows of its implicit im2col matrix (stride,
 // padding and dilation, and their transposes for grad-input, live in that gather alone).
 // The sdd reads runs of rows in place.
