@@ -90,11 +90,7 @@ class DynamicSparsity:
         self._ema_shadows = _ema_shadows(model, ema)
         self._armed = False
         self._dense_grads: Dict[int, Tensor] = {}
-        self._hooks = [
-            module.register_forward_hook(self._collector(i))
-            for i, (_, module) in enumerate(self.layers)
-            if self.grows_by_gradient
-        ]
+        self._hooks: List = []  # the collectors, registered only while armed
         self._arm_if_next_updates()
 
     # ------------------------------------------------------------------ schedule
@@ -208,13 +204,22 @@ class DynamicSparsity:
         return any(not bool(torch.isfinite(g).all()) for g in grads)
 
     def _arm_if_next_updates(self) -> None:
+        """Registers the dense-gradient collectors for the step before an update, and removes
+        them after it: a forward hook costs every call of its module, so the other steps run
+        without them."""
         self._armed = self.grows_by_gradient and self.is_update_step(self.step_count + 1)
+        if self._armed and not self._hooks:
+            self._hooks = [module.register_forward_hook(self._collector(i)) for i, (_, module) in enumerate(self.layers)]
+        elif not self._armed and self._hooks:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
 
     def _collector(self, index: int):
         """A forward hook that, when armed, adds this call's dense weight gradient."""
 
         def hook(module: BlockSparseModule, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
-            if not self._armed or not output.requires_grad:
+            if not output.requires_grad:
                 return
             x = inputs[0].detach()
 

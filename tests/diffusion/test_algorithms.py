@@ -66,6 +66,23 @@ def test_rigl_never_regrows_the_block_it_drops():
     assert live_blocks(layer) == [(0, 1), (1, 1)]
 
 
+def test_rigl_hooks_its_layers_only_for_the_step_before_an_update():
+    """The dense-gradient collectors cost every call of a layer: they are there for the step
+    that feeds an update, and gone on the other steps."""
+    layer = sk.BlockSparseLinear(32, 32, block_size=16, density=0.5)
+    model = nn.Sequential(layer)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    algo = sd.RigL(model, optimizer, total_steps=12, update_interval=3, stop=1.0)
+    hooked = []
+    for _ in range(6):
+        hooked.append(len(layer._forward_hooks))
+        model(torch.randn(4, 32)).sum().backward()
+        optimizer.step()
+        algo.step()
+    assert hooked == [0, 0, 1, 0, 0, 1]  # steps 3 and 6 update the masks
+    assert [record["step"] for record in algo.history] == [3, 6]
+
+
 def test_static_never_changes_the_mask():
     torch.manual_seed(0)
     model = nn.Sequential(sk.BlockSparseLinear(32, 32, block_size=16, density=0.5))
