@@ -134,6 +134,19 @@ def synchronized(step: Callable[[], object], device: torch.device) -> Callable[[
     return run
 
 
+def add_output_arguments(parser, threads: bool = False) -> None:
+    """``--out`` / ``--out-dir`` (where the JSON goes), and ``--threads`` for the CPU suites."""
+    if threads:
+        parser.add_argument("--threads", type=int, default=2, help="torch's intra-op threads")
+    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+
+
+def parameters_of(args) -> Dict[str, object]:
+    """The run's arguments for its JSON record, without where the record goes."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+
+
 def result_path(out: Optional[str], out_dir: Optional[str], suite: str, env: Dict[str, object]) -> Optional[Path]:
     """``out`` as given, or ``out_dir/<suite>-<date>-<device name>.json``."""
     if out:

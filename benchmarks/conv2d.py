@@ -30,10 +30,12 @@ import torch.nn.functional as F
 import sparse_kernels as sk
 
 from .common import (
+    add_output_arguments,
     add_vs_dense,
     environment,
     fill_defaults,
     forward_backward,
+    parameters_of,
     print_table,
     result_path,
     time_step,
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     env = environment(device)
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+    params = parameters_of(args)
     rows: List[Dict[str, object]] = []
     memory_format = MEMORY_FORMATS[args.memory_format]
     warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
@@ -173,8 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--min-seconds", type=float, default=None, help="timing budget per measurement")
     parser.add_argument("--quick", action="store_true", help="CPU-sized defaults: batch 4, small shapes, block 32")
-    parser.add_argument("--out", help="JSON file to write")
-    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     fill_defaults(
         args,

@@ -19,7 +19,7 @@ import torch
 
 import sparse_kernels as sk
 
-from .common import environment, print_table, result_path, write_json
+from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
 
 
 def _step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                      "sparse_vs_dense": sparse / dense, "meets_target": sparse / dense <= 1.5,
                      "dense_range_us": [min(times["dense"]), max(times["dense"])],
                      "sparse_range_us": [min(times["sparse"]), max(times["sparse"])]})
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+    params = parameters_of(args)
     return {"suite": "layer_call", "environment": environment(torch.device("cpu")), "parameters": params, "rows": rows}
 
 
@@ -79,9 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=50, help="calls per timing")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", help="JSON file to write")
-    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+    add_output_arguments(parser, threads=True)
     return parser.parse_args(argv)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import sparse_kernels as sk
 
-from .common import environment, print_table, result_path, write_json
+from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
 from .train_loop import MODELS
 
 
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 row["efficiency"] = module.density * row["dense_ms"] / row["sparse_ms"]
                 rows.append(row)
             print(f"  {model} at {sparsity}: {len(layers)} layers", flush=True)
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+    params = parameters_of(args)
     return {"suite": "layers", "environment": environment(torch.device("cpu")), "parameters": params, "rows": rows}
 
 
@@ -129,9 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", help="JSON file to write")
-    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+    add_output_arguments(parser, threads=True)
     return parser.parse_args(argv)
 
 

@@ -28,10 +28,12 @@ import torch.nn.functional as F
 import sparse_kernels as sk
 
 from .common import (
+    add_output_arguments,
     add_vs_dense,
     environment,
     fill_defaults,
     forward_backward,
+    parameters_of,
     print_table,
     result_path,
     time_step,
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     env = environment(device)
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+    params = parameters_of(args)
     rows: List[Dict[str, object]] = []
     warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
     for block in args.blocks:
@@ -169,8 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--min-seconds", type=float, default=None, help="timing budget per measurement")
     parser.add_argument("--quick", action="store_true", help="CPU-sized defaults: 2048 tokens, 1024 x 1024")
-    parser.add_argument("--out", help="JSON file to write")
-    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     fill_defaults(
         args,

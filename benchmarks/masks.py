@@ -23,7 +23,15 @@ import torch
 import sparse_kernels as sk
 from sparse_kernels import LayerUpdate, masks
 
-from .common import environment, print_table, result_path, time_step, write_json
+from .common import (
+    add_output_arguments,
+    environment,
+    parameters_of,
+    print_table,
+    result_path,
+    time_step,
+    write_json,
+)
 
 GRIDS = [(16, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
 
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     else:
         compiled["target"] = "speedup_vs_reference >= 5"
         compiled["meets_target"] = compiled["speedup_vs_reference"] >= 5
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+    params = parameters_of(args)
     params["blocks_total"] = sum(u.layout.grid[0] * u.layout.grid[1] for u in updates)
     params["nnz_total"] = sum(u.layout.nnz for u in updates)
     return {"suite": "masks", "environment": env, "parameters": params, "rows": rows}
@@ -89,8 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--drop-fraction", type=float, default=0.3)
     parser.add_argument("--min-seconds", type=float, default=1.0, help="timing budget per method")
     parser.add_argument("--quick", action="store_true", help="a 0.3 s timing budget")
-    parser.add_argument("--out", help="JSON file to write")
-    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.min_seconds = min(args.min_seconds, 0.3)

@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from .common import environment, print_table, result_path, write_json
+from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
 
 MODELS = {
     # make demo's run: the class-conditional pixel UNet on 28x28 Fashion-MNIST.
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models:
             rows += measure_model(model, args, folder)
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+    params = parameters_of(args)
     params["models"] = {name: MODELS[name] for name in args.models}
     return {"suite": "train_loop", "environment": env, "parameters": params, "rows": rows}
 
@@ -145,9 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="steps of each run per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", help="JSON file to write")
-    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+    add_output_arguments(parser, threads=True)
     return parser.parse_args(argv)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import sparse_diffusion as sd
 from sparse_diffusion.models.unet import UNET_PRESETS
 
-from .common import environment, print_table, result_path, write_json
+from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
 
 PRESETS = {
     "gpu": {
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             r["meets_target"] = (
                 r["speedup_vs_dense"] >= 2 and r["state_vs_dense"] <= 0.3 and r["mask_update_fraction"] < 0.01
             )
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "out_dir")}
+    params = parameters_of(args)
     params["unet"] = {k: list(v) if isinstance(v, tuple) else v for k, v in config["unet"].items()}
     params["batch"] = args.batch or config["batch"]
     return {"suite": "train_step", "environment": environment(device), "parameters": params, "rows": rows}
@@ -173,8 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, nargs="+", default=None)
     parser.add_argument("--update-interval", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median)")
-    parser.add_argument("--out", help="JSON file to write")
-    parser.add_argument("--out-dir", help="folder for a JSON file named after the date and device")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

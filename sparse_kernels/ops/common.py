@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from ..backend import triton_unsupported_reason
 from ..layout import BlockSparseLayout
 
 
@@ -58,3 +59,13 @@ def check_bias(bias: Optional[Tensor], features: int, x: Tensor) -> None:
         raise ValueError(f"bias must have shape ({features},), got {tuple(bias.shape)}")
     if bias.device != x.device:
         raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+
+
+def triton_takes(op: str, t: Tensor, block_size: Sequence[int], *, strict: bool) -> bool:
+    """Whether the Triton kernels take ``op`` on ``t``'s device and dtype with ``block_size``;
+    where they cannot, ``ValueError`` if ``strict`` (the Triton override) or ``False`` (the
+    CUDA kernels then run the reference)."""
+    reason = triton_unsupported_reason(t.device, t.dtype, tuple(block_size))
+    if reason is not None and strict:
+        raise ValueError(f"{op}: the Triton kernels cannot run this: {reason}")
+    return reason is None

@@ -22,7 +22,6 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from ..backend import triton_unsupported_reason
 from ..layout import BlockSparseLayout, check_values
 from ..reference import (
     bsr_conv2d_grad_input_reference,
@@ -30,7 +29,7 @@ from ..reference import (
     bsr_conv2d_reference,
 )
 from ..shapes import IntPair, conv_output_size, explicit_padding, int_pair
-from .common import check_activation, check_bias, check_features, layout_of, memory_format
+from .common import check_activation, check_bias, check_features, layout_of, memory_format, triton_takes
 
 _ops = torch.ops.sparse_kernels
 
@@ -176,10 +175,7 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
     sides that are not powers of two >= 16) run on the references, or raise if ``strict``."""
 
     def takes(op: str, t: Tensor, block_size) -> bool:
-        reason = triton_unsupported_reason(t.device, t.dtype, tuple(block_size))
-        if reason is not None and strict:
-            raise ValueError(f"{op}: the Triton kernels cannot run this: {reason}")
-        return reason is None
+        return triton_takes(op, t, block_size, strict=strict)
 
     def forward(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, stride, padding,
                 dilation, channels_last=False):

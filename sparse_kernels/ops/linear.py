@@ -19,14 +19,13 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from ..backend import triton_unsupported_reason
 from ..layout import BlockSparseLayout, check_values
 from ..reference import (
     bsr_linear_grad_input_reference,
     bsr_linear_grad_weight_reference,
     bsr_linear_reference,
 )
-from .common import check_activation, check_bias, check_features, layout_of
+from .common import check_activation, check_bias, check_features, layout_of, triton_takes
 
 _ops = torch.ops.sparse_kernels
 
@@ -104,10 +103,7 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
     sides that are not powers of two >= 16) run on the references, or raise if ``strict``."""
 
     def takes(op: str, t: Tensor, block_size) -> bool:
-        reason = triton_unsupported_reason(t.device, t.dtype, tuple(block_size))
-        if reason is not None and strict:
-            raise ValueError(f"{op}: the Triton kernels cannot run this: {reason}")
-        return reason is None
+        return triton_takes(op, t, block_size, strict=strict)
 
     def forward(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
         check_features("bsr_linear", "x", x, (col_ptr.shape[0] - 1) * values.shape[2])
