@@ -20,6 +20,7 @@ demo 50% >= 1.25x, 75% >= 1.7x, 90% >= 1.9x; small 50% >= 1.5x, 75% >= 2.3x; chi
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -67,14 +68,16 @@ def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dic
         trainer.phase_seconds.clear()
     names = list(runs)
     per_round: Dict[str, List[float]] = {name: [] for name in names}
+    faults = {name: 0 for name in names}
     for round_index in range(args.rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
             trainer = runs[name]
-            start = time.perf_counter()
+            start, first_faults = time.perf_counter(), _page_faults()
             for _ in range(args.steps):
                 trainer.train_step()
             per_round[name].append((time.perf_counter() - start) / args.steps * 1000)
+            faults[name] += _page_faults() - first_faults
         print(f"  {model} round {round_index + 1}/{args.rounds}: "
               + ", ".join(f"{n} {per_round[n][-1]:.0f}" for n in names), flush=True)
     rows = []
@@ -91,6 +94,7 @@ def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dic
             "ms_per_step": step_ms + io_ms, "train_step_ms": step_ms,
             "min_ms": min(per_round[name]), "max_ms": max(per_round[name]),
             "checkpoint_ms": checkpoint_ms, "io_ms_per_step": io_ms,
+            "page_faults_per_step": faults[name] / steps,
             "mask_updates": len(trainer.algo.history) if trainer.algo else 0,
             "parameters": sum(p.numel() for p in trainer.denoiser.parameters()),
             "block_sparse_layers": len(report.sparse_layers) if report else 0,
@@ -110,6 +114,12 @@ def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dic
 
 def _nominal(run: str):
     return int(run.rsplit("-", 1)[1]) / 100 if "-" in run else 0.0
+
+
+def _page_faults() -> int:
+    """Minor page faults of this process so far: memory the allocator gave back to the system
+    and took again, which costs each step that touches it afresh."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -157,7 +167,7 @@ def main(argv=None) -> Dict[str, object]:
           f"batch {args.batch_size}, blocks of {args.block_size}, {args.rounds} rounds x {args.steps} steps")
     print_table(payload["rows"], [
         "model", "run", "sparsity", "ms_per_step", "min_ms", "max_ms", "speedup_vs_dense", "target", "meets_target",
-        "forward_ms", "backward_ms", "optimizer_ms", "mask_update_ms", "ema_ms", "io_ms_per_step",
+        "forward_ms", "backward_ms", "optimizer_ms", "mask_update_ms", "ema_ms", "io_ms_per_step", "page_faults_per_step",
     ])
     write_json(result_path(args.out, args.out_dir, "train_loop", env), payload)
     return payload
