@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from . import DatasetFormatError, DatasetNotFoundError
+from . import DatasetFormatError, DatasetNotFoundError, every_nth_split
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-TEST_EVERY = 20  # ImageFolder: file i goes to "test" when i % 20 == 0, else to "train"
 
 
 def _limit_suffix(limit: int | None) -> str:
@@ -175,7 +174,8 @@ class ImageFolder(Dataset):
     otherwise labels are -1 and ``num_classes`` is None.
 
     Split: files are sorted by path; file i belongs to "test" when i % 20 == 0 and to
-    "train" otherwise (95 / 5). Files are read lazily: an unreadable image raises
+    "train" otherwise (95 / 5), so a folder needs at least 2 images (ValueError with
+    fewer). Files are read lazily: an unreadable image raises
     DatasetFormatError naming it when its item is loaded, never skipped.
     """
 
@@ -208,7 +208,7 @@ class ImageFolder(Dataset):
         else:
             labels = [-1] * len(rel_paths)
             self.classes, self.num_classes = None, None
-        keep = [i for i in range(len(rel_paths)) if (i % TEST_EVERY == 0) == (split == "test")][:limit]
+        keep = every_nth_split(len(rel_paths), split, f"images:{root}", "image")[:limit]
         self.files = [os.path.join(root, rel_paths[i]) for i in keep]
         self.labels = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
         self.image_size = size

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import DatasetFormatError, DatasetNotFoundError
+from . import TEST_EVERY, DatasetFormatError, DatasetNotFoundError, every_nth_split
 from .strokes import (
     DEFAULT_SPACING,
-    TEST_EVERY,
     drawing_to_strokes,
     parse_svg_strokes,
     stroke3_to_strokes,
@@ -68,40 +67,136 @@ class _Records:
 
 
 def _ndjson_records(file: str, split: str) -> _Records:
-    """Non-blank lines of ``file``; record r is "test" when r % 20 == 0, else "train"."""
+    """Non-blank lines of ``file``; record r is "test" when r % 20 == 0, else "train".
+
+    A file of fewer than 2 records raises ValueError (a split would be empty).
+    """
     if split not in ("train", "test"):
         raise ValueError(f"ndjson split must be 'train' or 'test', got {split!r} ({file})")
-    rows, record, pos = [], 0, 0
+    rows, pos = [], 0
     with open(file, "rb") as f:
         for number, line in enumerate(f, 1):
             if line.strip():  # blank lines are not records
-                if (record % TEST_EVERY == 0) == (split == "test"):
-                    rows.append((pos, number))
-                record += 1
+                rows.append((pos, number))
             pos += len(line)
-    return _Records("ndjson", np.array(rows, dtype=np.int64).reshape(-1, 2), file)
+    keep = every_nth_split(len(rows), split, file, "record")
+    return _Records("ndjson", np.array(rows, dtype=np.int64)[keep], file)
+
+
+_NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own, under numpy 1 or 2
+_NDARRAY = object()  # what a pickle's "numpy.ndarray" resolves to: _reconstruct's argument, never called
+
+
+def _reconstruct(subtype, shape, dtype) -> np.ndarray:
+    """numpy's ``_reconstruct`` for plain ndarrays: the empty array that ``__setstate__`` fills.
+
+    numpy.ndarray itself is never handed to a pickle, since calling it with a buffer makes
+    an object array of arbitrary pointers.
+    """
+    if subtype is not _NDARRAY:
+        raise TypeError("_reconstruct rebuilds numpy.ndarray only")
+    return _NUMPY_RECONSTRUCT(np.ndarray, shape, dtype)
+
+
+def _dtype(spec, align=False, copy=False) -> np.dtype:
+    """``np.dtype(spec)`` for a string ``spec``, always a fresh copy (so its ``__setstate__``
+    cannot change numpy's shared dtypes)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"dtype spec must be a string, got {type(spec).__name__}")
+    return np.dtype(spec, align=bool(align), copy=True)
+
+
+# All that numpy's pickles of plain arrays and dtypes name (numpy 1 and 2 spell the module
+# differently); nothing imports the deprecated numpy.core.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _dtype,
+}
+# What a malformed pickle raises: it is refused with the file named.
+_PICKLE_ERRORS = (pickle.UnpicklingError, TypeError, ValueError, AttributeError, KeyError, IndexError, EOFError)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles ndarrays (object arrays of ndarrays included) and nothing that runs code.
+
+    A pickle may name any importable callable and have it called; this one resolves only
+    the names in ``_PICKLE_GLOBALS`` and raises DatasetFormatError for any other.
+    Strings are decoded as latin1, as ``np.load`` does for Python 2 era files.
+    """
+
+    def __init__(self, file, where: str, array: str):
+        super().__init__(file, encoding="latin1")
+        self.where, self.array = where, array
+
+    def find_class(self, module: str, name: str):
+        found = _PICKLE_GLOBALS.get((module, name))
+        if found is None:
+            raise DatasetFormatError(f"refusing to load {self.where}: its array {self.array!r} would run code "
+                                     f"when unpickled (pickle global {module}.{name}); only plain arrays are allowed")
+        return found
+
+
+def _read_npy(z: zipfile.ZipFile, member: str, file: str, array: str) -> np.ndarray:
+    """The array in the .npy ``member`` of ``file``: object arrays through ``_ArrayUnpickler``,
+    the others through numpy with pickles refused."""
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version in ((1, 0), (2, 0)):
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(f)
+            if dtype.hasobject:
+                try:
+                    out = _ArrayUnpickler(f, file, array).load()
+                except DatasetFormatError:
+                    raise
+                except _PICKLE_ERRORS as e:
+                    raise DatasetFormatError(f"{file}: array {array!r} is not a pickled plain array: {e}") from e
+                if not isinstance(out, np.ndarray) or out.shape != shape:
+                    raise DatasetFormatError(f"{file}: array {array!r} does not unpickle to an array of shape {shape}")
+                return out
+    with z.open(member) as f:
+        return np.load(f, allow_pickle=False)
+
+
+def read_npz(file: str, names) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The array names of the .npz ``file`` and those of its arrays that ``names`` lists.
+
+    Loads what ``np.load(file, allow_pickle=True, encoding="latin1")`` loads for the
+    stroke formats (object arrays of int arrays included) but runs no code: a pickle that
+    names anything beyond numpy's array and dtype rebuilders raises DatasetFormatError
+    (a ValueError) naming ``file``.
+    """
+    with zipfile.ZipFile(file) as z:
+        members = {m[:-4] if m.endswith(".npy") else m: m for m in z.namelist()}
+        arrays = {name: _read_npy(z, members[name], file, name) for name in names if name in members}
+    return list(members), arrays
 
 
 def _npz_records(file: str, split: str, with_labels: bool = False):
     """The stroke-3 records of ``file``'s array ``split`` (and its "{split}_labels" or None).
 
-    The arrays are pickled object arrays: load only files you trust.
+    Read by :func:`read_npz`, so a file whose pickles would run code is refused. An empty
+    ``split`` array raises ValueError.
     """
     if split not in ("train", "valid", "test"):
         raise ValueError(f".npz split must be 'train', 'valid' or 'test', got {split!r} ({file})")
     if not zipfile.is_zipfile(file):
         raise DatasetFormatError(f"{file}: not a .npz (zip) file")
     try:
-        with np.load(file, allow_pickle=True, encoding="latin1") as z:
-            if split not in z.files:
-                raise DatasetFormatError(f"{file}: no array {split!r} (it has {', '.join(z.files)})")
-            records, labels = z[split], z.get(f"{split}_labels") if with_labels else None
+        names, arrays = read_npz(file, [split, f"{split}_labels"] if with_labels else [split])
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ImportError) as e:
         if isinstance(e, DatasetFormatError):
             raise
         raise DatasetFormatError(f"{file}: not a readable .npz file: {e}") from e
+    if split not in arrays:
+        raise DatasetFormatError(f"{file}: no array {split!r} (it has {', '.join(names)})")
+    records, labels = arrays[split], arrays.get(f"{split}_labels")
     if not (records.ndim == 1 or (records.ndim == 3 and records.shape[2] == 3)):
         raise DatasetFormatError(f"{file}: array {split!r} must hold stroke-3 records, got shape {records.shape}")
+    if len(records) == 0:
+        raise ValueError(f"{file}: array {split!r} holds 0 records; the {split!r} split needs at least 1")
     return _Records("stroke3", records, file, split), labels
 
 
@@ -174,8 +269,9 @@ def kanjivg_split(file_name: str) -> str:
 class KanjiVG(StrokeDataset):
     """KanjiVG characters (11,662 SVGs, variants included), strokes in stroke order.
 
-    Split by file name: ``kanjivg_split``, deterministic and stable when files are added.
-    Files are parsed on first use and the items kept in memory. No labels.
+    Split by file name: ``kanjivg_split``, deterministic and stable when files are added;
+    a folder with no file in ``split`` raises ValueError. Files are parsed on first use and
+    the items kept in memory. No labels.
     """
 
     def __init__(self, split: str = "train", max_len: int = 64, spacing: float = DEFAULT_SPACING,
@@ -187,6 +283,10 @@ class KanjiVG(StrokeDataset):
         if not names:
             raise DatasetNotFoundError(f"no KanjiVG .svg files in {folder}")
         files = [os.path.join(folder, n) for n in names if kanjivg_split(n) == split]
+        if not files:
+            raise ValueError(f"KanjiVG folder {folder} holds {len(names)} .svg file{'' if len(names) == 1 else 's'}, "
+                             f"none of them in the {split!r} split (about 1 name in {TEST_EVERY} is 'test'); "
+                             "a dataset needs files in both splits")
         name = "kanjivg" if svg_dir is None else _short_name("kanjivg", folder, names)
         super().__init__([_Records("svg", files)], name, split, max_len, spacing, limit, cache=cache)
 
@@ -196,9 +296,11 @@ class QuickDraw(StrokeDataset):
 
     ``.ndjson``: one JSON object per line whose "drawing" is a list of strokes [xs, ys]
     (simplified) or [xs, ys, ts] (raw; times ignored); other fields are ignored. Records
-    are the non-blank lines; record r goes to "test" when r % 20 == 0, else to "train".
+    are the non-blank lines; record r goes to "test" when r % 20 == 0, else to "train"
+    (so a file needs at least 2 records; ValueError with fewer).
     ``.npz``: sketch-rnn's files, arrays "train", "valid" and "test" of int16 stroke-3
-    records [N, 3] (dx, dy, pen_lifted); ``split`` picks the array. For a folder, files are
+    records [N, 3] (dx, dy, pen_lifted); ``split`` picks the array, which must not be empty.
+    Pickled arrays are read without running code (:func:`read_npz`). For a folder, files are
     classes in sorted order and ``labels`` holds each item's class. Records are parsed
     lazily; a malformed one raises DatasetFormatError naming the file and line or record.
     """

@@ -30,7 +30,6 @@ from . import DatasetFormatError
 
 DEFAULT_SPACING = 0.1  # in units of the sample's standard deviation
 CURVE_SAMPLES = 16  # points per cubic Bezier segment, before arc-length resampling
-TEST_EVERY = 20  # KanjiVG and ndjson splits: 1 in 20 goes to "test"
 
 # --------------------------------------------------------------------------- SVG paths
 _ARGS = {"M": 2, "L": 2, "C": 6, "S": 4, "Z": 0}

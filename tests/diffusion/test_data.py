@@ -1,9 +1,15 @@
 """sparse_diffusion.data: the loaders on small fixture files, plus the installed data sets."""
 import gzip
+import io
 import json
 import os
+import pickle
 import re
+import shlex
 import struct
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -26,7 +32,7 @@ from sparse_diffusion.data import (
     strokes_to_points,
 )
 from sparse_diffusion.data.images import FASHION_MNIST_DIR
-from sparse_diffusion.data.stroke_datasets import kanjivg_dir
+from sparse_diffusion.data.stroke_datasets import kanjivg_dir, read_npz
 from sparse_diffusion.data.strokes import stroke3_to_strokes
 
 
@@ -160,6 +166,17 @@ def test_image_folder_without_classes_and_empty(tmp_path):
         get_dataset(f"images:{tmp_path / 'nowhere'}")
 
 
+def test_image_folder_too_small_for_a_test_split_says_so(tmp_path):
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
+    for split in ("train", "test"):  # both: a split must never come out empty, nor the other one
+        with pytest.raises(ValueError) as e:
+            get_dataset(f"images:{tmp_path / 'one'}", split=split)
+        message = str(e.value)
+        assert "\n" not in message and f"images:{tmp_path / 'one'} holds 1 image;" in message
+        assert "at least 2" in message
+
+
 # --------------------------------------------------------------------------- SVG and strokes
 SVG = """<?xml version="1.0" encoding="UTF-8"?>
 <svg xmlns="http://www.w3.org/2000/svg" width="109" height="109" viewBox="0 0 109 109">
@@ -204,13 +221,22 @@ def test_malformed_svg_path_names_file_and_id(tmp_path, d):
 
 
 def test_kanjivg_fixture_folder(tmp_path):
-    for k in range(6):
+    for k in range(13):  # 0000c.svg is the first name that kanjivg_split sends to "test"
         write_svg(tmp_path / f"0{k:04x}.svg", "M10,10 L90,10", f"M{10 + k},20c0,20,5,40,30,60")
     train, test = KanjiVG("train", svg_dir=str(tmp_path)), KanjiVG("test", svg_dir=str(tmp_path))
-    assert len(train) + len(test) == 6 and train.num_classes is None and train.kind == "stroke"
+    assert (len(train), len(test)) == (12, 1) and train.num_classes is None and train.kind == "stroke"
     item = train[0]
     check_stroke_item(item, 64, strokes=2)
     assert all(torch.equal(a, b) for a, b in zip(item, train[0]))  # cached and unchanged
+
+
+def test_kanjivg_empty_split_raises(tmp_path):
+    for k in range(3):  # all three names go to "train"
+        write_svg(tmp_path / f"0{k:04x}.svg", "M10,10 L90,10")
+    assert len(KanjiVG("train", svg_dir=str(tmp_path))) == 3
+    with pytest.raises(ValueError) as e:
+        KanjiVG("test", svg_dir=str(tmp_path))
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value) and "holds 3 .svg files" in str(e.value)
 
 
 def test_pen_flags_padding_and_normalisation():
@@ -273,6 +299,21 @@ def test_quickdraw_ndjson(tmp_path, raw):
         for i in range(len(ds)):
             check_stroke_item(ds[i], 32, strokes=2)
     assert get_dataset(f"quickdraw:{file}", limit=3).name.endswith("-train-L64-first3")
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_quickdraw_ndjson_too_small_for_a_test_split_says_so(tmp_path, count):
+    file = tmp_path / "few.ndjson"
+    file.write_text("\n" + "".join(json.dumps({"drawing": drawing(k)}) + "\n\n" for k in range(count)))
+    for split in ("train", "test"):
+        with pytest.raises(ValueError) as e:
+            get_dataset(f"quickdraw:{file}", split=split)
+        message = str(e.value)
+        assert "\n" not in message and f"{file} holds {count} record" in message and "at least 2" in message
+    with pytest.raises(ValueError, match=re.escape(str(file))):
+        get_dataset(f"quickdraw:{tmp_path}")  # one class of a folder too small
+    file.write_text("".join(json.dumps({"drawing": drawing(k)}) + "\n" for k in range(2)))
+    assert (len(QuickDraw(str(file))), len(QuickDraw(str(file), "test"))) == (1, 1)
 
 
 @pytest.mark.parametrize("bad_text", ["{not json", '{"word": "cat"}', '{"drawing": [[[1, 2], [3]]]}',
@@ -347,6 +388,101 @@ def test_npz_malformed_record_names_file_and_record(tmp_path):
         VMNIST(path, "test")
     with pytest.raises(DatasetFormatError, match="no array 'valid'"):
         QuickDraw(path, "valid")
+
+
+def test_npz_empty_split_raises(tmp_path):
+    path = str(tmp_path / "empty.npz")
+    good = to_stroke3([np.array([[0, 0], [5, 5]], float)])
+    np.savez(path, train=object_array([good, good]), test=object_array([]))
+    assert len(QuickDraw(path)) == 2
+    for make in (QuickDraw, VMNIST):
+        with pytest.raises(ValueError) as e:
+            make(path, "test")
+        assert "\n" not in str(e.value) and path in str(e.value) and "'test'" in str(e.value)
+
+
+class RunsShell:
+    """Pickles as a call of os.system: unpickling it runs ``command``."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_npz_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "MARKER"
+    path = str(tmp_path / "evil.npz")
+    good = to_stroke3([np.array([[0, 0], [5, 5]], float)])
+    evil = RunsShell(f"touch {shlex.quote(str(marker))}")
+    np.savez(path, train=object_array([good, evil]), test=object_array([good]))
+    for load in (lambda: QuickDraw(path), lambda: VMNIST(path), lambda: read_npz(path, ["train"])):
+        with pytest.raises(ValueError) as e:
+            load()
+        message = str(e.value)
+        assert "\n" not in message and path in message and "would run code" in message and "system" in message
+        assert not marker.exists()
+    assert len(QuickDraw(path, "test")) == 1  # the arrays that are plain still load
+    np.load(path, allow_pickle=True)["train"]  # the payload is live: numpy's own loader runs it
+    assert marker.exists()
+
+
+class RawObjectArray:
+    """Pickles as numpy.ndarray(shape, "O", buffer): an object array of made-up pointers."""
+
+    def __reduce__(self):
+        return np.ndarray, ((1,), "O", b"\x01" * 8)
+
+
+def test_npz_that_would_call_ndarray_is_refused(tmp_path):
+    path = str(tmp_path / "pointers.npz")
+    np.savez(path, train=object_array([RawObjectArray()]))
+    # in a child process: numpy's own loader crashes the interpreter on this file
+    code = ("import sys; from sparse_diffusion.data.stroke_datasets import read_npz\n"
+            "try:\n    read_npz(sys.argv[1], ['train'])\nexcept ValueError as e:\n    print('refused:', e)")
+    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith(f"refused: {path}: array 'train'"), done
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str (BINSTRING), as in sketch-rnn's Python 2 era .npz files."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_str8(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_str8
+
+
+def test_npz_arrays_round_trip(npz_file, tmp_path):
+    names, arrays = read_npz(npz_file, ["train", "test", "train_labels", "missing"])
+    assert names == ["train", "valid", "test", "train_labels", "test_labels"]
+    assert set(arrays) == {"train", "test", "train_labels"}
+    with np.load(npz_file, allow_pickle=True, encoding="latin1") as z:
+        for name, array in arrays.items():
+            assert array.dtype == z[name].dtype and array.shape == z[name].shape
+            assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(array.ravel(), z[name].ravel()))
+        records = z["train"]
+    # the same records as Python 2 wrote them: protocol 2, numpy.core names, bytes as str
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(records)
+    old = buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in old and b"_codecs" not in old
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, np.lib.format.header_data_from_array_1_0(records))
+    path = tmp_path / "python2.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("train.npy", npy.getvalue() + old)
+    with np.load(path, allow_pickle=True, encoding="latin1") as z:
+        expected = z["train"]
+    (got,) = read_npz(str(path), ["train"])[1].values()
+    assert got.dtype == expected.dtype == object and len(got) == len(expected) == len(records)
+    assert all(a.dtype == b.dtype == np.int16 and np.array_equal(a, b) for a, b in zip(got, expected))
+    assert all(np.array_equal(a, b) for a, b in zip(got, records))
+    check_stroke_item(QuickDraw(str(path))[4], 64, strokes=2)
 
 
 # --------------------------------------------------------------------------- KanjiVG and specs
