@@ -1,14 +1,16 @@
 """Sparse-to-sparse training of diffusion models on top of :mod:`sparse_kernels`.
 
-    import sparse_diffusion as sd
-    report = sd.sparsify(unet, sparsity=0.75, block_size=32, distribution="erk")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    algo = sd.RigL(unet, optimizer, total_steps=T, update_interval=100, drop_fraction=0.3)
-    for batch in data:
-        loss(unet, batch).backward(); optimizer.step(); optimizer.zero_grad(); algo.step()
+In order: ``sd.sparsify(model, sparsity, block_size=...)`` makes the model block-sparse in
+place; then create the optimizer and the EMA (they must hold the new parameters); then
+``algo = sd.RigL(model, optimizer, total_steps=..., ema=ema)`` (or ``sd.MagRan``,
+``sd.Static``), and call ``algo.step()`` after each ``optimizer.step()``, before the
+gradients are cleared. ``sd.save_pretrained`` / ``sd.load_pretrained`` keep a model sparse on
+disk; ``sd.densify`` turns it back into a plain diffusers model; ``sd.export_run`` writes a
+trained run as a diffusers folder. README.md's library section is a complete, tested example.
 """
 from .algorithms import DynamicSparsity, MagRan, RigL, Static, assert_masks_synced, mask_fingerprint
-from .sparsify import LayerReport, SparsityReport, layer_densities, sparsify
+from .export import export_run, load_pretrained, save_pretrained
+from .sparsify import LayerReport, SparsityReport, densify, layer_densities, sparsify
 
 __all__ = [
     "DynamicSparsity",
@@ -18,7 +20,11 @@ __all__ = [
     "SparsityReport",
     "Static",
     "assert_masks_synced",
+    "densify",
+    "export_run",
     "layer_densities",
+    "load_pretrained",
     "mask_fingerprint",
+    "save_pretrained",
     "sparsify",
 ]

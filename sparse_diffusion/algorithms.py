@@ -50,7 +50,8 @@ class DynamicSparsity:
         stop: fraction of the run after which masks stay fixed.
         seed: seeds the generator of random choices (identical on every rank).
         ema: an EMA of the model whose shadow parameters line up with
-            ``model.parameters()`` (diffusers' ``EMAModel``, or a list of tensors).
+            ``model.parameters()`` (diffusers' ``EMAModel``, or a list of tensors); its
+            shadows are looked up at each update, so ``ema.load_state_dict`` is safe.
     """
 
     def __init__(
@@ -67,8 +68,11 @@ class DynamicSparsity:
     ):
         if not isinstance(update_interval, int) or update_interval < 1:
             raise ValueError(f"update_interval must be a positive int, got {update_interval!r}")
-        if not isinstance(total_steps, int) or total_steps < update_interval:
-            raise ValueError(f"total_steps ({total_steps!r}) must be an int >= update_interval ({update_interval})")
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        if self.updates_masks and total_steps < update_interval:
+            raise ValueError(f"total_steps ({total_steps}) must be >= update_interval ({update_interval}): "
+                             "no mask update would happen")
         if not 0.0 <= drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}")
         if anneal not in ANNEALS:
@@ -87,7 +91,9 @@ class DynamicSparsity:
         self.step_count = 0
         self.history: List[Dict] = []
         self.ever_live = [m.layout.block_mask() for _, m in self.layers]
-        self._ema_shadows = _ema_shadows(model, ema)
+        self.ema = ema
+        _ema_shadows(model, ema)  # checks that the EMA lines up with the model
+        self._warned_k_zero = False
         self._armed = False
         self._dense_grads: Dict[int, Tensor] = {}
         self._hooks: List = []  # the collectors, registered only while armed
@@ -95,6 +101,7 @@ class DynamicSparsity:
 
     # ------------------------------------------------------------------ schedule
     grows_by_gradient = False
+    updates_masks = True
 
     def drop_fraction_at(self, step: int) -> float:
         """``f(step)``: ``drop_fraction`` annealed to 0 at ``stop * total_steps``."""
@@ -133,11 +140,16 @@ class DynamicSparsity:
             self.history.append(record)
             return record
         updates = []
-        for (_, module), grow_scores in zip(self.layers, grow):
+        # Resolved now, not at construction: a load_state_dict may have replaced the EMA's
+        # shadow tensors (and the optimizer's state) since.
+        shadows = _ema_shadows(self.model, self.ema)
+        counts = [round(fraction * module.nnz) for _, module in self.layers]
+        self._warn_if_nothing_moves(step, fraction, counts)
+        for (_, module), grow_scores, k in zip(self.layers, grow, counts):
             values = module.values
-            zero = [values.data, *self._optimizer_states(values), *self._ema_shadows.get(id(values), [])]
+            zero = [values.data, *self._optimizer_states(values), *shadows.get(id(values), [])]
             drop_scores = values.detach().float().flatten(1).norm(dim=1)
-            updates.append(sk.LayerUpdate(module.layout, drop_scores, grow_scores, round(fraction * module.nnz), zero))
+            updates.append(sk.LayerUpdate(module.layout, drop_scores, grow_scores, k, zero))
         moved = sk.prune_and_regrow(updates).tolist()
         for i, (_, module) in enumerate(self.layers):
             self.ever_live[i] |= module.layout.block_mask()
@@ -154,6 +166,18 @@ class DynamicSparsity:
     def grow_scores(self) -> List[Tensor]:
         """Per layer ``[R, C]`` scores: the largest dead blocks grow."""
         raise NotImplementedError
+
+    def _warn_if_nothing_moves(self, step: int, fraction: float, counts: List[int]) -> None:
+        """Warns once when ``round(f * nnz)`` is 0 in every layer while ``f > 0``: the update
+        cannot move a block (layers with few live blocks, or a small drop fraction)."""
+        if self._warned_k_zero or fraction <= 0 or any(counts):
+            return
+        self._warned_k_zero = True
+        most = max(module.nnz for _, module in self.layers)
+        warnings.warn(
+            f"step {step}: {type(self).__name__} moves no block: round({fraction:.3g} x live blocks) is 0 in every "
+            f"layer (at most {most} live blocks per layer); use smaller blocks, a larger drop_fraction or a "
+            "larger model", RuntimeWarning)
 
     def itop_rate(self) -> float:
         """In-time over-parameterisation: the fraction of all blocks that were ever live."""
@@ -252,6 +276,8 @@ def _ema_shadows(model: nn.Module, ema) -> Dict[int, List[Tensor]]:
 
 class Static(DynamicSparsity):
     """Static-DM: the mask chosen at initialisation never changes (``step()`` only counts)."""
+
+    updates_masks = False
 
     def is_update_step(self, step: int) -> bool:
         return False

@@ -30,7 +30,7 @@ def train_autoencoder(
     a reconstruction grid ``out/reconstructions.png``."""
     from tqdm.auto import tqdm
 
-    from .train import resolve_device
+    from .config import resolve_device
 
     target = resolve_device(device)
     out_path = Path(out)

@@ -5,6 +5,7 @@
     sparse-diffusion train --model ldm --autoencoder runs/ae --dataset images:PATH --out runs/ldm
     sparse-diffusion sample --run runs/rigl --num 64 --out grid.png
     sparse-diffusion evaluate --run runs/rigl --num-samples 1000
+    sparse-diffusion export --run runs/rigl --out exported/rigl    # a folder plain diffusers loads
     sparse-diffusion demo                     # dense vs RigL-50% on Fashion-MNIST, on a CPU
 """
 from __future__ import annotations
@@ -16,10 +17,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .train import METHODS, PRECISIONS, TrainConfig
+from .io import DiskFullError
+from .config import METHODS, PRECISIONS, TrainConfig
+from .train import TrainingStopped
 
-# Errors a user can cause: reported in one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+# Errors a user can cause: reported in one line, without a traceback (CheckpointError is a
+# ValueError).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, DiskFullError)
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,8 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="FID / KID of a run's samples; updates its metrics.json")
     evaluate.add_argument("--run", required=True)
-    evaluate.add_argument("--num-samples", type=int, default=1000)
+    evaluate.add_argument("--num-samples", type=int, default=1000,
+                          help="samples to generate (FID from fewer than 2048 carries a caveat)")
+    evaluate.add_argument("--out", default=None,
+                          help="JSON file for the results (default: the run's metrics.json and summary.md)")
     evaluate.add_argument("--device", default="auto")
+
+    export = commands.add_parser("export", help="write a run's EMA model as a folder plain diffusers loads")
+    export.add_argument("--run", required=True)
+    export.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    export.add_argument("--sparse", action="store_true",
+                        help="keep the block-sparse form (load it with sparse_diffusion.load_pretrained)")
+    export.add_argument("--device", default="cpu")
 
     experiment = commands.add_parser(
         "experiment", help="run a grid of trainings from a YAML file (resumable), then write its report")
@@ -117,9 +131,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except TrainingStopped as stop:
+        print(f"sparse-diffusion {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except USER_ERRORS + (MetricUnavailableError,) as error:
-        print(f"sparse-diffusion {args.command}: error: {error}", file=sys.stderr)
+        print(f"sparse-diffusion {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return " ".join(text.split())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -140,6 +164,12 @@ def _run(args: argparse.Namespace) -> int:
         from .metrics.raster import rasterize_strokes
         from .train import load_run
 
+        if args.num < 1:
+            raise ValueError(f"--num must be at least 1, got {args.num}")
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        out = Path(args.out)
+        _check_can_write(out)
         trainer = load_run(args.run, args.device)
         if args.sampler:
             trainer.config.sampler = args.sampler
@@ -148,18 +178,32 @@ def _run(args: argparse.Namespace) -> int:
         samples = trainer.generate(args.num, seed=args.seed)
         if isinstance(samples, tuple):
             samples = rasterize_strokes(samples[0].cpu(), samples[1].cpu(), size=64)
-        save_image_grid(samples.cpu(), Path(args.out))
-        print(f"wrote {args.out}")
+        save_image_grid(samples.cpu(), out)
+        print(f"wrote {out}")
     elif args.command == "evaluate":
         from .train import load_run
 
+        run = Path(args.run)
+        path = Path(args.out) if args.out else run / "metrics.json"
+        _check_can_write(path)
         trainer = load_run(args.run, args.device)
         metrics = trainer.evaluate(args.num_samples)
-        path = Path(args.run) / "metrics.json"
-        results = json.loads(path.read_text()) if path.exists() else {}
+        previous = run / "metrics.json"
+        results = json.loads(previous.read_text()) if previous.is_file() else {}
         results["metrics"] = metrics
         path.write_text(json.dumps(results, indent=2) + "\n")
+        if not args.out:
+            trainer.write_summary(results)
         print(json.dumps(metrics, indent=2))
+        if "caveat" in metrics:
+            print(f"caveat: FID {metrics['caveat']}", file=sys.stderr)
+        print(f"wrote {path}")
+    elif args.command == "export":
+        from .export import export_run
+        from .train import load_run
+
+        folder = export_run(load_run(args.run, args.device), Path(args.out), sparse=args.sparse)
+        print(f"wrote {folder}")
     elif args.command == "experiment":
         from .experiment import run_grid
 
@@ -169,6 +213,16 @@ def _run(args: argparse.Namespace) -> int:
 
         run_demo(args.out, steps=args.steps, eval_samples=args.eval_samples, quick=args.quick, data_dir=args.data_dir)
     return 0
+
+
+def _check_can_write(path: Path) -> None:
+    """``PermissionError`` naming ``path`` unless its folder exists (or can be made) and takes a
+    new file: checked before any work is done."""
+    from .io import check_writable
+
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name")
+    check_writable(path.parent if str(path.parent) else Path("."))
 
 
 if __name__ == "__main__":

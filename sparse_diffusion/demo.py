@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
-from .train import TrainConfig, Trainer
+from .train import CHECKPOINT, TrainConfig, Trainer
 
 DEMO_STEPS = 600
 DEMO_EVAL_SAMPLES = 200
@@ -45,7 +45,7 @@ def run_demo(out: str = "runs/demo", steps: Optional[int] = None, eval_samples: 
     eval_samples = eval_samples or (16 if quick else DEMO_EVAL_SAMPLES)
     results = {}
     for name, config in demo_configs(out, steps, data_dir).items():
-        resume = (Path(config.out) / "checkpoint.pt").exists()
+        resume = (Path(config.out) / CHECKPOINT).exists()
         trainer = Trainer(config, resume=resume)
         print(f"\n== {name}: {config.steps} steps of batch {config.batch_size} "
               f"({'resuming at step ' + str(trainer.step) if resume else 'from scratch'})")

@@ -33,7 +33,8 @@ import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .train import METHODS, TrainConfig
+from .config import METHODS, TrainConfig
+from .train import CHECKPOINT
 
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")
 AXIS_DEFAULTS = {"method": ["dense"], "sparsity": [0.5], "drop_fraction": [0.3], "block_size": [32], "seed": [0]}
@@ -186,7 +187,7 @@ def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dr
             _train_autoencoders(grid, root)
         for i, run in enumerate(pending):
             folder = Path(run.config.out)
-            resume = (folder / "checkpoint.pt").exists()
+            resume = (folder / CHECKPOINT).exists()
             print(f"\n== [{i + 1}/{len(pending)}] {run.study}/{run.name}" + (" (resuming)" if resume else ""))
             try:
                 Trainer(run.config, resume=resume).train()

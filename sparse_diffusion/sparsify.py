@@ -4,12 +4,19 @@
 chooses its live blocks (at random, or the largest blocks of the current weights), and
 replaces the layer in place. A layer whose density comes out at 1.0 (ERK gives that to small
 layers) keeps its plain dense module: the block-sparse kernels would only cost time there.
-It returns a :class:`SparsityReport`.
+It returns a :class:`SparsityReport`. :func:`densify` is the way back: plain ``nn.Linear`` /
+``nn.Conv2d`` layers holding the same weights, zeros at the dead blocks.
+
+A sparsified diffusers model refuses diffusers' own ``save_pretrained``: diffusers would save
+the block-sparse layers under names its ``from_pretrained`` does not know, and load them back
+as freshly initialised (NaN) weights. :func:`densify` lifts the refusal;
+:func:`sparse_diffusion.save_pretrained` keeps the model sparse on disk.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -192,7 +199,10 @@ def sparsify(
             layer on the block-sparse kernels. A layer at density 1.0 always stays a plain
             dense module.
     Returns:
-        A :class:`SparsityReport`. Create the optimizer after this call.
+        A :class:`SparsityReport`. Create the optimizer after this call. A diffusers model
+        (and each diffusers model inside ``model``) that now holds block-sparse layers refuses
+        its ``save_pretrained`` with a ``ValueError`` until :func:`densify` (see the module's
+        docstring).
     """
     if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
@@ -238,7 +248,81 @@ def sparsify(
         parent, child = _parent(model, name)
         setattr(parent, child, sparse_module)
         layers.append(_sparse_report(name, module, sparse_module, block))
+    _guard_diffusers_save(model)
     return SparsityReport(layers, sparsity, distribution, block)
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replaces every block-sparse module of ``model`` by a plain ``nn.Linear`` / ``nn.Conv2d``, in place.
+
+    The dense weight is ``module.to_dense()`` (zeros at the dead blocks), exactly; the bias,
+    stride, padding, dilation, device, dtype, ``requires_grad``, training flag and memory format
+    (a channels-last convolution stays channels-last) are kept. Lifts the ``save_pretrained``
+    refusal :func:`sparsify` put on diffusers models. Returns ``model`` (``model`` itself may be a
+    block-sparse module: its dense replacement is returned then).
+    """
+    if isinstance(model, sk.BlockSparseModule):
+        return _dense_copy(model)
+    sparse = [(name, m) for name, m in model.named_modules() if isinstance(m, sk.BlockSparseModule)]
+    for name, module in sparse:
+        parent, child = _parent(model, name)
+        setattr(parent, child, _dense_copy(module))
+    for module in model.modules():
+        if isinstance(module.__dict__.get("save_pretrained"), _RefuseDiffusersSave):
+            del module.__dict__["save_pretrained"]
+    return model
+
+
+def _dense_copy(module: sk.BlockSparseModule) -> nn.Module:
+    """The plain ``nn.Linear`` / ``nn.Conv2d`` equal to ``module`` (its weights copied, not shared)."""
+    values = module.values
+    with torch.no_grad():
+        weight = module.to_dense().detach().contiguous()
+    if isinstance(module, sk.BlockSparseLinear):
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    elif isinstance(module, sk.BlockSparseConv2d):
+        dense = nn.Conv2d(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
+            padding_mode=module.padding_mode, device="meta",
+        )
+        if module.channels_last:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+    else:
+        raise TypeError(f"densify knows BlockSparseLinear and BlockSparseConv2d, got {type(module).__name__}")
+    dense.weight = nn.Parameter(weight, requires_grad=values.requires_grad)
+    if module.bias is not None:
+        dense.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+    dense.train(module.training)
+    return dense
+
+
+class _RefuseDiffusersSave:
+    """Stands in for diffusers' ``save_pretrained`` on a sparsified model (an instance attribute,
+    so the class and every other model are untouched); picklable and copyable."""
+
+    def __init__(self, class_name: str):
+        self.class_name = class_name
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(
+            f"this {self.class_name} has block-sparse layers that diffusers' save_pretrained would save as "
+            "weights its from_pretrained cannot load: call sparse_diffusion.save_pretrained(model, directory) "
+            "to keep it sparse, or sparse_diffusion.densify(model) then model.save_pretrained(directory) for a "
+            "plain diffusers model"
+        )
+
+
+def _guard_diffusers_save(model: nn.Module) -> None:
+    """Makes ``save_pretrained`` refuse on each diffusers model in ``model`` that holds a block-sparse layer."""
+    modeling = sys.modules.get("diffusers.models.modeling_utils")  # a diffusers model implies it is imported
+    if modeling is None:
+        return
+    for module in model.modules():
+        if isinstance(module, modeling.ModelMixin) and any(
+            isinstance(m, sk.BlockSparseModule) for m in module.modules()
+        ):
+            module.__dict__["save_pretrained"] = _RefuseDiffusersSave(type(module).__name__)
 
 
 def _sparse_copy(module: nn.Module, block: Tuple[int, int], density: float, init: str) -> nn.Module:

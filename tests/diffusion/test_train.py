@@ -25,7 +25,7 @@ def tiny(out, **changes) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-RUN_FILES = ("checkpoint.pt", "config.json", "loss.png", "metrics.json", "summary.md")
+RUN_FILES = ("checkpoint.safetensors", "config.json", "loss.png", "metrics.json", "summary.md")
 
 
 @pytest.fixture(scope="module")
@@ -129,23 +129,26 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from sparse_diffusion import checkpoint, io
+
     trainer = Trainer(tiny(tmp_path / "run"))
     trainer.train()
-    path = tmp_path / "run" / "checkpoint.pt"
+    path = tmp_path / "run" / "checkpoint.safetensors"
     before = path.read_bytes()
 
-    def failing_save(obj, handle):
-        handle.write(b"half a checkpoint")
-        raise OSError("disk full")
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(io.os, "fsync", full_disk)
+    with pytest.raises(io.DiskFullError, match=f"disk full while writing {path}"):
         trainer.save_checkpoint()
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
-    assert torch.load(path, weights_only=False)["step"] == 4
+    assert checkpoint.load_state(path)["step"] == 4
 
 
 # --------------------------------------------------------------------------- CLI
