@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
+from diffusion_runs import TINY_ARGS, run_cli, tiny
 
 import sparse_diffusion as sd
 import sparse_diffusion.train as train_module
-from sparse_diffusion import cli
 from sparse_diffusion.checkpoint import CheckpointError, load_state, save_state
-from sparse_diffusion.train import CHECKPOINT, TrainConfig, Trainer
+from sparse_diffusion.train import CHECKPOINT, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -23,23 +23,10 @@ def _private_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSE_DIFFUSION_CACHE", str(tmp_path / "cache"))
 
 
-def tiny(out, **changes) -> TrainConfig:
-    fields = dict(
-        out=str(out), model="pixel", preset="tiny", dataset="fashion-mnist", image_size=16, steps=4,
-        batch_size=4, update_interval=2, block_size=16, sample_steps=2, limit=64, checkpoint_every=2,
-    )
-    fields.update(changes)
-    return TrainConfig(**fields)
 
 
-TINY_ARGS = ("--preset", "tiny", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--limit", "64",
-             "--sample-steps", "2", "--block-size", "16", "--update-interval", "2")
 
 
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def message_lines(err):

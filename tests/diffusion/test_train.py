@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusion_runs import TINY_ARGS, run_cli, tiny
 
 import sparse_diffusion.train as train_module
 from sparse_diffusion import cli
-from sparse_diffusion.train import TrainConfig, Trainer, train
+from sparse_diffusion.train import Trainer, train
 
 
 @pytest.fixture(autouse=True)
@@ -16,13 +17,6 @@ def _fast_and_private(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSE_DIFFUSION_CACHE", str(tmp_path / "cache"))
 
 
-def tiny(out, **changes) -> TrainConfig:
-    fields = dict(
-        out=str(out), model="pixel", preset="tiny", dataset="fashion-mnist", image_size=16, steps=4,
-        batch_size=4, update_interval=2, block_size=16, sample_steps=2, limit=64, checkpoint_every=2,
-    )
-    fields.update(changes)
-    return TrainConfig(**fields)
 
 
 RUN_FILES = ("checkpoint.safetensors", "config.json", "loss.png", "metrics.json", "summary.md")
@@ -152,14 +146,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
 
 
 # --------------------------------------------------------------------------- CLI
-def run_cli(capsys, *argv):
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-TINY_ARGS = ("--preset", "tiny", "--image-size", "16", "--steps", "2", "--batch-size", "4", "--limit", "64",
-             "--sample-steps", "2", "--block-size", "16", "--update-interval", "2")
 
 
 def test_cli_train_sample_and_evaluate(tmp_path, capsys):
