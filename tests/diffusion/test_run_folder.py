@@ -13,6 +13,7 @@ import torch
 from diffusion_runs import TINY_ARGS, run_cli, tiny
 
 import sparse_diffusion as sd
+import sparse_kernels as sk
 import sparse_diffusion.train as train_module
 from sparse_diffusion.checkpoint import CheckpointError, load_state, save_state
 from sparse_diffusion.train import CHECKPOINT, Trainer
@@ -171,6 +172,23 @@ def test_a_latent_run_keeps_its_own_autoencoder(tmp_path, capsys):
     resumed = Trainer(tiny(copy, model="ldm", autoencoder=str(autoencoder), method="static", steps=3), resume=True)
     resumed.train()
     assert resumed.step == 3 and not autoencoder.exists()
+
+
+def test_export_from_the_command_line(trained_run, tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    before = snapshot(trained_run)
+    code, out, err = run_cli(capsys, "export", "--run", trained_run, "--out", tmp_path / "dense")
+    assert code == 0 and f"wrote {tmp_path / 'dense'}" in out, err
+    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == ["README.md", "scheduler", "unet"]
+    assert type(UNet2DModel.from_pretrained(tmp_path / "dense", subfolder="unet")) is UNet2DModel
+    code, _, err = run_cli(capsys, "export", "--run", trained_run, "--out", tmp_path / "sparse", "--sparse")
+    assert code == 0, err
+    sparse = sd.load_pretrained(tmp_path / "sparse", "unet")
+    assert any(isinstance(m, sk.BlockSparseModule) for m in sparse.modules())
+    code, _, err = run_cli(capsys, "export", "--run", trained_run, "--out", tmp_path / "dense")
+    assert_one_line_error(code, err, "exists and is not an empty folder")
+    assert snapshot(trained_run) == before  # export reads the run, writes nothing there
 
 
 def snapshot(folder):
