@@ -69,6 +69,12 @@ gpu-check:
 	python3 -m benchmarks.masks --device cpu $(GPU_BENCH_ARGS) --out-dir benchmarks/results
 	@python3 -c "import diffusers" 2>/dev/null && python3 -m benchmarks.train_step --repeats 3 --out-dir benchmarks/results \
 		|| echo "skipped benchmarks.train_step: it needs diffusers"
+	# A one-GPU DDP smoke run: torchrun, NCCL, the UNet under DistributedDataParallel.
+	@if python3 -c "import diffusers; from sparse_diffusion.data import get_dataset; get_dataset('fashion-mnist', 'test')" \
+		2>/dev/null; then torchrun --standalone --nproc-per-node 1 -m sparse_diffusion train --preset tiny \
+		--image-size 16 --method rigl --sparsity 0.5 --block-size 16 --update-interval 5 --steps 10 --batch-size 16 \
+		--limit 256 --sample-steps 2 --out "$$(mktemp -d)/ddp-smoke"; \
+	else echo "skipped the DDP smoke run: it needs diffusers and Fashion-MNIST"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks sparse_kernels/_C*.so

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -314,15 +314,33 @@ class MagRan(DynamicSparsity):
 
 
 def assert_masks_synced(model: nn.Module) -> None:
-    """Raises ``AssertionError`` unless every rank holds the same masks (a no-op outside
-    ``torch.distributed``)."""
+    """Raises ``AssertionError`` naming the first layer whose mask differs between ranks (a
+    no-op outside ``torch.distributed``). One small all-gather of per-layer hashes."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    fingerprint = mask_fingerprint(model)
-    fingerprints: Sequence[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(fingerprints, fingerprint)
-    if len(set(fingerprints)) != 1:
-        raise AssertionError(f"masks differ across ranks: {fingerprints}")
+    mine = _layer_fingerprints(model)
+    everyone: List[Optional[List[Tuple[str, str]]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs == mine:
+            continue
+        for (name, digest), (other_name, other_digest) in zip(mine, theirs):
+            if (name, digest) != (other_name, other_digest):
+                raise AssertionError(f"masks differ across ranks: layer {name} on rank {dist.get_rank()} is not "
+                                     f"the same as {other_name} on rank {rank}")
+        raise AssertionError(f"masks differ across ranks: rank {dist.get_rank()} has {len(mine)} block-sparse "
+                             f"layers, rank {rank} has {len(theirs)}")
+
+
+def _layer_fingerprints(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(name, hash of its (row, col) per slot)`` of every block-sparse layer."""
+    import hashlib
+
+    return [
+        (name, hashlib.sha256(module.row_idx.cpu().numpy().tobytes() + module.col_idx.cpu().numpy().tobytes())
+         .hexdigest())
+        for name, module in model.named_modules() if isinstance(module, BlockSparseModule)
+    ]
 
 
 def mask_fingerprint(model: nn.Module) -> str:

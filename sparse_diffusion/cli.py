@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -40,7 +41,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--drop-fraction", type=float, default=defaults.drop_fraction, help="the paper's prune-and-regrowth ratio")
     add("--update-interval", type=int, default=defaults.update_interval)
     add("--steps", type=int, default=defaults.steps)
-    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--batch-size", type=int, default=defaults.batch_size,
+        help="the global batch: under torchrun each of the N processes trains on batch-size / N of it")
     add("--lr", type=float, default=defaults.lr)
     add("--weight-decay", type=float, default=defaults.weight_decay)
     add("--grad-clip", type=float, default=None)
@@ -62,7 +64,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-samples", type=int, default=defaults.eval_samples, help="samples for FID at the end (0: none)")
     add("--data-dir", default=None, help="where Fashion-MNIST's files are (default: Debian's location)")
     add("--limit", type=int, default=None, help="use only the first N training items")
-    add("--device", default=defaults.device)
+    add("--device", default=defaults.device,
+        help="auto (the first GPU, else the CPU), cpu, cuda, cuda:N; under torchrun: each rank takes cuda:LOCAL_RANK")
+    add("--dist-backend", choices=["nccl", "gloo"], default=None,
+        help="under torchrun: the process group's backend (default: nccl with a GPU per rank, else gloo)")
     add("--out", required=True, help="the run folder")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
@@ -116,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--out", default=None, help="output folder (default: the grid's 'out')")
     experiment.add_argument("--report-only", action="store_true", help="only rebuild the report from the run folders")
     experiment.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
+    experiment.add_argument("--nproc-per-node", type=int, default=1,
+                            help="train each run under torchrun with N processes (data parallel)")
+    experiment.add_argument("--print-commands", action="store_true",
+                            help="print one command per autoencoder and run still to do (for a cluster scheduler); "
+                                 "train nothing")
     demo = commands.add_parser("demo", help="dense vs RigL at 50%% on Fashion-MNIST, trained and compared here")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--steps", type=int, default=None, help="training steps per model")
@@ -153,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
         results = train(config, resume=args.resume)
-        print(json.dumps(results, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            print(json.dumps(results, indent=2))
     elif args.command == "train-autoencoder":
         from .autoencoder_training import train_autoencoder
 
@@ -207,7 +218,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "experiment":
         from .experiment import run_grid
 
-        run_grid(args.grid, out=args.out, report_only=args.report_only, dry_run=args.dry_run)
+        run_grid(args.grid, out=args.out, report_only=args.report_only, dry_run=args.dry_run,
+                 nproc_per_node=args.nproc_per_node, print_commands=args.print_commands)
     elif args.command == "demo":
         from .demo import run_demo
 

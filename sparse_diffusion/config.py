@@ -22,7 +22,7 @@ SPARSE_ONLY = ("sparsity", "block_size", "distribution", "drop_fraction", "updat
 # Where a run is and what it runs on, not what it computes. A latent run keeps its own copy
 # of the autoencoder (RUN/autoencoder, AUTOENCODER_COPY) and reads that one, so the
 # `autoencoder` it was given is a place too.
-PLACE = ("out", "device", "data_dir", "autoencoder")
+PLACE = ("out", "device", "data_dir", "autoencoder", "dist_backend")
 AUTOENCODER_COPY = "autoencoder"
 
 
@@ -61,6 +61,7 @@ class TrainConfig:
     data_dir: Optional[str] = None
     limit: Optional[int] = None
     device: str = "auto"
+    dist_backend: Optional[str] = None  # under torchrun: nccl | gloo (default: nccl with a GPU per rank)
 
     def validate(self) -> None:
         if self.model not in ("pixel", "ldm", "chirodiff"):

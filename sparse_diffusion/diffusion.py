@@ -17,8 +17,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .distributed import Rows, draw_rows
 
 
 def make_scheduler(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -52,9 +55,17 @@ def sampling_scheduler(train_scheduler, sampler: str, steps: int):
     return scheduler
 
 
-def _noise_and_timesteps(x0: Tensor, scheduler, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+def _randn_like_rows(x: Tensor, generator: torch.Generator, rows: Optional[Rows]) -> Tensor:
+    """Standard normal noise shaped like ``x`` (this rank's ``rows`` of a global batch)."""
+    noise = draw_rows(lambda n: torch.randn((n, *x.shape[1:]), generator=generator), rows, x.shape[0])
+    return noise.to(x.device, x.dtype)
+
+
+def _noise_and_timesteps(x0: Tensor, scheduler, generator: torch.Generator,
+                         rows: Optional[Rows] = None) -> Tuple[Tensor, Tensor]:
+    noise = _randn_like_rows(x0, generator, rows)
+    high = scheduler.config.num_train_timesteps
+    timesteps = draw_rows(lambda n: torch.randint(0, high, (n,), generator=generator), rows, x0.shape[0])
     return noise, timesteps.to(x0.device)
 
 
@@ -83,14 +94,12 @@ class ImageDiffusion(nn.Module):
     def conditional(self) -> bool:
         return self.unet.config.num_class_embeds is not None
 
-    def encode(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def encode(self, images: Tensor, generator: torch.Generator, rows: Optional[Rows] = None) -> Tensor:
         if self.autoencoder is None:
             return images
         with torch.no_grad():
             posterior = self.autoencoder.encode(images).latent_dist
-            sample = posterior.mean + posterior.std * torch.randn(
-                posterior.mean.shape, generator=generator
-            ).to(posterior.mean.device, posterior.mean.dtype)
+            sample = posterior.mean + posterior.std * _randn_like_rows(posterior.mean, generator, rows)
         return sample * self.latent_scale
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -98,13 +107,17 @@ class ImageDiffusion(nn.Module):
             return latents
         return self.autoencoder.decode(latents / self.latent_scale).sample
 
-    def loss(self, batch, generator: torch.Generator) -> Tensor:
-        """The noise-prediction MSE of one batch ``(images, labels)``."""
+    def loss(self, batch, generator: torch.Generator, rows: Optional[Rows] = None,
+             network: Optional[nn.Module] = None) -> Tensor:
+        """The noise-prediction MSE of one batch ``(images, labels)``. Under data parallelism
+        ``batch`` holds this rank's ``rows`` of the global batch (the noise is drawn for the
+        whole batch and sliced alike), and ``network`` is the DDP wrapper of the UNet."""
         images, labels = batch
-        x0 = self.encode(images, generator)
-        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator)
+        x0 = self.encode(images, generator, rows)
+        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator, rows)
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
-        prediction = self.unet(noisy, timesteps, class_labels=labels if self.conditional else None).sample
+        network = network if network is not None else self.unet
+        prediction = network(noisy, timesteps, class_labels=labels if self.conditional else None).sample
         return F.mse_loss(prediction.float(), _target(self.scheduler, x0, noise, timesteps).float())
 
     @torch.no_grad()
@@ -143,16 +156,28 @@ class StrokeDiffusion(nn.Module):
     def denoiser(self) -> nn.Module:
         return self.net
 
-    def loss(self, batch, generator: torch.Generator) -> Tensor:
+    def loss(self, batch, generator: torch.Generator, rows: Optional[Rows] = None,
+             network: Optional[nn.Module] = None) -> Tensor:
+        """The MSE over the valid points of one batch ``(points, lengths)``. Under data
+        parallelism (``rows``, ``network``: see :meth:`ImageDiffusion.loss`) the mean is over the
+        valid points of the whole global batch, scaled so that DDP's average of the ranks'
+        gradients is the single-process gradient."""
         points, lengths = batch
         valid = (torch.arange(points.shape[1], device=points.device)[None, :] < lengths[:, None]).unsqueeze(-1)
         x0 = torch.cat([points[..., :2], 2 * points[..., 2:] - 1], dim=-1) * valid
-        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator)
+        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator, rows)
         noisy = self.scheduler.add_noise(x0, noise * valid, timesteps)
-        prediction = self.net(noisy, timesteps, lengths)
+        network = network if network is not None else self.net
+        prediction = network(noisy, timesteps, lengths)
         target = _target(self.scheduler, x0, noise * valid, timesteps)
         squared = (prediction.float() - target.float()).square() * valid
-        return squared.sum() / (valid.sum() * points.shape[-1]).clamp_min(1)
+        count = valid.sum() * points.shape[-1]
+        if rows is not None and rows.stop - rows.start < rows.total and dist.is_initialized():
+            share = rows.total / (rows.stop - rows.start)  # the world size
+            count = count.float()
+            dist.all_reduce(count)
+            return squared.sum() * share / count.clamp_min(1)
+        return squared.sum() / count.clamp_min(1)
 
     @torch.no_grad()
     def sample(self, num: int, generator: torch.Generator, sampler: str = "ddim", steps: int = 50,

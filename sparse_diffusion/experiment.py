@@ -29,11 +29,13 @@ import dataclasses
 import itertools
 import json
 import math
+import shlex
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import METHODS, TrainConfig
+from .launch import autoencoder_command, run_under_torchrun, train_command
 from .train import CHECKPOINT
 
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")
@@ -142,6 +144,14 @@ def autoencoder_path(study: Dict, root: Path) -> Path:
 def _train_autoencoders(grid: Dict, root: Path) -> None:
     from .autoencoder_training import train_autoencoder
 
+    for path, options in _pending_autoencoders(grid, root):
+        print(f"== training the autoencoder into {path}")
+        train_autoencoder(out=str(path), **options)
+
+
+def _pending_autoencoders(grid: Dict, root: Path) -> List[Tuple[Path, Dict]]:
+    """``(folder, train_autoencoder options)`` of each study's autoencoder still to train."""
+    pending = []
     for study in grid["studies"]:
         spec = study.get("autoencoder")
         if spec is None or isinstance(spec, str):
@@ -154,8 +164,8 @@ def _train_autoencoders(grid: Dict, root: Path) -> None:
             value = study.get(key, (grid.get("defaults") or {}).get(key))
             if value is not None:
                 options.setdefault(key, value)
-        print(f"== {study['name']}: training the autoencoder into {path}")
-        train_autoencoder(out=str(path), **options)
+        pending.append((path, options))
+    return pending
 
 
 def _finished(run: RunSpec) -> bool:
@@ -168,14 +178,29 @@ def _finished(run: RunSpec) -> bool:
     return not run.config.eval_samples or result.get("metrics", {}).get("num_samples") == run.config.eval_samples
 
 
-def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dry_run: bool = False) -> Path:
-    """Runs what is left of the grid in ``path``, then writes the report. Returns its path."""
+def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dry_run: bool = False,
+             nproc_per_node: int = 1, print_commands: bool = False) -> Path:
+    """Runs what is left of the grid in ``path``, then writes the report. Returns its path.
+
+    ``nproc_per_node`` > 1 trains each run under torchrun with that many processes.
+    ``print_commands`` trains nothing and prints one shell command per step left to do: the
+    studies' autoencoders first, then one per run (for a cluster scheduler; run
+    ``--report-only`` once they are done)."""
     from .train import Trainer
 
+    if nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     grid = load_grid(path)
     root = Path(out or grid["out"])
     runs = expand(grid, str(root))
     pending = [r for r in runs if not _finished(r)]
+    if print_commands:
+        for folder, options in _pending_autoencoders(grid, root):
+            print(shlex.join(autoencoder_command(folder, options)))
+        for run in pending:
+            resume = (Path(run.config.out) / CHECKPOINT).exists()
+            print(shlex.join(train_command(run.config, resume, nproc_per_node)))
+        return root / "report.md"
     print(f"{path}: {len(runs)} runs in {len(grid['studies'])} studies, {len(pending)} to do, output {root}")
     if dry_run:
         for run in runs:
@@ -190,7 +215,10 @@ def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dr
             resume = (folder / CHECKPOINT).exists()
             print(f"\n== [{i + 1}/{len(pending)}] {run.study}/{run.name}" + (" (resuming)" if resume else ""))
             try:
-                Trainer(run.config, resume=resume).train()
+                if nproc_per_node > 1:
+                    run_under_torchrun(run.config, resume, nproc_per_node)
+                else:
+                    Trainer(run.config, resume=resume).train()
                 (folder / "error.txt").unlink(missing_ok=True)
             except Exception:  # noqa: BLE001 (one failed run must not stop the grid; the report lists it)
                 folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """From a training configuration to a model, its diffusion task and its data."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ import sparse_kernels as sk
 
 from .data import get_dataset
 from .diffusion import ImageDiffusion, StrokeDiffusion, make_scheduler
+from .distributed import Rows, draw_rows
 from .models.unet import build_unet
 
 CHIRODIFF_PRESETS = {"tiny": dict(hidden_size=32, num_layers=1), "demo": {}, "small": {}, "paper": {}}
@@ -63,9 +64,11 @@ def load_autoencoder(path: str):
         raise ValueError(f"--autoencoder {path}: cannot load it ({' '.join(str(error).split())[:200]})") from None
 
 
-def draw_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device):
-    """``batch_size`` items drawn with replacement by ``generator``, collated, on ``device``."""
-    indices = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
+def draw_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device,
+               rows: Optional[Rows] = None):
+    """``batch_size`` items drawn with replacement by ``generator``, collated, on ``device``;
+    with ``rows``, this rank's rows of the global batch ``rows.total`` (``batch_size`` is ignored)."""
+    indices = draw_rows(lambda n: torch.randint(len(dataset), (n,), generator=generator), rows, batch_size).tolist()
     batch = default_collate([dataset[i] for i in indices])
     return [t.to(device, non_blocking=True) for t in batch]
 
@@ -92,17 +95,17 @@ def count_flops(task: nn.Module, dataset, device: torch.device) -> int:
     return 2 * sum(macs)
 
 
-def reference_and_samples_for_metrics(trainer, num_samples: int):
+def metric_inputs(config, samples):
     """``(cache name, reference images, reference labels, sample images)`` for the evaluator:
-    the dataset's test split (strokes rasterised) and ``num_samples`` EMA samples."""
+    the dataset's test split (as many items as samples; strokes rasterised) and ``samples``
+    (images ``[N, C, H, W]``, or strokes ``(points, lengths)``)."""
     from .metrics.raster import rasterize_strokes
 
-    config = trainer.config
+    num_samples = samples[1].shape[0] if isinstance(samples, tuple) else samples.shape[0]
     test = get_dataset(config.dataset, "test", image_size=config.image_size, max_len=config.max_len,
                        data_dir=config.data_dir)
     count = min(num_samples, len(test))
     items = default_collate([test[i] for i in range(count)])
-    samples = trainer.generate(num_samples)
     if test.kind == "stroke":
         return f"{test.name}-raster64", rasterize_strokes(*items, size=64), None, rasterize_strokes(*samples, size=64)
     labels = items[1] if test.num_classes else None

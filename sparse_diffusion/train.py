@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import signal
@@ -31,22 +32,22 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import sparse_diffusion as sd
 
 from .channels_last import channels_last
-from .config import AUTOENCODER_COPY, IDENTITY, METHODS, PLACE, SPARSE_ONLY, TrainConfig, resolve_device
 from .checkpoint import CheckpointError, load_state, non_finite_tensors, save_state
-from .io import atomic_write_folder, check_writable, remove_stale_temporaries, save_image_grid, save_loss_curve
-from .tasks import build_task, count_flops, draw_batch, reference_and_samples_for_metrics
+from .config import AUTOENCODER_COPY, IDENTITY, METHODS, PLACE, TrainConfig, resolve_device
+from .distributed import SINGLE, Distributed, from_environment
+from .io import atomic_write_folder, check_writable, remove_stale_temporaries, save_loss_curve
+from .outputs import RunOutputs, loss_label, mean_finite
+from .tasks import build_task, draw_batch
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # torch.save pickles (before version 2): never unpickled
 # A run whose loss stays non-finite this many steps in a row has diverged and stops.
 MAX_NON_FINITE_STEPS = 10
-# Below this many samples FID's covariance (2048 Inception features) is rank-deficient and
-# FID is biased upward: results carry a caveat.
-MIN_FID_SAMPLES = 2048
 
 
 class TrainingStopped(RuntimeError):
@@ -58,18 +59,24 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
-class Trainer:
+class Trainer(RunOutputs):
     """Builds a run from a :class:`TrainConfig` (or resumes it) and trains it.
 
     ``writable=False`` opens an existing run for reading only (sampling, evaluation, export):
     nothing in its folder is written, so a run the user cannot write can still be read.
+
+    ``dist`` (:func:`~sparse_diffusion.distributed.from_environment`) trains data-parallel: the
+    denoiser runs under DDP, each rank trains on its rows of every global batch, and only rank
+    0 writes the run folder (the others wait at barriers where a file is written).
     """
 
-    def __init__(self, config: TrainConfig, resume: bool = False, writable: bool = True):
+    def __init__(self, config: TrainConfig, resume: bool = False, writable: bool = True,
+                 dist: Distributed = SINGLE):
         config.validate()
-        self.config, self.out, self.writable = config, Path(config.out), writable
-        self.device = resolve_device(config.device)
-        if writable:
+        self.config, self.out, self.writable, self.dist = config, Path(config.out), writable, dist
+        self.device = dist.device or resolve_device(config.device)
+        writes = writable and dist.is_main  # this process writes the run folder
+        if writes:
             check_writable(self.out)
             remove_stale_temporaries(self.out)
         self.checkpoint_path = self.out / CHECKPOINT
@@ -88,7 +95,7 @@ class Trainer:
         has_own = config.model == "ldm" and (own_autoencoder / "config.json").is_file()
         build_config = dataclasses.replace(config, autoencoder=str(own_autoencoder)) if has_own else config
         self.task, self.dataset = build_task(build_config, self.device)
-        if config.model == "ldm" and writable and not has_own:
+        if config.model == "ldm" and writes and not has_own:
             autoencoder = self.task.autoencoder
             atomic_write_folder(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True),
                                 own_autoencoder)
@@ -124,8 +131,14 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         if resume:
             self._load_checkpoint()
-        if writable:
+        # The module the loss calls: the denoiser, or its DDP wrapper (which averages gradients).
+        self.network: nn.Module = self.denoiser
+        if dist.launched:
+            self.network = DistributedDataParallel(
+                self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if writes:
             self._write_config()
+        dist.barrier()  # the folder is ready (config, autoencoder copy) before any rank goes on
 
     # ------------------------------------------------------------------ training
     def train(self) -> Dict:
@@ -136,27 +149,30 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        bar = tqdm(total=config.steps, initial=self.step, desc=self.out.name, unit="step", dynamic_ncols=True)
+        main = self.dist.is_main
+        bar = tqdm(total=config.steps, initial=self.step, desc=self.out.name, unit="step", dynamic_ncols=True,
+                   disable=not main)
         start = time.perf_counter() - self.elapsed
         with self._signals_save_and_stop(), bar:  # the bar ends its line before any message
             while self.step < config.steps:
                 self.train_step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{_mean_finite(self.losses[-50:]):.4f}")
+                bar.set_postfix(loss=f"{mean_finite(self.losses[-50:]):.4f}")
                 self.elapsed = time.perf_counter() - start
                 with self.phase("io"):
-                    if config.sample_every and self.step % config.sample_every == 0:
+                    if main and config.sample_every and self.step % config.sample_every == 0:
                         self.save_samples()
                     if self.step == config.steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                         self.save_checkpoint()
-                if self._stop_signal is not None:
+                if self.dist.any(self._stop_signal is not None):  # every rank stops after the same step
                     self.save_checkpoint()
-                    name = signal.Signals(self._stop_signal).name
+                    name = signal.Signals(self._stop_signal or signal.SIGTERM).name
                     raise TrainingStopped(
                         f"stopped by {name} after step {self.step}: checkpoint saved in {self.checkpoint_path}; "
-                        f"continue with --resume", 128 + self._stop_signal)
-        self.save_samples()
-        save_loss_curve(self.losses, self.out / "loss.png", ylabel=_loss_label(config))
+                        f"continue with --resume", 128 + (self._stop_signal or signal.SIGTERM))
+        if main:
+            self.save_samples()
+            save_loss_curve(self.losses, self.out / "loss.png", ylabel=loss_label(config))
         return self.write_results()
 
     @contextlib.contextmanager
@@ -188,16 +204,17 @@ class Trainer:
         self.denoiser.train()
         with self.phase("data"):
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
-            batch = draw_batch(self.dataset, config.batch_size, generator, self.device)
+            rows = self.dist.rows(config.batch_size)  # this rank's part of the global batch
+            batch = draw_batch(self.dataset, config.batch_size, generator, self.device, rows)
         with self.phase("forward"), _autocast(config.precision, self.device):
-            loss = self.task.loss(batch, generator)
+            loss = self.task.loss(batch, generator, rows, network=self.network)
         with self.phase("backward"):
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-        value = loss.item()
+        value = self.dist.mean(loss)  # the global batch's loss: every rank decides alike
         finite = math.isfinite(value)
         with self.phase("optimizer"):
             if config.grad_clip:
@@ -210,7 +227,10 @@ class Trainer:
                 self.optimizer.step()
         if self.algo is not None:
             with self.phase("mask_update"):
+                updates = len(self.algo.history)
                 self.algo.step()  # reads the gradients (RigL): before they are cleared
+                if self.dist.active and len(self.algo.history) > updates:
+                    self._check_masks_synced()
         with self.phase("optimizer"):
             self.optimizer.zero_grad(set_to_none=True)
         if finite:
@@ -220,6 +240,13 @@ class Trainer:
         self.losses.append(value)
         self._count_non_finite(finite, value)
         return value
+
+    def _check_masks_synced(self) -> None:
+        try:
+            sd.assert_masks_synced(self.denoiser)
+        except AssertionError as error:
+            raise TrainingStopped(f"step {self.step}: {error}; the run stops (no checkpoint of the diverged "
+                                  "masks is written)", 1) from None
 
     def _count_non_finite(self, finite: bool, value: float) -> None:
         if finite:
@@ -248,37 +275,14 @@ class Trainer:
             _synchronize(self.device)
             self.phase_seconds[name] += time.perf_counter() - start
 
-    # ------------------------------------------------------------------ outputs
-    @torch.no_grad()
-    def generate(self, num: int, seed: int = 1234):
-        """Samples from the EMA weights: images ``[num, C, H, W]`` in [-1, 1] (strokes are
-        returned as ``(points, lengths)``)."""
-        parameters = list(self.denoiser.parameters())
-        self.ema.store(parameters)
-        self.ema.copy_to(parameters)
-        self.denoiser.eval()
-        try:
-            generator = torch.Generator().manual_seed(seed)
-            return self.task.sample(num, generator, sampler=self.config.sampler, steps=self.config.sample_steps)
-        finally:
-            self.ema.restore(parameters)
-            self.denoiser.train()
-
-    def save_samples(self, rows: int = 8) -> Path:
-        """A grid of ``rows`` rows of samples; a class-conditional model gets one class per column."""
-        from .metrics.raster import rasterize_strokes
-
-        columns = getattr(self.dataset, "num_classes", None) if getattr(self.task, "conditional", False) else None
-        columns = columns or 8
-        samples = self.generate(rows * columns)  # conditional: labels 0, 1, ..., C-1, 0, 1, ...
-        if isinstance(samples, tuple):
-            samples = rasterize_strokes(samples[0].cpu(), samples[1].cpu(), size=64)
-        path = self.out / "samples" / f"step-{self.step:07d}.png"
-        save_image_grid(samples.cpu(), path, columns=columns)
-        return path
-
     def save_checkpoint(self) -> None:
-        """Writes the whole training state to ``checkpoint.safetensors``, atomically."""
+        """Writes the whole training state to ``checkpoint.safetensors``, atomically (rank 0;
+        every rank returns once it is written)."""
+        if self.dist.is_main:
+            self._write_checkpoint()
+        self.dist.barrier()
+
+    def _write_checkpoint(self) -> None:
         ema = self.ema.state_dict()
         state = {
             "config": dataclasses.asdict(self.config),
@@ -291,6 +295,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "losses": torch.tensor(self.losses, dtype=torch.float64),
             "elapsed": self.elapsed,
+            "world_size": self.dist.world_size,
         }
         save_state(state, self.checkpoint_path)
 
@@ -323,6 +328,10 @@ class Trainer:
         self.changes = list(state.get("changes", []))
         changed = {k: [saved.get(k), v] for k, v in dataclasses.asdict(self.config).items()
                    if k not in PLACE and saved.get(k) != v}
+        if self.writable and state.get("world_size", 1) != self.dist.world_size:
+            # The global batch and its randomness do not depend on the world size: only the
+            # order of the gradient sums (fp32 rounding) changes.
+            changed["world_size"] = [state.get("world_size", 1), self.dist.world_size]
         if changed and self.writable:
             self.changes.append({"step": self.step, "changed": changed})
 
@@ -330,86 +339,6 @@ class Trainer:
         """``config.json``: the settings in effect, and under ``changes`` those a resume changed."""
         record = {**dataclasses.asdict(self.config), "changes": self.changes}
         (self.out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-
-    def evaluate(self, num_samples: int) -> Dict:
-        """FID / KID (Inception) and FD / KID in a locally trained network, on ``num_samples``
-        EMA samples. Below :data:`MIN_FID_SAMPLES` the result carries a ``caveat``."""
-        from .metrics import SampleEvaluator
-
-        if num_samples < 2:
-            raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
-        name, reference, labels, samples = reference_and_samples_for_metrics(self, num_samples)
-        evaluator = SampleEvaluator(name, reference, labels, device=self.device)
-        metrics = evaluator.evaluate(samples)
-        if num_samples < MIN_FID_SAMPLES:
-            metrics["caveat"] = (
-                f"computed from {num_samples} samples, fewer than {MIN_FID_SAMPLES} (the Inception feature size): "
-                "the covariance is rank-deficient and FID is biased upward; compare only runs evaluated with "
-                "the same number of samples")
-        return metrics
-
-    def write_results(self) -> Dict:
-        """Writes ``metrics.json`` and ``summary.md`` (FID too when ``eval_samples`` is set)."""
-        config = self.config
-        per_step = self.elapsed / max(self.step, 1)
-        results = {
-            "steps": self.step,
-            "final_loss": _mean_finite(self.losses[-100:]),
-            "wall_clock_s": self.elapsed,
-            "seconds_per_step": per_step,
-            "samples_per_second": config.batch_size / per_step if per_step else None,
-            "parameters": sum(p.numel() for p in self.denoiser.parameters()),
-            "flops_per_sample": count_flops(self.task, self.dataset, self.device),
-            "sparsity": self.report.global_sparsity if self.report else 0.0,
-            "device": str(self.device),
-            "state_bytes": self.state_bytes(),
-        }
-        if self.device.type == "cuda":
-            results["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        if self.algo is not None:
-            results["itop_rate"] = self.algo.itop_rate()
-            results["mask_updates"] = len(self.algo.history)
-        if config.eval_samples:
-            results["metrics"] = self.evaluate(config.eval_samples)
-        (self.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        self.write_summary(results)
-        return results
-
-    def write_summary(self, results: Dict, path: Optional[Path] = None) -> Path:
-        """``summary.md`` (or ``path``): settings, results, sample quality, sparsity, pictures."""
-        path = Path(path) if path is not None else self.out / "summary.md"
-        path.write_text(self._summary(results))
-        return path
-
-    def state_bytes(self) -> int:
-        """Bytes of the training state: trainable parameters, their gradients, optimizer state."""
-        trainable = [p for p in self.denoiser.parameters() if p.requires_grad]
-        params = sum(p.numel() * p.element_size() for p in trainable)
-        optimizer = sum(
-            t.numel() * t.element_size() for state in self.optimizer.state.values() for t in state.values()
-            if isinstance(t, torch.Tensor) and t.dim() > 0
-        )
-        return 2 * params + optimizer
-
-    def _summary(self, results: Dict) -> str:
-        dense = self.config.method == "dense"
-        config_rows = "\n".join(
-            f"| {k} | {'- (dense run)' if dense and k in SPARSE_ONLY else v} |"
-            for k, v in dataclasses.asdict(self.config).items())
-        result_rows = "\n".join(f"| {k} | {v} |" for k, v in results.items() if k != "metrics")
-        metric_rows = "\n".join(f"| {k} | {v} |" for k, v in results.get("metrics", {}).items())
-        changes = "".join(f"\n- from step {c['step']}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c["changed"].items())
-                          for c in self.changes)
-        report = str(self.report) if self.report else "dense model (no sparsity)"
-        latest = sorted((self.out / "samples").glob("step-*.png"))
-        return (
-            f"# Run {self.out.name}\n\n## Configuration\n\n| setting | value |\n| --- | --- |\n{config_rows}\n\n"
-            + (f"Settings changed on a resume:\n{changes}\n\n" if changes else "")
-            + f"## Results\n\n| quantity | value |\n| --- | --- |\n{result_rows}\n"
-            + (f"\n## Sample quality\n\n| metric | value |\n| --- | --- |\n{metric_rows}\n" if metric_rows else "")
-            + f"\n## Sparsity\n\n```\n{report}\n```\n"
-            + (f"\n![samples](samples/{latest[-1].name})\n\n![loss](loss.png)\n" if latest else "")
-        )
 
 
 def make_adamw(parameters, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -453,18 +382,27 @@ def _load_ema(ema, state: Dict, model: nn.Module) -> None:
             shadow.copy_(saved)
 
 
-def _mean_finite(values: List[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
-
-
-def _loss_label(config: TrainConfig) -> str:
-    return {"epsilon": "noise-prediction MSE", "v": "v-prediction MSE"}[config.prediction]
-
-
 def train(config: TrainConfig, resume: bool = False) -> Dict:
-    """Trains (or resumes) the run described by ``config``; returns its ``metrics.json``."""
-    return Trainer(config, resume=resume).train()
+    """Trains (or resumes) the run described by ``config``; returns its ``metrics.json``.
+    Under ``torchrun`` every process calls it and they train one run data-parallel
+    (:mod:`sparse_diffusion.distributed`)."""
+    dist = from_environment(config.device, config.dist_backend, config.batch_size)
+    trainer, wait = None, False
+    try:
+        trainer = Trainer(config, resume=resume, dist=dist)
+        results = trainer.train()
+        wait = True
+    except TrainingStopped:
+        wait = True  # every rank stops after the same step
+        raise
+    finally:
+        # DDP holds the process group: free it before the group ends (a group that outlives
+        # destroy_process_group can abort the process at exit). After another error, do not
+        # wait for the other ranks: torchrun stops them.
+        del trainer
+        gc.collect()
+        dist.close(wait)
+    return results
 
 
 def load_run(run: str, device: str = "auto") -> Trainer:

@@ -93,3 +93,44 @@ def test_shipped_grids_load(name, runs):
 
     path = Path(__file__).resolve().parents[2] / "experiments" / f"{name}.yaml"
     assert len(expand(load_grid(str(path)))) == runs
+
+
+def test_print_commands_gives_one_command_per_run_left_that_trains_that_run(tmp_path, capsys):
+    import shlex
+
+    grid_path = _grid(tmp_path, grid={"method": ["dense", "rigl"], "sparsity": [0.5], "block_size": [16],
+                                      "seed": [0]})
+    runs = expand(load_grid(str(grid_path)), str(tmp_path / "runs"))
+    assert cli.main(["experiment", str(grid_path), "--print-commands", "--nproc-per-node", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(runs) == 2 and not (tmp_path / "runs").exists()  # nothing trained
+    for line, run in zip(lines, runs):
+        words = shlex.split(line)
+        assert words[:5] == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "sparse_diffusion"]
+        args = cli.build_parser().parse_args(words[5:])
+        fields = {name: getattr(args, name) for name in vars(run.config)}
+        assert fields == vars(run.config) and not args.resume  # the command trains exactly this run
+
+    assert cli.main(["experiment", str(grid_path), "--print-commands"]) == 0
+    assert all(line.startswith("sparse-diffusion train ") for line in capsys.readouterr().out.strip().splitlines())
+
+
+def test_print_commands_puts_the_autoencoders_first(tmp_path, capsys):
+    grid_path = _grid(tmp_path, grid={"method": ["dense"], "seed": [0]},
+                      studies=[{"name": "ldm", "model": "ldm", "dataset": "fashion-mnist",
+                                "autoencoder": {"preset": "tiny", "steps": 3}}])
+    assert cli.main(["experiment", str(grid_path), "--print-commands"]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first.startswith("sparse-diffusion train-autoencoder --dataset fashion-mnist --preset tiny --steps 3")
+    assert f"--out {tmp_path / 'runs' / 'ldm' / 'autoencoder'}" in first
+    assert second.startswith("sparse-diffusion train ") and f"--autoencoder {tmp_path / 'runs' / 'ldm'}" in second
+
+
+def test_a_grid_runs_each_run_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    grid_path = _grid(tmp_path, grid={"method": ["rigl"], "sparsity": [0.5], "block_size": [16], "seed": [0]})
+    assert cli.main(["experiment", str(grid_path), "--nproc-per-node", "2"]) == 0
+    (metrics,) = (tmp_path / "runs").rglob("metrics.json")
+    assert json.loads(metrics.read_text())["world_size"] == 2
+    assert "1 of 1 runs finished" in (tmp_path / "runs" / "report.md").read_text()
