@@ -33,6 +33,16 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+def reduction_splits(base_programs: int, rows: int, device: torch.device) -> int:
+    """Into how many chunks (of at least 256 rows) a grad-weight kernel splits its reduction
+    over ``rows`` (batch rows or output pixels), so that the GPU has enough programs: with
+    fewer than two waves of two programs per SM (``4 x SMs``) it splits until it has them.
+    The partial sums are added afterwards in a fixed order: deterministic, no atomics. Under
+    the interpreter the target is 8 programs, so that the tests exercise the split."""
+    target = 8 if interpreting() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-target // base_programs), -(-rows // 256)))
+
+
 def check_operands(
     name: str, dense: torch.Tensor, block_size: Tuple[int, ...], *others: torch.Tensor, dense_dims: int = 2
 ) -> None:

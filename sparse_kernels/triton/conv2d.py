@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..shapes import conv_output_size
-from .common import autotune_configs, check_operands, interpreting, on_device, precision_and_upcast
+from .common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
 
 Pair = Tuple[int, int]
 
@@ -33,13 +33,14 @@ Pair = Tuple[int, int]
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
     configs=autotune_configs([(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]),
-    key=["M_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "KH", "KW", "TRANSPOSED", "HAS_BIAS", "PRECISION"],
+    key=["M_BUCKET", "NNZ_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "KH", "KW", "TRANSPOSED", "HAS_BIAS",
+         "PRECISION"],
 )
 @triton.jit
 def _bsr_conv2d_dsd_kernel(
     src_ptr, values_ptr, bias_ptr, out_ptr,
     block_ptr_ptr, block_slots_ptr, slot_block_idx_ptr,
-    M, M_BUCKET, NUM_N_TILES,
+    M, M_BUCKET, NNZ_BUCKET, NUM_N_TILES,
     OUT_H, OUT_W, SRC_H, SRC_W,
     stride_sn, stride_sc, stride_sh, stride_sw,
     stride_vs, stride_vr, stride_vt, stride_vk, stride_vn,
@@ -142,12 +143,12 @@ def _bsr_conv2d_dsd_kernel(
 
 @triton.autotune(
     configs=autotune_configs([(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)]),
-    key=["M_BUCKET", "BLOCK_OUT", "BLOCK_IN", "KH", "KW", "PRECISION"],
+    key=["M_BUCKET", "NNZ_BUCKET", "BLOCK_OUT", "BLOCK_IN", "KH", "KW", "PRECISION"],
 )
 @triton.jit
 def _bsr_conv2d_sdd_kernel(
     dy_ptr, x_ptr, partial_ptr, row_slots_ptr, row_idx_ptr, col_idx_ptr,
-    M, M_BUCKET, CHUNK,
+    M, M_BUCKET, NNZ_BUCKET, CHUNK,
     OUT_H, OUT_W, IN_H, IN_W,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_xn, stride_xc, stride_xh, stride_xw,
@@ -265,7 +266,7 @@ def _conv2d_dsd(
         _bsr_conv2d_dsd_kernel[grid](
             src, weights, bias if bias is not None else out, out,
             block_ptr, block_slots, slot_block_idx,
-            M, triton.next_power_of_2(M), num_n_tiles,
+            M, triton.next_power_of_2(M), triton.next_power_of_2(values.shape[0]), num_n_tiles,
             out_hw[0], out_hw[1], src.shape[2], src.shape[3],
             *src.stride(),
             weights.stride(0), weights.stride(1), weights.stride(2), stride_vk, stride_vn,
@@ -327,15 +328,6 @@ def bsr_conv2d_grad_input(
     )
 
 
-def _pixel_splits(base_programs: int, pixels: int, device: torch.device) -> int:
-    """How many chunks to split the pixel reduction into, so the GPU has enough programs."""
-    if interpreting():
-        target = 8  # small, so the tests exercise the split
-    else:
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(target, base_programs), triton.cdiv(pixels, 256)))
-
-
 def bsr_conv2d_grad_weight(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -366,7 +358,7 @@ def bsr_conv2d_grad_weight(
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     tile_o, tile_i = min(bo, 64), min(bi, 64)
     base_programs = nnz * kh * kw * (bo // tile_o) * (bi // tile_i)
-    splits = _pixel_splits(base_programs, M, x.device)
+    splits = reduction_splits(base_programs, M, x.device)
     chunk = triton.cdiv(triton.cdiv(M, splits), 256) * 256  # a multiple of every BLOCK_M
     splits = triton.cdiv(M, chunk)
     partial = torch.empty(splits, nnz, kh, kw, bo, bi, device=x.device, dtype=torch.float32)
@@ -374,7 +366,7 @@ def bsr_conv2d_grad_weight(
     with on_device(x):
         _bsr_conv2d_sdd_kernel[(base_programs, splits)](
             grad_out, x, partial, row_slots, row_idx, col_idx,
-            M, triton.next_power_of_2(M), chunk,
+            M, triton.next_power_of_2(M), triton.next_power_of_2(nnz), chunk,
             out_h, out_w, x.shape[2], x.shape[3],
             *grad_out.stride(), *x.stride(), *partial.stride(),
             *padding, *dilation,

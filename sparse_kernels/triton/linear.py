@@ -20,18 +20,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_operands, on_device, precision_and_upcast
+from .common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
 
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
     configs=autotune_configs([(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 5), (256, 8, 4)]),
-    key=["M_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "HAS_BIAS", "PRECISION"],
+    key=["M_BUCKET", "NNZ_BUCKET", "NUM_N_TILES", "BLOCK_OUT", "BLOCK_RED", "HAS_BIAS", "PRECISION"],
 )
 @triton.jit
 def _bsr_dsd_kernel(
     a_ptr, values_ptr, bias_ptr, out_ptr,
     block_ptr_ptr, block_slots_ptr, slot_block_idx_ptr,
-    M, M_BUCKET, NUM_N_TILES,
+    M, M_BUCKET, NNZ_BUCKET, NUM_N_TILES,
     stride_am, stride_ak,
     stride_vs, stride_vk, stride_vn,
     stride_om, stride_on,
@@ -48,7 +48,8 @@ def _bsr_dsd_kernel(
     ``values + s * stride_vs + k * stride_vk + n * stride_vn``.
     One program computes a ``BLOCK_M x BLOCK_N`` tile of ``out``; an empty block-column
     still writes its tile (zeros, or the bias). ``M_BUCKET`` (the next power of two of
-    ``M``) is only an autotune key, so that every new batch size does not re-tune.
+    ``M``) is only an autotune key, so that every new batch size does not re-tune; so is
+    ``NNZ_BUCKET`` (of the live blocks), so that each density bucket gets its own config.
     """
     # Program -> (row tile, column tile); consecutive programs share the row tile of `a`,
     # so it stays in L2 while the (small) values are read by everybody.
@@ -94,32 +95,46 @@ def _bsr_dsd_kernel(
 
 @triton.autotune(
     configs=autotune_configs([(m, w, st) for m in (32, 64, 128) for w, st in ((4, 3), (4, 4), (8, 3))]),
-    key=["M_BUCKET", "BLOCK_OUT", "BLOCK_IN", "PRECISION"],
+    key=["M_BUCKET", "NNZ_BUCKET", "BLOCK_OUT", "BLOCK_IN", "TILE_O", "TILE_I", "PRECISION"],
 )
 @triton.jit
 def _bsr_sdd_kernel(
-    dy_ptr, x_ptr, out_ptr, row_slots_ptr, row_idx_ptr, col_idx_ptr,
-    M, M_BUCKET,
+    dy_ptr, x_ptr, partial_ptr, row_slots_ptr, row_idx_ptr, col_idx_ptr,
+    M, M_BUCKET, NNZ_BUCKET, CHUNK,
     stride_dym, stride_dyn,
     stride_xm, stride_xk,
-    stride_os, stride_oo, stride_oi,
+    stride_psplit, stride_ps, stride_po, stride_pi,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
     TILE_O: tl.constexpr, TILE_I: tl.constexpr, BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out[s] = dy[:, rows(s)].T @ x[:, cols(s)] for every slot ``s``: the weight gradient
-    sampled at live blocks.
+    """partial[split, s] = dy[m, rows(s)].T @ x[m, cols(s)] summed over the rows ``m`` of this
+    split's chunk: the weight gradient sampled at live blocks, in fp32 partial sums.
 
-    dy: [M, R * BLOCK_OUT]; x: [M, C * BLOCK_IN]; out: [nnz, BLOCK_OUT, BLOCK_IN].
-    One program computes a ``TILE_O x TILE_I`` tile of one slot, reducing over all ``M``.
-    Programs run in row-sorted slot order (``row_slots``), so programs running together
+    dy: [M, R * BLOCK_OUT]; x: [M, C * BLOCK_IN]; partial: fp32 [splits, nnz, BLOCK_OUT, BLOCK_IN].
+    Axis 0 of the grid runs over (slot, tile): one program computes a ``TILE_O x TILE_I`` tile
+    of one slot, in row-sorted slot order (``row_slots``) so that programs running together
     read the same columns of ``dy`` from L2, whatever order mask updates left the slots in.
-    ``M_BUCKET`` is only an autotune key, as in ``_bsr_dsd_kernel``.
+    Axis 1 runs over chunks of ``CHUNK`` rows (:func:`~.common.reduction_splits`: at low
+    density there are few slots, and without the split a few hundred programs would leave
+    most SMs idle); the launcher adds the chunks' sums in a fixed order.
+
+    Tiles: each ``BLOCK_M`` step loads ``(TILE_O + TILE_I) x BLOCK_M`` elements for
+    ``2 x TILE_O x TILE_I x BLOCK_M`` FLOPs, so the arithmetic intensity is
+    ``TILE_O TILE_I / (TILE_O + TILE_I)`` FLOP per byte of bf16: 32 at 64x64, 43 at 64x128,
+    64 at 128x128. An H200 needs about 206 FLOP/byte from HBM (989 TFLOP/s bf16, 4.8 TB/s)
+    and about 80 from L2, which ``dy`` and ``x`` mostly hit (every slot of a block-row reads
+    the same ``dy`` columns): tiles as large as the block allows, up to 128x128
+    (:func:`sdd_tiles`), come closest to the roof, and the split over rows restores the
+    parallelism that larger tiles take away. ``M_BUCKET`` and ``NNZ_BUCKET`` (next powers of
+    two of ``M`` and ``nnz``) are only autotune keys: the config is tuned per batch-size and
+    density bucket, not once for all densities.
     """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     TILES_O: tl.constexpr = BLOCK_OUT // TILE_O
     TILES_I: tl.constexpr = BLOCK_IN // TILE_I
-    slot = tl.load(row_slots_ptr + pid // (TILES_O * TILES_I))
+    slot = tl.load(row_slots_ptr + pid // (TILES_O * TILES_I)).to(tl.int64)
     tile = pid % (TILES_O * TILES_I)
     o0 = (tile // TILES_I) * TILE_O
     i0 = (tile % TILES_I) * TILE_I
@@ -130,10 +145,12 @@ def _bsr_sdd_kernel(
     offs_i = block_col * BLOCK_IN + i0 + tl.arange(0, TILE_I)
     offs_m = tl.arange(0, BLOCK_M)
 
+    m_start = split * CHUNK
+    m_end = tl.minimum(m_start + CHUNK, M)
     acc = tl.zeros((TILE_O, TILE_I), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + offs_m
-        m_mask = rows < M
+        m_mask = rows < m_end
         rows64 = rows.to(tl.int64)
         # dy tile read transposed: [TILE_O, BLOCK_M]
         a = tl.load(
@@ -150,11 +167,19 @@ def _bsr_sdd_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     out_ptrs = (
-        out_ptr + slot.to(tl.int64) * stride_os
-        + (o0 + tl.arange(0, TILE_O))[:, None] * stride_oo
-        + (i0 + tl.arange(0, TILE_I))[None, :] * stride_oi
+        partial_ptr + split.to(tl.int64) * stride_psplit + slot * stride_ps
+        + (o0 + tl.arange(0, TILE_O))[:, None] * stride_po
+        + (i0 + tl.arange(0, TILE_I))[None, :] * stride_pi
     )
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptrs, acc)
+
+
+def sdd_tiles(block_out: int, block_in: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """The grad-weight kernel's tile: as large as the block, up to 128x128 for 16-bit types
+    and 64x64 for fp32 (whose operands take twice the shared memory); see the kernel's
+    docstring for the roofline argument."""
+    limit = 64 if dtype == torch.float32 else 128
+    return min(block_out, limit), min(block_in, limit)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -200,7 +225,7 @@ def _dsd(
         _bsr_dsd_kernel[grid](
             a, values, bias if bias is not None else out, out,
             block_ptr, block_slots, slot_block_idx,
-            M, triton.next_power_of_2(M), num_n_tiles,
+            M, triton.next_power_of_2(M), triton.next_power_of_2(values.shape[0]), num_n_tiles,
             a.stride(0), a.stride(1),
             values.stride(0), stride_red, stride_out,
             out.stride(0), out.stride(1),
@@ -271,17 +296,22 @@ def bsr_linear_grad_weight(
         return grad_values
     if M == 0:
         return grad_values.zero_()
-    tile_o, tile_i = min(block_out, 64), min(block_in, 64)
-    tiles = (block_out // tile_o) * (block_in // tile_i)
+    tile_o, tile_i = sdd_tiles(block_out, block_in, x.dtype)
+    base_programs = nnz * (block_out // tile_o) * (block_in // tile_i)
+    splits = reduction_splits(base_programs, M, x.device)
+    chunk = triton.cdiv(triton.cdiv(M, splits), 256) * 256  # a multiple of every BLOCK_M
+    splits = triton.cdiv(M, chunk)
+    partial = torch.empty(splits, nnz, block_out, block_in, device=x.device, dtype=torch.float32)
     precision, upcast = precision_and_upcast(x.dtype)
     with on_device(x):
-        _bsr_sdd_kernel[(nnz * tiles,)](
-            grad_out, x, grad_values, row_slots, row_idx, col_idx,
-            M, triton.next_power_of_2(M),
+        _bsr_sdd_kernel[(base_programs, splits)](
+            grad_out, x, partial, row_slots, row_idx, col_idx,
+            M, triton.next_power_of_2(M), triton.next_power_of_2(nnz), chunk,
             grad_out.stride(0), grad_out.stride(1),
             x.stride(0), x.stride(1),
-            grad_values.stride(0), grad_values.stride(1), grad_values.stride(2),
+            *partial.stride(),
             BLOCK_OUT=block_out, BLOCK_IN=block_in, TILE_O=tile_o, TILE_I=tile_i,
             UPCAST=upcast, PRECISION=precision,
         )
-    return grad_values
+    # The chunks' sums, added in a fixed order (deterministic), in grad_values' dtype.
+    return grad_values.copy_(partial.sum(0))

@@ -45,7 +45,7 @@ def test_grad_weight_split_over_pixel_chunks(monkeypatch, use_backend):
     use_backend("triton", "cpu")
     import sparse_kernels.triton.conv2d as conv2d_kernels
 
-    monkeypatch.setattr(conv2d_kernels, "_pixel_splits", lambda *args: 3)
+    monkeypatch.setattr(conv2d_kernels, "reduction_splits", lambda *args: 3)
     run_conv_case((3, 16, 16, (15, 15), 3, 1, 1, 1, 16, "full", False), torch.float32, "cpu")
 
 

@@ -9,8 +9,10 @@ from helpers import (
     BACKENDS,
     DEVICES,
     LINEAR_CASES,
+    assert_close_to_truth,
     assert_compiled_matches_eager,
     linear_case_id,
+    naive_blocks,
     run_case,
 )
 
@@ -235,3 +237,23 @@ def test_ops_refuse_mismatched_features_when_called_directly(backend, use_backen
         ops.bsr_linear_grad_input(torch.randn(4, 48), values, *index)
     with pytest.raises(ValueError, match=r"x (?=.*4, 32)(?=.*48)"):
         ops.bsr_linear_grad_weight(torch.randn(4, 32), torch.randn(4, 32), *index, 16, 16)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+def test_grad_weight_split_over_row_chunks(splits, monkeypatch, use_backend):
+    """The Triton grad-weight with its reduction over rows split into chunks (fp32 partial sums
+    added in a fixed order) against the fp64 truth, and bit-identical when run again."""
+    use_backend("triton", "cpu")
+    import sparse_kernels.triton.linear as linear_kernels
+
+    monkeypatch.setattr(linear_kernels, "reduction_splits", lambda *args: splits)
+    torch.manual_seed(3)
+    layout = sk.BlockSparseLayout.from_block_mask(torch.tensor([[True, False, True], [False, True, True]]), 16)
+    x = torch.randn(1100, 48)  # 1100 rows: up to 5 chunks of 256, the last one partial
+    grad_out = torch.randn(1100, 32)
+    index = (layout.row_idx, layout.col_idx, layout.row_slots)
+    first = linear_kernels.bsr_linear_grad_weight(grad_out, x, *index, layout.block_size)
+    again = linear_kernels.bsr_linear_grad_weight(grad_out, x, *index, layout.block_size)
+    truth = naive_blocks(grad_out.double().T @ x.double(), layout.row_idx, layout.col_idx, layout.block_size)
+    assert_close_to_truth(first, truth, torch.float32, f"grad_weight in {splits} chunks")
+    assert torch.equal(first, again)
