@@ -166,10 +166,11 @@ class Trainer(RunOutputs):
                         self.save_checkpoint()
                 if self.dist.any(self._stop_signal is not None):  # every rank stops after the same step
                     self.save_checkpoint()
-                    name = signal.Signals(self._stop_signal or signal.SIGTERM).name
+                    signum = self._stop_signal or signal.SIGTERM  # None: another rank was signalled
+                    cause = f"by {signal.Signals(signum).name}" if self._stop_signal else "with a signalled rank"
                     raise TrainingStopped(
-                        f"stopped by {name} after step {self.step}: checkpoint saved in {self.checkpoint_path}; "
-                        f"continue with --resume", 128 + (self._stop_signal or signal.SIGTERM))
+                        f"stopped {cause} after step {self.step}: checkpoint saved in {self.checkpoint_path}; "
+                        f"continue with --resume", 128 + signum)
         if main:
             self.save_samples()
             save_loss_curve(self.losses, self.out / "loss.png", ylabel=loss_label(config))

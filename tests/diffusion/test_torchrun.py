@@ -67,6 +67,47 @@ def test_torchrun_trains_one_run_split_in_two_equal_to_one_process(tmp_path):
 
 
 # --------------------------------------------------------------------------- kill and resume, 2 ranks
+def _signalled_worker(rank, port, config_fields, results):
+    """Rank 0 alone gets SIGTERM during step 3; both ranks must stop after the same step."""
+    import signal
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    import sparse_diffusion.train as train_module
+    from sparse_diffusion.config import TrainConfig
+
+    draw_batch, calls = train_module.draw_batch, []
+
+    def signal_rank_0(*args, **kwargs):
+        calls.append(1)
+        if rank == 0 and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return draw_batch(*args, **kwargs)
+
+    train_module.draw_batch = signal_rank_0
+    try:
+        train_module.train(TrainConfig(**config_fields))
+        results.put((rank, "finished", None))
+    except train_module.TrainingStopped as stop:
+        results.put((rank, str(stop), stop.exit_code))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    import dataclasses
+    import signal
+
+    config = tiny(tmp_path / "run", **{**SETTINGS, "checkpoint_every": 100})
+    results = mp.get_context("spawn").Queue()
+    mp.start_processes(_signalled_worker, args=(free_port(), dataclasses.asdict(config), results), nprocs=2,
+                       start_method="spawn")
+    outcome = dict((rank, (message, code)) for rank, message, code in (results.get(timeout=60) for _ in range(2)))
+    assert outcome[0][1] == outcome[1][1] == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 3" in outcome[0][0], outcome
+    assert "stopped with a signalled rank after step 3" in outcome[1][0], outcome
+    assert load_state(tmp_path / "run" / CHECKPOINT)["step"] == 3
+
+
 def _worker(rank, port, config_fields, resume, kill_at_step):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
