@@ -8,8 +8,11 @@ blocks into the freed slots, where ``f`` anneals ``drop_fraction`` to 0:
 * ``Static``: never changes a mask;
 * ``RigL``: grows the dead blocks with the largest norm of the dense weight gradient of the
   update step's batch. The gradient is collected only on update steps (the algorithm arms
-  the layers for that backward) and freed right after; under ``torch.distributed`` it is
-  all-reduced first, so every rank picks the same blocks;
+  the layers for that backward), and each layer's is reduced to its block norms as soon as
+  that layer's backward is done and freed (under ``torch.distributed`` it is all-reduced
+  first, so every rank picks the same blocks): at most a few layers' dense gradients exist at
+  once, so an update step costs no more memory than any other. With several backward passes
+  before one optimizer step, a block's score is the sum of its norms over the passes;
 * ``MagRan``: grows dead blocks uniformly at random, from a generator seeded alike on every
   rank.
 
@@ -95,7 +98,8 @@ class DynamicSparsity:
         _ema_shadows(model, ema)  # checks that the EMA lines up with the model
         self._warned_k_zero = False
         self._armed = False
-        self._dense_grads: Dict[int, Tensor] = {}
+        self._dense_grads: Dict[int, Tensor] = {}  # a layer's dense gradient, until its backward is done
+        self._grow_norms: Dict[int, Tensor] = {}  # then its block norms
         self._hooks: List = []  # the collectors, registered only while armed
         self._arm_if_next_updates()
 
@@ -134,6 +138,7 @@ class DynamicSparsity:
         fraction = self.drop_fraction_at(step)
         grow = None if self._gradients_not_finite() else self.grow_scores()
         self._dense_grads.clear()
+        self._grow_norms.clear()
         if grow is None:
             warnings.warn(f"step {step}: non-finite gradients, the mask update is skipped", RuntimeWarning)
             record = {"step": step, "drop_fraction": fraction, "skipped": "non-finite gradients", "moved": {}}
@@ -224,7 +229,7 @@ class DynamicSparsity:
 
     def _gradients_not_finite(self) -> bool:
         grads = [m.values.grad for _, m in self.layers if m.values.grad is not None]
-        grads += list(self._dense_grads.values())
+        grads += list(self._dense_grads.values()) + list(self._grow_norms.values())
         return any(not bool(torch.isfinite(g).all()) for g in grads)
 
     def _arm_if_next_updates(self) -> None:
@@ -234,6 +239,8 @@ class DynamicSparsity:
         self._armed = self.grows_by_gradient and self.is_update_step(self.step_count + 1)
         if self._armed and not self._hooks:
             self._hooks = [module.register_forward_hook(self._collector(i)) for i, (_, module) in enumerate(self.layers)]
+            self._hooks += [module.values.register_post_accumulate_grad_hook(self._reducer(i))
+                            for i, (_, module) in enumerate(self.layers)]
         elif not self._armed and self._hooks:
             for hook in self._hooks:
                 hook.remove()
@@ -255,6 +262,23 @@ class DynamicSparsity:
                     self._dense_grads[index] = dense
 
             output.register_hook(accumulate)
+
+        return hook
+
+    def _reducer(self, index: int):
+        """A hook run once this layer's gradient of a backward is complete: turns the dense
+        gradient collected for it into block norms and frees it."""
+        module = self.layers[index][1]
+
+        def hook(values: Tensor) -> None:
+            dense = self._dense_grads.pop(index, None)
+            if dense is None:
+                return
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(dense)
+            norms = sk.block_norms(dense, module.block_size)
+            del dense
+            self._grow_norms[index] = norms + self._grow_norms[index] if index in self._grow_norms else norms
 
         return hook
 
@@ -289,19 +313,13 @@ class RigL(DynamicSparsity):
     grows_by_gradient = True
 
     def grow_scores(self) -> List[Tensor]:
-        if len(self._dense_grads) != len(self.layers):
-            missing = [name for i, (name, _) in enumerate(self.layers) if i not in self._dense_grads]
+        if len(self._grow_norms) != len(self.layers):
+            missing = [name for i, (name, _) in enumerate(self.layers) if i not in self._grow_norms]
             raise RuntimeError(
                 f"step {self.step_count}: no dense gradient was collected for {missing[:3]}...: call algo.step() "
                 "once per iteration after optimizer.step(), with a forward and backward in between"
             )
-        scores = []
-        for i, (_, module) in enumerate(self.layers):
-            dense = self._dense_grads[i]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(dense)
-            scores.append(sk.block_norms(dense, module.block_size))
-        return scores
+        return [self._grow_norms[i] for i in range(len(self.layers))]
 
 
 class MagRan(DynamicSparsity):

@@ -1,4 +1,5 @@
 """Static, RigL and MagRan: the semantics of DESIGN.md, checkpoints, EMA, and a diffusers UNet."""
+import copy
 import math
 import warnings
 
@@ -81,6 +82,31 @@ def test_rigl_hooks_its_layers_only_for_the_step_before_an_update():
         algo.step()
     assert hooked == [0, 0, 1, 0, 0, 1]  # steps 3 and 6 update the masks
     assert [record["step"] for record in algo.history] == [3, 6]
+
+
+def test_rigl_keeps_each_layers_block_norms_not_its_dense_gradient():
+    """Once a layer's backward is done, RigL holds its block norms ([R, C]) and no dense
+    gradient: an update step costs no more memory than any other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sk.BlockSparseLinear(64, 64, block_size=16, density=0.5),
+                          sk.BlockSparseLinear(64, 32, block_size=16, density=0.5))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    algo = sd.RigL(model, optimizer, total_steps=4, update_interval=2, drop_fraction=0.5, anneal="constant", stop=1.0)
+    x = torch.randn(8, 64)
+    model(x).square().sum().backward()
+    optimizer.step()
+    algo.step()  # step 1: arms the layers for the next backward
+    optimizer.zero_grad()
+    dense_model = sd.densify(copy.deepcopy(model))
+    model(x).square().sum().backward()
+    assert algo._dense_grads == {}
+    assert [tuple(algo._grow_norms[i].shape) for i in range(2)] == [(4, 4), (2, 4)]
+    dense_model(x).square().sum().backward()  # the dense weight gradients, from a dense copy
+    for i in range(2):
+        torch.testing.assert_close(algo._grow_norms[i], sk.block_norms(dense_model[i].weight.grad, (16, 16)))
+    optimizer.step()
+    record = algo.step()  # step 2: the update, from those norms
+    assert sum(record["moved"].values()) > 0 and algo._grow_norms == {}
 
 
 def test_static_never_changes_the_mask():
