@@ -369,7 +369,10 @@ class BlockSparseConv2d(BlockSparseModule):
         weight gives channels-last outputs)."""
         parameters = self._parameters
         if self.masked_dense:
-            weight = self.to_dense()
+            values = parameters["values"]
+            if self.kernel_size == (1, 1):
+                values = _GradInStandardStrides.apply(values)
+            weight = to_dense(values, self.layout)
             if self.channels_last:
                 weight = weight.contiguous(memory_format=torch.channels_last)
             return F.conv2d(x, weight, parameters.get("bias"), self.stride, self._explicit_padding(), self.dilation)
@@ -398,6 +401,22 @@ class BlockSparseConv2d(BlockSparseModule):
             f"({self.nnz}/{self.grid[0] * self.grid[1]} blocks)"
             + (", masked_dense=True" if self.masked_dense else "")
         )
+
+
+class _GradInStandardStrides(torch.autograd.Function):
+    """The identity, whose backward gives the gradient the standard contiguous strides. A 1x1
+    convolution's weight gradient from channels-last activations carries channels-last strides
+    on its size-1 tap dimensions, and so would the values' gradient gathered from it; DDP's
+    gradient buckets expect a parameter's own strides (and warn on every other)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor) -> torch.Tensor:
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        standard = torch.empty(grad.shape, device="meta").stride()
+        return grad if grad.stride() == standard else grad.clone(memory_format=torch.contiguous_format)
 
 
 def _as_pair(value) -> Tuple[int, int]:

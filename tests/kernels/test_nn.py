@@ -280,3 +280,20 @@ def test_a_layer_call_runs_no_python_below_the_module():
     # GeneratedBackwardFor_... node).
     assert any(name.startswith("torch::autograd::CppNode<sparse_kernels::") for name in names), names
     assert not [name for name in names if "PyNode" in name or "GeneratedBackwardFor" in name], names
+
+
+def test_a_masked_dense_1x1_conv_gives_its_values_a_gradient_with_their_own_strides():
+    """DDP copies gradients into buckets laid out like the parameters and warns when the
+    strides differ: a channels-last 1x1 convolution's weight gradient must not leak its
+    strides (on the size-1 taps) into the values' gradient."""
+    torch.manual_seed(0)
+    conv = sk.BlockSparseConv2d(32, 32, 1, block_size=16, density=0.5)
+    conv.masked_dense = True
+    conv.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    conv(x).square().sum().backward()
+    assert conv.values.grad.stride() == conv.values.stride() == (256, 16, 1, 1, 1)
+    values = conv.values.detach().clone().requires_grad_()
+    weight = sk.to_dense(values, conv.layout)
+    torch.nn.functional.conv2d(x, weight, conv.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(conv.values.grad, values.grad)
