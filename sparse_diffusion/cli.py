@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .io import DiskFullError
+from .io import DiskFullError, one_line
 from .config import METHODS, PRECISIONS, TrainConfig
 from .train import TrainingStopped
 
@@ -150,10 +150,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error)
+    """One line; an OSError as ``file: reason`` rather than its ``[Errno N]`` form."""
     if isinstance(error, OSError) and error.strerror:
-        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-    return " ".join(text.split())
+        return one_line(f"{error.filename}: {error.strerror}" if error.filename else error.strerror)
+    return one_line(error)
 
 
 def _run(args: argparse.Namespace) -> int:

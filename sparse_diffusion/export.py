@@ -31,7 +31,7 @@ from torch import nn
 
 import sparse_kernels as sk
 
-from .io import atomic_write_folder
+from .io import atomic_write_folder, one_line
 from .sparsify import _guard_diffusers_save, _parent, densify
 
 SPARSE_FORMAT = "sparse_diffusion.block_sparse"
@@ -109,7 +109,7 @@ def load_pretrained(directory: PathLike, subfolder: Optional[str] = None) -> nn.
     try:
         model = model_class.from_config(config)
     except Exception as error:  # whatever a bad value makes the constructor raise
-        raise ValueError(f"{config_path}: cannot build a {model_class.__name__} from it: {_one_line(error)}") from None
+        raise ValueError(f"{config_path}: cannot build a {model_class.__name__} from it: {one_line(error)}") from None
     floating = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(floating) == 1 and floating != {t.dtype for t in model.state_dict().values() if t.is_floating_point()}:
         model.to(floating.pop())
@@ -118,7 +118,7 @@ def load_pretrained(directory: PathLike, subfolder: Optional[str] = None) -> nn.
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{weights_path} does not fit the model of {config_path}: {_one_line(error)}") from None
+        raise ValueError(f"{weights_path} does not fit the model of {config_path}: {one_line(error)}") from None
     if memory_format == "channels_last":
         from .channels_last import channels_last
 
@@ -137,10 +137,6 @@ def _is_channels_last(model: nn.Module) -> bool:
     return False
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _read_json(path: Path) -> Dict:
     """The JSON object in ``path``; a one-line ``ValueError`` naming it if it is not one."""
     if not path.is_file():
@@ -148,7 +144,7 @@ def _read_json(path: Path) -> Dict:
     try:
         document = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a valid JSON file ({type(error).__name__}: {_one_line(error)})") from None
+        raise ValueError(f"{path} is not a valid JSON file ({type(error).__name__}: {one_line(error)})") from None
     if not isinstance(document, dict):
         raise ValueError(f"{path} is not a valid file: a JSON object was expected, got {type(document).__name__}")
     return document
@@ -164,7 +160,7 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is not a valid safetensors file ({_one_line(error)})") from None
+        raise ValueError(f"{path} is not a valid safetensors file ({one_line(error)})") from None
 
 
 def _model_class(name, config_path: Path):
@@ -230,7 +226,7 @@ def _swap_in_sparse(model: nn.Module, layer: Dict, state: Dict[str, torch.Tensor
         layout = sk.BlockSparseLayout.from_indices(rows, cols, grid, block)
         sparse = sparse_class.from_dense(dense, block_size=block, block_mask=layout.block_mask())
     except (ValueError, TypeError, RuntimeError, IndexError) as error:
-        raise ValueError(f"{weights_path}: the mask of layer {name!r} does not fit it: {_one_line(error)}") from None
+        raise ValueError(f"{weights_path}: the mask of layer {name!r} does not fit it: {one_line(error)}") from None
     sparse.masked_dense = layer["masked_dense"]
     parent, child = _parent(model, name)
     setattr(parent, child, sparse)

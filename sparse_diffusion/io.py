@@ -16,6 +16,11 @@ import torch
 TEMPORARY_GLOB = ".*.tmp"
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (its type's name if it has none), for one-line errors."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class DiskFullError(OSError):
     """The disk filled up while a file was written; the previous file is intact."""
 

@@ -12,6 +12,7 @@ import sparse_kernels as sk
 from .data import get_dataset
 from .diffusion import ImageDiffusion, StrokeDiffusion, make_scheduler
 from .distributed import Rows, draw_rows
+from .io import one_line
 from .models.unet import build_unet
 
 CHIRODIFF_PRESETS = {"tiny": dict(hidden_size=32, num_layers=1), "demo": {}, "small": {}, "paper": {}}
@@ -61,7 +62,7 @@ def load_autoencoder(path: str):
     try:
         return AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as error:
-        raise ValueError(f"--autoencoder {path}: cannot load it ({' '.join(str(error).split())[:200]})") from None
+        raise ValueError(f"--autoencoder {path}: cannot load it ({one_line(error)[:200]})") from None
 
 
 def draw_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device,

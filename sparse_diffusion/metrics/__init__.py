@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .features import LocalFeatureNet, load_or_train_local_features, local_features, train_local_features
 from .features import check_name
-from ..io import atomic_write
+from ..io import atomic_write, one_line
 from .frechet import feature_statistics, frechet_distance, kernel_distance
 from .inception import InceptionFeatures, MetricUnavailableError, inception_weights_path
 from .raster import rasterize_strokes
@@ -91,8 +91,7 @@ def _load_npz(path: Path) -> Dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        reason = " ".join(str(error).split())
-        raise ValueError(f"the metrics cache {path} is unreadable ({reason}); delete it to recompute") from None
+        raise ValueError(f"the metrics cache {path} is unreadable ({one_line(error)}); delete it to recompute") from None
 
 
 class SampleEvaluator:

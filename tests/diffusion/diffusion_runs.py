@@ -1,5 +1,10 @@
-"""Tiny training runs shared by the diffusion tests: a config, its command-line twin, and a
-way to call the command line in-process."""
+"""Tiny training runs shared by the diffusion tests: a config, its command-line twin, a way to
+call the command line in-process, a crash between checkpoints, and the comparison of two runs."""
+import contextlib
+
+import torch
+
+import sparse_diffusion.train as train_module
 from sparse_diffusion import cli
 from sparse_diffusion.train import TrainConfig
 
@@ -24,3 +29,36 @@ def run_cli(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def crashing_at_draw(call: int, error: BaseException):
+    """Within it, the training loop's ``call``-th batch draw raises ``error``: a crash between
+    checkpoints, after which only the last checkpoint is left."""
+    draw_batch, calls = train_module.draw_batch, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return draw_batch(*args, **kwargs)
+
+    train_module.draw_batch = crashing
+    try:
+        yield
+    finally:
+        train_module.draw_batch = draw_batch
+
+
+def assert_same_training_state(full, resumed) -> None:
+    """Two trainers hold bit-identical state: losses, model tensors, EMA shadows, optimizer
+    state and mask-update history."""
+    assert resumed.losses == full.losses
+    for (name, a), b in zip(full.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
+        assert torch.equal(a, b), name
+    for i, (a, b) in enumerate(zip(full.ema.shadow_params, resumed.ema.shadow_params)):
+        assert torch.equal(a, b), f"EMA shadow {i}"
+    for p, q in zip(full.optimizer.state.values(), resumed.optimizer.state.values()):
+        for key in p:
+            assert torch.equal(torch.as_tensor(p[key]), torch.as_tensor(q[key])), key
+    assert full.algo.history == resumed.algo.history

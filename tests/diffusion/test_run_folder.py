@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from diffusion_runs import TINY_ARGS, run_cli, tiny
+from diffusion_runs import TINY_ARGS, assert_same_training_state, crashing_at_draw, run_cli, tiny
 
 import sparse_diffusion as sd
 import sparse_kernels as sk
@@ -263,7 +263,7 @@ def test_a_resume_cannot_go_backwards(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- exact resume, EMA included
-def test_resume_after_a_kill_is_bit_exact_ema_and_regrown_blocks_included(tmp_path, monkeypatch):
+def test_resume_after_a_kill_is_bit_exact_ema_and_regrown_blocks_included(tmp_path):
     settings = dict(method="rigl", steps=8, checkpoint_every=3, block_size=8, drop_fraction=0.5, update_interval=2)
     full = Trainer(tiny(tmp_path / "full", **settings))
     full.train()
@@ -272,30 +272,12 @@ def test_resume_after_a_kill_is_bit_exact_ema_and_regrown_blocks_included(tmp_pa
 
     config = tiny(tmp_path / "killed", **settings)
     killed = Trainer(config)
-    draw_batch, calls = train_module.draw_batch, []
-
-    def killed_during_step_five(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise SystemExit("killed")  # nothing after the step-3 checkpoint is saved
-        return draw_batch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "draw_batch", killed_during_step_five)
-    with pytest.raises(SystemExit):
-        killed.train()
-    monkeypatch.setattr(train_module, "draw_batch", draw_batch)
+    with crashing_at_draw(5, SystemExit("killed")), pytest.raises(SystemExit):
+        killed.train()  # nothing after the step-3 checkpoint is saved
     resumed = Trainer(config, resume=True)
     assert resumed.step == 3
     resumed.train()
-    assert resumed.losses == full.losses
-    for (name, a), b in zip(full.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
-        assert torch.equal(a, b), name
-    for i, (a, b) in enumerate(zip(full.ema.shadow_params, resumed.ema.shadow_params)):
-        assert torch.equal(a, b), f"EMA shadow {i}"
-    for p, q in zip(full.optimizer.state.values(), resumed.optimizer.state.values()):
-        for key in p:
-            assert torch.equal(torch.as_tensor(p[key]), torch.as_tensor(q[key])), key
-    assert full.algo.history == resumed.algo.history
+    assert_same_training_state(full, resumed)
 
 
 def test_an_ema_loaded_after_the_algorithm_still_gets_regrown_blocks_zeroed():

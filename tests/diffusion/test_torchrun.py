@@ -1,5 +1,6 @@
 """`sparse-diffusion train` under torchrun: one run, data split across ranks, equal to the
 single-process run; exact resume after a kill; clear refusals. CPU, gloo, 2 processes."""
+import contextlib
 import json
 import os
 import socket
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from diffusion_runs import run_cli, tiny
+from diffusion_runs import crashing_at_draw, run_cli, tiny
 
 from sparse_diffusion.checkpoint import load_state
 from sparse_diffusion.train import CHECKPOINT, Trainer
@@ -115,19 +116,11 @@ def _worker(rank, port, config_fields, resume, kill_at_step):
     import sparse_diffusion.train as train_module
     from sparse_diffusion.config import TrainConfig
 
-    if kill_at_step is not None:
-        draw_batch = train_module.draw_batch
-
-        def killed(*args, **kwargs):
-            killed.calls += 1
-            if killed.calls == kill_at_step:
-                raise SystemExit(9)  # both ranks die here: nothing after the last checkpoint is saved
-            return draw_batch(*args, **kwargs)
-
-        killed.calls = 0
-        train_module.draw_batch = killed
+    # Both ranks die at the same draw: nothing after the last checkpoint is saved.
+    killed = crashing_at_draw(kill_at_step, SystemExit(9)) if kill_at_step is not None else contextlib.nullcontext()
     try:
-        train_module.train(TrainConfig(**config_fields), resume=resume)
+        with killed:
+            train_module.train(TrainConfig(**config_fields), resume=resume)
     except BaseException:  # noqa: BLE001
         if kill_at_step is None:
             raise

@@ -5,9 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusion_runs import TINY_ARGS, run_cli, tiny
+from diffusion_runs import TINY_ARGS, assert_same_training_state, crashing_at_draw, run_cli, tiny
 
-import sparse_diffusion.train as train_module
 from sparse_diffusion import cli
 from sparse_diffusion.train import Trainer, train
 
@@ -95,32 +94,18 @@ def test_user_supplied_image_folder_and_quickdraw(tmp_path):
     assert results["steps"] == 4
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+def test_resume_continues_exactly(tmp_path):
     full = Trainer(tiny(tmp_path / "full", method="rigl", steps=6, checkpoint_every=3))
     full.train()
 
     config = tiny(tmp_path / "crashed", method="rigl", steps=6, checkpoint_every=3)
     crashing = Trainer(config)
-    draw_batch, calls = train_module.draw_batch, []
-
-    def crash_at_step_five(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("simulated crash")
-        return draw_batch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "draw_batch", crash_at_step_five)
-    with pytest.raises(KeyboardInterrupt):
+    with crashing_at_draw(5, KeyboardInterrupt("simulated crash")), pytest.raises(KeyboardInterrupt):
         crashing.train()
-    monkeypatch.setattr(train_module, "draw_batch", draw_batch)
     resumed = Trainer(config, resume=True)
     assert resumed.step == 3
     resumed.train()
-    assert resumed.losses == full.losses
-    for (name, a), b in zip(full.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
-        assert torch.equal(a, b), name
-    for a, b in zip(full.ema.shadow_params, resumed.ema.shadow_params):
-        assert torch.equal(a, b)
+    assert_same_training_state(full, resumed)
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
