@@ -5,8 +5,9 @@
 
 A UNet-like model: 100 layers whose block grids cycle through 16x16 ... 128x128 (256 to
 16,384 blocks), density 0.25, blocks of 32x32 fp32 values with two Adam states. Each
-update drops and regrows ``drop_fraction`` of every layer's blocks and zeroes the reused
-slots of the values and both states. Methods:
+update drops ``drop_fraction`` of every layer's blocks, regrows as many among the inactive
+ones (the RigL paper's rule; ``--exact-k``: among the blocks dead before) and zeroes the
+reused slots of the values and both states. Methods:
   compiled            masks.prune_and_regrow: every layer in one call (one CUDA launch)
   compiled_per_layer  the same op called once per layer
   reference           masks.prune_and_regrow_reference (pure torch, host syncs)
@@ -16,6 +17,7 @@ on a CPU the compiled op >= 5x faster than the reference.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Dict, List
 
 import torch
@@ -50,7 +52,7 @@ def build_model(layers: int, density: float, block: int, drop_fraction: float, d
             layout,
             torch.rand(nnz, generator=generator).to(device),
             torch.rand(grid, generator=generator).to(device),
-            round(drop_fraction * nnz),
+            math.floor(drop_fraction * nnz),
             tensors,
         ))
     return updates
@@ -61,10 +63,11 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     env = environment(device)
     env["compiled_extension"] = sk.extension.build_info()
     updates = build_model(args.layers, args.density, args.block, args.drop_fraction, device)
+    regrow = not args.exact_k
     methods = {
-        "compiled": lambda: masks.prune_and_regrow(updates),
-        "compiled_per_layer": lambda: [masks.prune_and_regrow([u]) for u in updates],
-        "reference": lambda: masks.prune_and_regrow_reference(updates),
+        "compiled": lambda: masks.prune_and_regrow(updates, regrow),
+        "compiled_per_layer": lambda: [masks.prune_and_regrow([u], regrow) for u in updates],
+        "reference": lambda: masks.prune_and_regrow_reference(updates, regrow),
     }
     if not sk.extension.has_compiled_kernel("prune_and_regrow", device.type):
         print(f"note: no compiled prune_and_regrow for {device.type}; 'compiled' runs the reference")
@@ -95,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--density", type=float, default=0.25)
     parser.add_argument("--block", type=int, default=32, help="block side of the values and optimizer states")
     parser.add_argument("--drop-fraction", type=float, default=0.3)
+    parser.add_argument("--exact-k", action="store_true",
+                        help="grow only among the blocks dead before an update (regrow_dropped=False)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="timing budget per method")
     parser.add_argument("--quick", action="store_true", help="a 0.3 s timing budget")
     add_output_arguments(parser)

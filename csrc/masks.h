@@ -45,9 +45,16 @@ SK_HOST_DEVICE uint64_t drop_key(float score, uint32_t flat) {
   return (static_cast<uint64_t>(key) << 32) | flat;
 }
 
-// Grow: largest score first (only finite scores are candidates).
+// Grow: largest score first (only finite scores are candidates among the dead blocks).
 SK_HOST_DEVICE uint64_t grow_key(float score, uint32_t flat) {
   return (static_cast<uint64_t>(ordered_key(-score)) << 32) | flat;
+}
+
+// Grow key of a block just dropped (a candidate when dropped blocks may be regrown): as
+// grow_key, but a non-finite score ranks after every finite one instead of excluding the
+// block, so that k candidates always exist and nnz never changes.
+SK_HOST_DEVICE uint64_t regrow_key(float score, uint32_t flat) {
+  return finite_score(score) ? grow_key(score, flat) : (static_cast<uint64_t>(kWorstKey) << 32) | flat;
 }
 
 }  // namespace sparse_kernels

@@ -155,10 +155,15 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t f
 // are registered from Python (sparse_kernels/ops/).
 TORCH_LIBRARY(sparse_kernels, m) {
   m.def("build_index(Tensor row_idx, Tensor col_idx, int num_rows, int num_cols) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Per layer: drops the k live blocks with the smallest drop score, grows the k with the
+  // largest grow score among the blocks inactive after the drop (regrow_dropped: dropped
+  // ones included, which keep their slot; else among the blocks dead before), zeroes the
+  // reused slots' rows of zero_tensors and rebuilds the index. -> int64 [layers], the net
+  // number of blocks moved per layer.
   m.def(
       "prune_and_regrow(Tensor(a!)[] row_idx, Tensor(b!)[] col_idx, Tensor(c!)[] row_ptr, Tensor(d!)[] row_slots, "
       "Tensor(e!)[] col_ptr, Tensor(f!)[] col_slots, Tensor[] drop_scores, Tensor[] grow_scores, int[] num_rows, "
-      "int[] num_cols, int[] k, Tensor(g!)[] zero_tensors, int[] zero_layer) -> Tensor");
+      "int[] num_cols, int[] k, Tensor(g!)[] zero_tensors, int[] zero_layer, bool regrow_dropped=True) -> Tensor");
   m.def("block_norms(Tensor weight, int block_out, int block_in) -> Tensor");
   m.def("build_info() -> str", &build_info);
   m.def("cpu_isa() -> str", &cpu::selected_isa);

@@ -2,8 +2,13 @@
 
 Call ``algo.step()`` once per iteration, after ``optimizer.step()``. Every
 ``update_interval`` steps until ``stop * total_steps``, each block-sparse layer drops the
-``k = round(f(t) * nnz)`` live blocks with the smallest weight norm and grows ``k`` dead
-blocks into the freed slots, where ``f`` anneals ``drop_fraction`` to 0:
+``k = floor(f(t) * nnz)`` live blocks with the smallest weight norm, where ``f`` anneals
+``drop_fraction`` to 0, then grows ``k`` blocks among all blocks inactive after the drop, as
+the RigL paper's algorithm and Google's reference code do: a block just dropped can be
+regrown, and then keeps its slot, values and optimizer state, as if it had not been dropped,
+so ``k`` or fewer blocks move. ``regrow_dropped=False`` grows only among the blocks dead
+before the update, so that exactly ``k`` move (this package's behaviour before it followed
+the paper). ``history`` records both counts per layer: ``dropped`` and ``moved`` (net).
 
 * ``Static``: never changes a mask;
 * ``RigL``: grows the dead blocks with the largest norm of the dense weight gradient of the
@@ -13,10 +18,12 @@ blocks into the freed slots, where ``f`` anneals ``drop_fraction`` to 0:
   first, so every rank picks the same blocks): at most a few layers' dense gradients exist at
   once, so an update step costs no more memory than any other. With several backward passes
   before one optimizer step, a block's score is the sum of its norms over the passes;
-* ``MagRan``: grows dead blocks uniformly at random, from a generator seeded alike on every
-  rank.
+* ``MagRan``: grows uniformly at random, from a generator seeded alike on every rank, from
+  the same candidates as RigL: Google's reference SET (the random-growth baseline of the
+  RigL paper) shares RigL's update, so a just-dropped block may come back there too, with
+  probability ``k / (inactive blocks)``; ``regrow_dropped=False`` is the exactly-``k`` SET.
 
-Grown blocks start at zero, and so does their state in the optimizer (every state tensor
+Newly grown blocks start at zero, and so does their state in the optimizer (every state tensor
 of the values' shape, e.g. Adam's ``exp_avg`` and ``exp_avg_sq``) and in an EMA of the
 model when one is given. Updates run through :func:`sparse_kernels.masks.prune_and_regrow`
 (the compiled op, one call for all layers). A step whose gradients are not finite (an AMP
@@ -55,6 +62,9 @@ class DynamicSparsity:
         ema: an EMA of the model whose shadow parameters line up with
             ``model.parameters()`` (diffusers' ``EMAModel``, or a list of tensors); its
             shadows are looked up at each update, so ``ema.load_state_dict`` is safe.
+        regrow_dropped: grow among every block inactive after the drop, the just-dropped
+            ones included (the RigL paper); ``False``: only among the blocks dead before
+            the update, so that exactly ``k`` blocks move.
     """
 
     def __init__(
@@ -68,6 +78,7 @@ class DynamicSparsity:
         stop: float = 0.75,
         seed: int = 0,
         ema=None,
+        regrow_dropped: bool = True,
     ):
         if not isinstance(update_interval, int) or update_interval < 1:
             raise ValueError(f"update_interval must be a positive int, got {update_interval!r}")
@@ -90,6 +101,7 @@ class DynamicSparsity:
         self.model, self.optimizer = model, optimizer
         self.total_steps, self.update_interval = total_steps, update_interval
         self.drop_fraction, self.anneal, self.stop, self.seed = drop_fraction, anneal, stop, seed
+        self.regrow_dropped = bool(regrow_dropped)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.history: List[Dict] = []
@@ -141,27 +153,32 @@ class DynamicSparsity:
         self._grow_norms.clear()
         if grow is None:
             warnings.warn(f"step {step}: non-finite gradients, the mask update is skipped", RuntimeWarning)
-            record = {"step": step, "drop_fraction": fraction, "skipped": "non-finite gradients", "moved": {}}
+            record = {"step": step, "drop_fraction": fraction, "skipped": "non-finite gradients", "dropped": {},
+                      "moved": {}}
             self.history.append(record)
             return record
         updates = []
         # Resolved now, not at construction: a load_state_dict may have replaced the EMA's
         # shadow tensors (and the optimizer's state) since.
         shadows = _ema_shadows(self.model, self.ema)
-        counts = [round(fraction * module.nnz) for _, module in self.layers]
+        counts = [math.floor(fraction * module.nnz) for _, module in self.layers]
         self._warn_if_nothing_moves(step, fraction, counts)
         for (_, module), grow_scores, k in zip(self.layers, grow, counts):
             values = module.values
             zero = [values.data, *self._optimizer_states(values), *shadows.get(id(values), [])]
             drop_scores = values.detach().float().flatten(1).norm(dim=1)
             updates.append(sk.LayerUpdate(module.layout, drop_scores, grow_scores, k, zero))
-        moved = sk.prune_and_regrow(updates).tolist()
+        moved = sk.prune_and_regrow(updates, regrow_dropped=self.regrow_dropped).tolist()
+        # With regrow_dropped, each layer drops min(k, nnz) and moves that many or fewer;
+        # without, the op caps k at the growable dead blocks and drops what it moves.
+        dropped = [min(k, module.nnz) for k, (_, module) in zip(counts, self.layers)] if self.regrow_dropped else moved
         for i, (_, module) in enumerate(self.layers):
             self.ever_live[i] |= module.layout.block_mask()
         record = {
             "step": step,
             "drop_fraction": fraction,
             "skipped": None,
+            "dropped": {name: count for (name, _), count in zip(self.layers, dropped)},
             "moved": {name: count for (name, _), count in zip(self.layers, moved)},
             "itop_rate": self.itop_rate(),
         }
@@ -169,18 +186,18 @@ class DynamicSparsity:
         return record
 
     def grow_scores(self) -> List[Tensor]:
-        """Per layer ``[R, C]`` scores: the largest dead blocks grow."""
+        """Per layer ``[R, C]`` scores: the largest inactive blocks grow (live ones are ignored)."""
         raise NotImplementedError
 
     def _warn_if_nothing_moves(self, step: int, fraction: float, counts: List[int]) -> None:
-        """Warns once when ``round(f * nnz)`` is 0 in every layer while ``f > 0``: the update
+        """Warns once when ``floor(f * nnz)`` is 0 in every layer while ``f > 0``: the update
         cannot move a block (layers with few live blocks, or a small drop fraction)."""
         if self._warned_k_zero or fraction <= 0 or any(counts):
             return
         self._warned_k_zero = True
         most = max(module.nnz for _, module in self.layers)
         warnings.warn(
-            f"step {step}: {type(self).__name__} moves no block: round({fraction:.3g} x live blocks) is 0 in every "
+            f"step {step}: {type(self).__name__} moves no block: floor({fraction:.3g} x live blocks) is 0 in every "
             f"layer (at most {most} live blocks per layer); use smaller blocks, a larger drop_fraction or a "
             "larger model", RuntimeWarning)
 
@@ -202,8 +219,11 @@ class DynamicSparsity:
     def load_state_dict(self, state: Dict) -> None:
         """Restores the step, the generator and the statistics. Load the model's state dict
         (which holds the masks) and the optimizer's too, for an exact resume."""
-        if state.get("config") != self._config():
-            warnings.warn(f"resuming with another configuration: {state.get('config')} -> {self._config()}")
+        saved = state.get("config")
+        if saved is not None and "regrow_dropped" not in saved:  # written before it existed
+            saved = {**saved, "regrow_dropped": self.regrow_dropped}
+        if saved != self._config():
+            warnings.warn(f"resuming with another configuration: {saved} -> {self._config()}")
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
         self.ever_live = [mask.to(m.values.device) for mask, (_, m) in zip(state["ever_live"], self.layers)]
@@ -219,7 +239,7 @@ class DynamicSparsity:
         return {
             "algorithm": type(self).__name__, "total_steps": self.total_steps,
             "update_interval": self.update_interval, "drop_fraction": self.drop_fraction,
-            "anneal": self.anneal, "stop": self.stop, "seed": self.seed,
+            "anneal": self.anneal, "stop": self.stop, "seed": self.seed, "regrow_dropped": self.regrow_dropped,
         }
 
     # ------------------------------------------------------------------ internals
@@ -308,7 +328,7 @@ class Static(DynamicSparsity):
 
 
 class RigL(DynamicSparsity):
-    """RigL-DM: grows the dead blocks with the largest dense-gradient norm."""
+    """RigL-DM: grows the inactive blocks with the largest dense-gradient norm."""
 
     grows_by_gradient = True
 
@@ -323,7 +343,7 @@ class RigL(DynamicSparsity):
 
 
 class MagRan(DynamicSparsity):
-    """MagRan-DM (SET-like): grows dead blocks uniformly at random."""
+    """MagRan-DM (SET): grows inactive blocks uniformly at random."""
 
     def grow_scores(self) -> List[Tensor]:
         return [

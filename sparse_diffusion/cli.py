@@ -40,6 +40,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--distribution", choices=["uniform", "er", "erk"], default=defaults.distribution)
     add("--drop-fraction", type=float, default=defaults.drop_fraction, help="the paper's prune-and-regrowth ratio")
     add("--update-interval", type=int, default=defaults.update_interval)
+    add("--regrow-dropped", action=argparse.BooleanOptionalAction, default=defaults.regrow_dropped,
+        help="RigL/MagRan: a block just dropped may be regrown, as in the RigL paper (default); "
+             "--no-regrow-dropped grows only blocks dead before the update, so exactly k move")
     add("--steps", type=int, default=defaults.steps)
     add("--batch-size", type=int, default=defaults.batch_size,
         help="the global batch: under torchrun each of the N processes trains on batch-size / N of it")
@@ -62,6 +65,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sample-every", type=int, default=defaults.sample_every, help="steps between sample grids (0: at the end)")
     add("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     add("--eval-samples", type=int, default=defaults.eval_samples, help="samples for FID at the end (0: none)")
+    add("--eval-every", type=int, default=defaults.eval_every,
+        help="evaluate every N steps too (metrics.json 'curve': FID vs steps and training wall-clock; "
+             "the evaluations' own time is not counted as training)")
     add("--data-dir", default=None, help="where Fashion-MNIST's files are (default: Debian's location)")
     add("--limit", type=int, default=None, help="use only the first N training items")
     add("--device", default=defaults.device,

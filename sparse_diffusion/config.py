@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -16,9 +16,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 IDENTITY = (
     "model", "dataset", "method", "sparsity", "block_size", "distribution", "preset", "image_size", "max_len",
     "chirodiff_kind", "seed", "batch_size", "drop_fraction", "update_interval", "limit", "prediction",
+    "regrow_dropped",
 )
 # Settings that mean nothing for a dense run.
-SPARSE_ONLY = ("sparsity", "block_size", "distribution", "drop_fraction", "update_interval")
+SPARSE_ONLY = ("sparsity", "block_size", "distribution", "drop_fraction", "update_interval", "regrow_dropped")
 # Where a run is and what it runs on, not what it computes. A latent run keeps its own copy
 # of the autoencoder (RUN/autoencoder, AUTOENCODER_COPY) and reads that one, so the
 # `autoencoder` it was given is a place too.
@@ -39,6 +40,7 @@ class TrainConfig:
     distribution: str = "erk"
     drop_fraction: float = 0.3
     update_interval: int = 100
+    regrow_dropped: bool = True  # RigL / MagRan: a just-dropped block may be regrown (the RigL paper)
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
@@ -58,6 +60,7 @@ class TrainConfig:
     sample_every: int = 0
     checkpoint_every: int = 500
     eval_samples: int = 0
+    eval_every: int = 0  # also evaluate every N steps: metrics.json's FID-vs-steps / -wall-clock curve
     data_dir: Optional[str] = None
     limit: Optional[int] = None
     device: str = "auto"
@@ -80,13 +83,25 @@ class TrainConfig:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.checkpoint_every < 0 or self.sample_every < 0 or self.eval_samples < 0:
-            raise ValueError("--checkpoint-every, --sample-every and --eval-samples must be >= 0")
+        if self.checkpoint_every < 0 or self.sample_every < 0 or self.eval_samples < 0 or self.eval_every < 0:
+            raise ValueError("--checkpoint-every, --sample-every, --eval-samples and --eval-every must be >= 0")
+        if self.eval_every and not self.eval_samples:
+            raise ValueError(f"--eval-every {self.eval_every} needs --eval-samples N (how many samples each FID uses)")
         if self.model == "ldm" and not self.autoencoder:
             raise ValueError(
                 "--model ldm needs --autoencoder PATH (a diffusers AutoencoderKL folder); train one with "
                 "`sparse-diffusion train-autoencoder --dataset ... --out runs/ae` and pass --autoencoder runs/ae"
             )
+
+
+def settings_it_predates(saved: Dict) -> Dict:
+    """A saved configuration (config.json, a checkpoint's) with the settings added since it was
+    written filled in as its version ran: before ``regrow_dropped`` existed, RigL and MagRan
+    grew only among the blocks dead before an update (for the other methods it means nothing,
+    so it takes today's default)."""
+    if "regrow_dropped" not in saved:
+        saved = {**saved, "regrow_dropped": saved.get("method") not in ("rigl", "magran")}
+    return saved
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,11 +17,15 @@ from .config import TrainConfig
 
 
 def flags(options: Dict) -> List[str]:
-    """``--key value`` for each option that is set (None is the command's default)."""
+    """``--key value`` for each option that is set (None is the command's default); a boolean
+    is ``--key`` or ``--no-key``."""
     result: List[str] = []
     for key, value in options.items():
-        if value is not None:
-            result += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            result.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            result += [f"--{flag}", str(value)]
     return result
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -18,6 +19,9 @@ from .tasks import count_flops, metric_inputs
 # Below this many samples FID's covariance (2048 Inception features) is rank-deficient and
 # FID is biased upward: results carry a caveat.
 MIN_FID_SAMPLES = 2048
+# A run's timing is "clean" when the machine's 1-minute load average stayed within this much
+# of the threads the run itself uses: nothing else was competing for the CPUs.
+LOAD_MARGIN = 0.75
 
 
 class RunOutputs:
@@ -120,11 +124,27 @@ class RunOutputs:
             results["mask_updates"] = len(self.algo.history)
         if config.eval_samples:
             results["metrics"] = self.evaluate(config.eval_samples)
+            if config.eval_every:
+                results["curve"] = self.curve + [self.curve_point(results["metrics"])]
+        results["timing"] = self.machine_load()
         if self.dist.is_main:
             (self.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
             self.write_summary(results)
         self.dist.barrier()
         return results
+
+    def curve_point(self, metrics: Dict) -> Dict:
+        """One point of the FID-vs-steps / -wall-clock curve: now, and the metrics just computed."""
+        return {"step": self.step, "wall_clock_s": self.elapsed, "load_1min": os.getloadavg()[0], **metrics}
+
+    def machine_load(self) -> Dict:
+        """Whether the run's wall-clock is its own: the largest 1-minute load average seen while
+        training against the CPU threads the run uses (``clean`` when within
+        :data:`LOAD_MARGIN`; on a GPU the host's load still tells whether it was shared)."""
+        self.max_load = max(self.max_load, os.getloadavg()[0])
+        threads = torch.get_num_threads() * self.dist.world_size
+        return {"cpu_threads": threads, "cpus": os.cpu_count(), "max_load_1min": round(self.max_load, 2),
+                "clean": self.max_load <= threads + LOAD_MARGIN}
 
     def write_summary(self, results: Dict, path: Optional[Path] = None) -> Path:
         """``summary.md`` (or ``path``): settings, results, sample quality, sparsity, pictures."""
@@ -147,7 +167,7 @@ class RunOutputs:
         config_rows = "\n".join(
             f"| {k} | {'- (dense run)' if dense and k in SPARSE_ONLY else v} |"
             for k, v in dataclasses.asdict(self.config).items())
-        result_rows = "\n".join(f"| {k} | {v} |" for k, v in results.items() if k != "metrics")
+        result_rows = "\n".join(f"| {k} | {v} |" for k, v in results.items() if k not in ("metrics", "curve"))
         metric_rows = "\n".join(f"| {k} | {v} |" for k, v in results.get("metrics", {}).items())
         changes = "".join(f"\n- from step {c['step']}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c["changed"].items())
                           for c in self.changes)

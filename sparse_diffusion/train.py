@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -38,7 +39,7 @@ import sparse_diffusion as sd
 
 from .channels_last import channels_last
 from .checkpoint import CheckpointError, load_state, non_finite_tensors, save_state
-from .config import AUTOENCODER_COPY, IDENTITY, METHODS, PLACE, TrainConfig, resolve_device
+from .config import AUTOENCODER_COPY, IDENTITY, METHODS, PLACE, TrainConfig, resolve_device, settings_it_predates
 from .distributed import SINGLE, Distributed, from_environment
 from .io import atomic_write_folder, check_writable, remove_stale_temporaries, save_loss_curve
 from .outputs import RunOutputs, loss_label, mean_finite
@@ -48,6 +49,7 @@ CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # torch.save pickles (before version 2): never unpickled
 # A run whose loss stays non-finite this many steps in a row has diverged and stops.
 MAX_NON_FINITE_STEPS = 10
+LOAD_EVERY = 25  # steps between samples of the machine's load average
 
 
 class TrainingStopped(RuntimeError):
@@ -117,9 +119,14 @@ class Trainer(RunOutputs):
             self.algo = METHODS[config.method](
                 self.denoiser, self.optimizer, total_steps=config.steps, update_interval=config.update_interval,
                 drop_fraction=config.drop_fraction, seed=config.seed, ema=self.ema,
+                regrow_dropped=config.regrow_dropped,
             )
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.step, self.losses, self.elapsed = 0, [], 0.0
+        # Evaluations during training: [{"step", "wall_clock_s", "load_1min", metrics...}].
+        self.curve: List[Dict] = []
+        # The machine's 1-minute load average, sampled while training: was anything else running?
+        self.max_load = 0.0
         # Earlier settings of this run: [{"step": s, "changed": {field: [before, after]}}].
         self.changes: List[Dict] = []
         self.non_finite_steps = 0  # consecutive steps whose loss was not finite
@@ -159,6 +166,12 @@ class Trainer(RunOutputs):
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_finite(self.losses[-50:]):.4f}")
                 self.elapsed = time.perf_counter() - start
+                if self.step % LOAD_EVERY == 0:
+                    self.max_load = max(self.max_load, os.getloadavg()[0])
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                    paused = time.perf_counter()  # before the checkpoint, which then holds the point
+                    self.curve.append(self.curve_point(self.evaluate(config.eval_samples)))
+                    start += time.perf_counter() - paused  # evaluation is not training time
                 with self.phase("io"):
                     if main and config.sample_every and self.step % config.sample_every == 0:
                         self.save_samples()
@@ -296,6 +309,8 @@ class Trainer(RunOutputs):
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "losses": torch.tensor(self.losses, dtype=torch.float64),
             "elapsed": self.elapsed,
+            "curve": self.curve,
+            "max_load": self.max_load,
             "world_size": self.dist.world_size,
         }
         save_state(state, self.checkpoint_path)
@@ -306,7 +321,7 @@ class Trainer(RunOutputs):
         missing = {"config", "step", "model", "optimizer", "ema", "algo", "losses"} - set(state)
         if missing:
             raise CheckpointError(f"{path} lacks {sorted(missing)}: it is not a training checkpoint")
-        saved = state["config"]
+        saved = settings_it_predates(state["config"])
         mismatched = {k: (saved.get(k), getattr(self.config, k)) for k in IDENTITY if saved.get(k) != getattr(self.config, k)}
         if mismatched:
             details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
@@ -326,6 +341,7 @@ class Trainer(RunOutputs):
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.losses, self.elapsed = state["step"], state["losses"].tolist(), state["elapsed"]
+        self.curve, self.max_load = list(state.get("curve", [])), state.get("max_load", 0.0)
         self.changes = list(state.get("changes", []))
         changed = {k: [saved.get(k), v] for k, v in dataclasses.asdict(self.config).items()
                    if k not in PLACE and saved.get(k) != v}
@@ -420,6 +436,7 @@ def load_run(run: str, device: str = "auto") -> Trainer:
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not a valid run configuration: {error}") from None
     fields.pop("changes", None)
+    fields = settings_it_predates(fields)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:

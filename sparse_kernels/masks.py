@@ -1,9 +1,11 @@
 """Mask updates on the device: the Python face of the compiled mask ops, and their references.
 
 * :func:`prune_and_regrow`: RigL/SET's update for many layers in one call: each layer
-  drops its ``k`` live blocks with the smallest drop score, grows the ``k`` dead blocks
-  with the largest grow score into the freed slots, zeroes those slots in the given
-  tensors (values, optimizer state) and rebuilds its index;
+  drops its ``k`` live blocks with the smallest drop score, grows the ``k`` blocks with the
+  largest grow score among those inactive after the drop (the RigL paper's algorithm: a
+  block just dropped may be regrown and keeps its slot; or, as an option, only among the
+  blocks dead before), puts the new ones in the freed slots, zeroes those slots in the
+  given tensors (values, optimizer state) and rebuilds its index;
 * :func:`block_norms`: the Frobenius norm of every block of a dense weight;
 * the index build itself is the layout's: :func:`sparse_kernels.layout.build_index`.
 
@@ -11,9 +13,10 @@ The ops are compiled (csrc/cpu/masks.cpp, csrc/cuda/masks.cu) and routed by torc
 dispatcher; each has a pure-torch reference here, the test oracle, which also serves a CUDA
 tensor where the extension was built without CUDA. Both give identical results: selections
 compare unique keys (score, then flat block index ``row * C + col``), so ties go to the lower
-block index; non-finite drop scores are dropped last and non-finite grow scores never grow.
-``k`` is capped at the live blocks and at the growable dead blocks, so nnz never changes.
-Dropped slots (ascending) take the grown blocks (ascending).
+block index; non-finite drop scores are dropped last and a dead block with a non-finite grow
+score never grows (a just-dropped one ranks after every finite score). ``k`` is capped at the
+live blocks (and, growing only dead blocks, at the dead blocks with a finite score), so nnz
+never changes. Freed slots (ascending) take the newly grown blocks (ascending).
 """
 from __future__ import annotations
 
@@ -79,12 +82,22 @@ def _check_update(i: int, update: LayerUpdate) -> Tuple[Tensor, Tensor]:
     return scores[0], scores[1]
 
 
-def prune_and_regrow(updates: Sequence[LayerUpdate]) -> Tensor:
+def prune_and_regrow(updates: Sequence[LayerUpdate], regrow_dropped: bool = True) -> Tensor:
     """Drops and regrows blocks in every layer of ``updates``, in place, in one call.
 
+    Args:
+        updates: one per layer.
+        regrow_dropped: grow among every block inactive after the drop, the blocks just
+            dropped included (the RigL paper's algorithm: a dropped block that is regrown
+            keeps its slot, values and state, so fewer than ``k`` may move); ``False``: grow
+            only among the blocks dead before the update, so exactly ``k`` move (fewer only
+            when fewer dead blocks have a finite grow score).
+
     Returns:
-        int64 ``[len(updates)]``: how many blocks moved in each layer, on the layers'
-        device (reading it synchronises; the update itself does not).
+        int64 ``[len(updates)]``: how many blocks moved in each layer (net: a block dropped
+        and regrown did not move), on the layers' device (reading it synchronises; the
+        update itself does not). Each layer dropped ``min(k, nnz)`` blocks with
+        ``regrow_dropped`` and exactly the moved count without.
     """
     if not updates:
         return torch.zeros(0, dtype=torch.int64)
@@ -105,38 +118,52 @@ def prune_and_regrow(updates: Sequence[LayerUpdate]) -> Tensor:
         [update.k for update in updates],
         zero,
         zero_layer,
+        regrow_dropped,
     )
 
 
-def prune_and_regrow_reference(updates: Sequence[LayerUpdate]) -> Tensor:
+def prune_and_regrow_reference(updates: Sequence[LayerUpdate], regrow_dropped: bool = True) -> Tensor:
     """Pure-torch :func:`prune_and_regrow`: one layer after another, with host syncs."""
-    moved = [_update_layer_reference(update) for update in updates]
+    moved = [_update_layer_reference(update, regrow_dropped) for update in updates]
     device = updates[0].layout.device if updates else "cpu"
     return torch.tensor(moved, dtype=torch.int64, device=device)
 
 
-def _update_layer_reference(update: LayerUpdate) -> int:
+def _update_layer_reference(update: LayerUpdate, regrow_dropped: bool) -> int:
     layout = update.layout
     (rows, cols), nnz = layout.grid, layout.nnz
     flat = layout.row_idx.long() * cols + layout.col_idx.long()
     live = torch.zeros(rows * cols, dtype=torch.bool, device=layout.device)
     live[flat] = True
     grow = update.grow_scores.detach().reshape(-1).float()
-    growable = torch.nonzero(~live & torch.isfinite(grow)).flatten()  # ascending flat index
-    moved = min(update.k, nnz, growable.numel())
-    if moved > 0:
-        # Largest grow score first; the stable sort keeps ties in ascending flat order.
-        grown = growable[torch.argsort(-grow[growable], stable=True)[:moved]].sort().values
+    dead = torch.nonzero(~live & torch.isfinite(grow)).flatten()  # ascending flat index
+    drops = min(update.k, nnz) if regrow_dropped else min(update.k, nnz, dead.numel())
+    moved = 0
+    if drops > 0:
         # Smallest drop score first, non-finite last; ties in ascending flat order.
         drop = update.drop_scores.detach().reshape(-1).float()
         drop = torch.where(torch.isfinite(drop), drop, torch.full_like(drop, math.inf))
         by_flat = torch.argsort(flat, stable=True)
-        dropped = by_flat[torch.argsort(drop[by_flat], stable=True)[:moved]].sort().values
-        layout.row_idx[dropped] = (grown // cols).to(INDEX_DTYPE)
-        layout.col_idx[dropped] = (grown % cols).to(INDEX_DTYPE)
+        dropped = by_flat[torch.argsort(drop[by_flat], stable=True)[:drops]]  # slots
+        candidates, scores = dead, grow[dead]
+        if regrow_dropped:
+            # Dropped blocks compete too; a non-finite score ranks after every finite one.
+            again = flat[dropped]
+            again_scores = torch.where(torch.isfinite(grow[again]), grow[again], torch.full_like(grow[again], -math.inf))
+            candidates = torch.cat([candidates, again])
+            scores = torch.cat([scores, again_scores])
+            order = torch.argsort(candidates)  # ascending flat index, for the tie order
+            candidates, scores = candidates[order], scores[order]
+        # Largest grow score first; the stable sort keeps ties in ascending flat order.
+        grown = candidates[torch.argsort(-scores, stable=True)[:drops]]
+        new = grown[~live[grown]].sort().values
+        freed = dropped[~torch.isin(flat[dropped], grown)].sort().values
+        moved = new.numel()
+        layout.row_idx[freed] = (new // cols).to(INDEX_DTYPE)
+        layout.col_idx[freed] = (new % cols).to(INDEX_DTYPE)
         with torch.no_grad():
             for t in update.zero:
-                t[dropped] = 0
+                t[freed] = 0
     for name, t in zip(_INDEX_NAMES[2:], build_index_reference(layout.row_idx, layout.col_idx, layout.grid)):
         getattr(layout, name).copy_(t)
     return moved
@@ -166,7 +193,7 @@ def block_norms(weight: Tensor, block_size: Tuple[int, int]) -> Tensor:
 # --------------------------------------------------------------------------- registrations
 @torch.library.register_fake("sparse_kernels::prune_and_regrow")
 def _(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, drop_scores, grow_scores, num_rows, num_cols,
-      k, zero_tensors, zero_layer):
+      k, zero_tensors, zero_layer, regrow_dropped=True):
     return torch.empty(len(row_idx), dtype=torch.int64, device=row_idx[0].device if len(row_idx) else "cpu")
 
 
@@ -176,14 +203,14 @@ def _(weight, block_out, block_in):
 
 
 def prune_and_regrow_op_reference(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, drop_scores, grow_scores,
-                                  num_rows, num_cols, k, zero_tensors, zero_layer):
+                                  num_rows, num_cols, k, zero_tensors, zero_layer, regrow_dropped=True):
     """:func:`prune_and_regrow_reference` with the op's signature (lists per layer)."""
     updates = [
         LayerUpdate(BlockSparseLayout((num_rows[i], num_cols[i]), (1, 1), *index), drop_scores[i], grow_scores[i],
                     k[i], [t for t, layer in zip(zero_tensors, zero_layer) if layer == i])
         for i, index in enumerate(zip(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots))
     ]
-    return prune_and_regrow_reference(updates) if updates else torch.zeros(0, dtype=torch.int64)
+    return prune_and_regrow_reference(updates, regrow_dropped) if updates else torch.zeros(0, dtype=torch.int64)
 
 
 def build_index_op_reference(row_idx, col_idx, num_rows, num_cols):

@@ -86,10 +86,12 @@ struct LayerArgs {
   std::vector<at::Tensor> zero;  // tensors with one row per slot
 };
 
-// Drops the k live blocks with the smallest drop keys, grows the k dead blocks with the
-// smallest grow keys into the freed slots (pairing both in ascending order), zeroes those
-// slots' rows and rebuilds the index. Returns how many blocks moved.
-int64_t update_layer(LayerArgs& a, std::vector<int32_t>& cells) {
+// Drops the `drops` live blocks with the smallest drop keys, then grows as many among the
+// candidates with the smallest grow keys: the dead blocks with a finite grow score, and with
+// `regrow_dropped` the dropped blocks too (regrow_key). A dropped block that is regrown keeps
+// its slot and values; the other dropped slots (ascending) take the newly grown blocks
+// (ascending), their rows are zeroed and the index is rebuilt. Returns how many blocks moved.
+int64_t update_layer(LayerArgs& a, bool regrow_dropped, std::vector<int32_t>& cells) {
   const int64_t grid = a.rows * a.cols;
   cells.assign(grid, -1);
   for (int64_t s = 0; s < a.nnz; ++s) cells[int64_t{a.row[s]} * a.cols + a.col[s]] = static_cast<int32_t>(s);
@@ -98,24 +100,41 @@ int64_t update_layer(LayerArgs& a, std::vector<int32_t>& cells) {
   for (int64_t b = 0; b < grid; ++b) {
     if (cells[b] < 0 && finite_score(a.grow[b])) grow_keys.push_back(grow_key(a.grow[b], static_cast<uint32_t>(b)));
   }
-  const int64_t moved = std::min({a.k, a.nnz, static_cast<int64_t>(grow_keys.size())});
-  if (moved > 0) {
+  const int64_t growable_dead = static_cast<int64_t>(grow_keys.size());
+  const int64_t drops = regrow_dropped ? std::min(a.k, a.nnz) : std::min({a.k, a.nnz, growable_dead});
+  int64_t moved = 0;
+  if (drops > 0) {
     std::vector<uint64_t> drop_keys(a.nnz);
     for (int64_t s = 0; s < a.nnz; ++s) {
       drop_keys[s] = drop_key(a.drop[s], static_cast<uint32_t>(int64_t{a.row[s]} * a.cols + a.col[s]));
     }
-    const std::vector<int32_t> grown = smallest(grow_keys, moved);
-    std::vector<int32_t> dropped = smallest(drop_keys, moved);
-    for (auto& flat : dropped) flat = cells[flat];  // flat block index -> its slot
-    std::sort(dropped.begin(), dropped.end());
+    const std::vector<int32_t> dropped_blocks = smallest(drop_keys, drops);  // ascending flat index
+    if (regrow_dropped) {
+      for (const int32_t b : dropped_blocks) grow_keys.push_back(regrow_key(a.grow[b], static_cast<uint32_t>(b)));
+    }
+    std::vector<int32_t> grown;  // newly live blocks, ascending
+    std::vector<char> regrown(a.nnz, 0);  // per slot: dropped and grown again
+    for (const int32_t b : smallest(grow_keys, drops)) {
+      if (cells[b] < 0) {
+        grown.push_back(b);
+      } else {
+        regrown[cells[b]] = 1;
+      }
+    }
+    std::vector<int32_t> freed;  // slots whose block stays dropped
+    for (const int32_t b : dropped_blocks) {
+      if (!regrown[cells[b]]) freed.push_back(cells[b]);
+    }
+    std::sort(freed.begin(), freed.end());
+    moved = static_cast<int64_t>(grown.size());
     for (int64_t i = 0; i < moved; ++i) {
-      a.row[dropped[i]] = static_cast<int32_t>(grown[i] / a.cols);
-      a.col[dropped[i]] = static_cast<int32_t>(grown[i] % a.cols);
+      a.row[freed[i]] = static_cast<int32_t>(grown[i] / a.cols);
+      a.col[freed[i]] = static_cast<int32_t>(grown[i] % a.cols);
     }
     for (const auto& t : a.zero) {
       const int64_t row_bytes = t.numel() / a.nnz * static_cast<int64_t>(t.element_size());
       char* base = static_cast<char*>(t.data_ptr());
-      for (const int32_t s : dropped) zero_row(base + s * row_bytes, row_bytes);
+      for (const int32_t s : freed) zero_row(base + s * row_bytes, row_bytes);
     }
 #if defined(__SSE2__)
     _mm_sfence();  // order the streaming stores before anything that follows
@@ -144,7 +163,7 @@ at::Tensor prune_and_regrow_cpu(at::TensorList row_idx, at::TensorList col_idx, 
                                 at::TensorList row_slots, at::TensorList col_ptr, at::TensorList col_slots,
                                 at::TensorList drop_scores, at::TensorList grow_scores, c10::IntArrayRef num_rows,
                                 c10::IntArrayRef num_cols, c10::IntArrayRef k, at::TensorList zero_tensors,
-                                c10::IntArrayRef zero_layer) {
+                                c10::IntArrayRef zero_layer, bool regrow_dropped) {
   const int64_t layers = check_prune_and_regrow(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
                                                 drop_scores, grow_scores, num_rows, num_cols, k, zero_tensors,
                                                 zero_layer);
@@ -163,7 +182,7 @@ at::Tensor prune_and_regrow_cpu(at::TensorList row_idx, at::TensorList col_idx, 
   int64_t* moved_ptr = moved.data_ptr<int64_t>();
   at::parallel_for(0, layers, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> cells;
-    for (int64_t l = begin; l < end; ++l) moved_ptr[l] = update_layer(args[l], cells);
+    for (int64_t l = begin; l < end; ++l) moved_ptr[l] = update_layer(args[l], regrow_dropped, cells);
   });
   return moved;
 }

@@ -4,11 +4,14 @@
 // with no host synchronisation: the per-layer pointers travel in a small metadata buffer
 // copied asynchronously from pinned memory. Inside a block:
 //   1. cells[b] = slot of block b (or -1): the layer's R x C grid, in a workspace;
-//   2. count the growable dead blocks (finite grow score); moved = min(k, nnz, growable);
-//   3. radix-select the moved-th smallest drop key and grow key (masks.h: unique 64-bit
-//      keys, so the selected sets match the CPU's exactly);
-//   4. compact the dropped slots and the grown blocks, each in ascending order, pair them,
-//      rewrite (row, col) and zero the slots' rows in every given tensor;
+//   2. drops = min(k, nnz) (without regrow_dropped, also at most the dead blocks with a
+//      finite grow score);
+//   3. radix-select the drops-th smallest drop key, then the drops-th smallest grow key
+//      among the candidates: dead blocks with a finite score and, with regrow_dropped, the
+//      dropped blocks (masks.h: unique 64-bit keys, so the selected sets match the CPU's);
+//   4. compact the freed slots (dropped, not grown again) and the newly grown blocks, each
+//      in ascending order, pair them, rewrite (row, col) and zero the slots' rows in every
+//      given tensor;
 //   5. rebuild the row- and column-sorted index by scanning the grid (a counting sort).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -179,7 +182,7 @@ __device__ void zero_rows(const ZeroMeta& zero, const int32_t* slots, int64_t co
 }
 
 __global__ void __launch_bounds__(kThreads)
-    prune_and_regrow_kernel(const LayerMeta* layers, const ZeroMeta* zeros, int64_t* moved_out) {
+    prune_and_regrow_kernel(const LayerMeta* layers, const ZeroMeta* zeros, bool regrow_dropped, int64_t* moved_out) {
   __shared__ Shared shared;
   const LayerMeta layer = layers[blockIdx.x];
   const int64_t grid = layer.rows * layer.cols;
@@ -189,36 +192,53 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t* cells = layer.cells;
     const float* grow = layer.grow;
     const float* drop = layer.drop;
-    auto growable = [&](int64_t b) { return cells[b] < 0 && finite_score(grow[b]); };
-    int local = 0;
-    for (int64_t b = threadIdx.x; b < grid; b += kThreads) local += growable(b);
-    const int64_t candidates = block_sum(local, shared);
-    moved = layer.k < layer.nnz ? layer.k : layer.nnz;
-    moved = moved < candidates ? moved : candidates;
-    if (moved > 0) {
+    int64_t drops = layer.k < layer.nnz ? layer.k : layer.nnz;
+    if (!regrow_dropped) {  // only dead blocks with a finite score can grow: at most that many move
+      int local = 0;
+      for (int64_t b = threadIdx.x; b < grid; b += kThreads) local += cells[b] < 0 && finite_score(grow[b]);
+      const int64_t candidates = block_sum(local, shared);
+      drops = drops < candidates ? drops : candidates;
+    }
+    if (drops > 0) {
       int low_bits = 0;
       while ((int64_t{1} << low_bits) < grid) ++low_bits;
+      auto flat_of = [&](int64_t s) { return int64_t{layer.row[s]} * layer.cols + layer.col[s]; };
       auto drop_key_of = [&](int64_t s, uint64_t& key) {
-        key = drop_key(drop[s], static_cast<uint32_t>(int64_t{layer.row[s]} * layer.cols + layer.col[s]));
+        key = drop_key(drop[s], static_cast<uint32_t>(flat_of(s)));
         return true;
       };
+      const uint64_t drop_limit = kth_smallest(drops, layer.nnz, low_bits, drop_key_of, shared);
+      auto is_dropped = [&](int64_t s) {
+        uint64_t key;
+        drop_key_of(s, key);
+        return key <= drop_limit;
+      };
+      // Candidates: dead blocks with a finite score, and (regrow_dropped) the dropped blocks.
       auto grow_key_of = [&](int64_t b, uint64_t& key) {
-        if (!growable(b)) return false;
-        key = grow_key(grow[b], static_cast<uint32_t>(b));
-        return true;
+        const int32_t s = cells[b];
+        if (s < 0) {
+          key = grow_key(grow[b], static_cast<uint32_t>(b));
+          return finite_score(grow[b]);
+        }
+        key = regrow_key(grow[b], static_cast<uint32_t>(b));
+        return regrow_dropped && is_dropped(s);
       };
-      const uint64_t drop_limit = kth_smallest(moved, layer.nnz, low_bits, drop_key_of, shared);
-      const uint64_t grow_limit = kth_smallest(moved, grid, low_bits, grow_key_of, shared);
-      scan_walk(
-          layer.nnz, [&](int64_t s) { uint64_t key; return drop_key_of(s, key) && key <= drop_limit; },
-          [&](int64_t s, int64_t position, bool selected) {
-            if (selected) layer.dropped[position] = static_cast<int32_t>(s);
+      const uint64_t grow_limit = kth_smallest(drops, grid, low_bits, grow_key_of, shared);
+      auto is_grown = [&](int64_t b) {
+        uint64_t key;
+        return grow_key_of(b, key) && key <= grow_limit;
+      };
+      // Freed slots: dropped and not grown again (ascending); new blocks: grown and dead before.
+      moved = scan_walk(
+          layer.nnz, [&](int64_t s) { return is_dropped(s) && !is_grown(flat_of(s)); },
+          [&](int64_t s, int64_t position, bool freed) {
+            if (freed) layer.dropped[position] = static_cast<int32_t>(s);
           },
           shared);
       scan_walk(
-          grid, [&](int64_t b) { uint64_t key; return grow_key_of(b, key) && key <= grow_limit; },
-          [&](int64_t b, int64_t position, bool selected) {
-            if (selected) layer.grown[position] = static_cast<int32_t>(b);
+          grid, [&](int64_t b) { return cells[b] < 0 && is_grown(b); },
+          [&](int64_t b, int64_t position, bool grown) {
+            if (grown) layer.grown[position] = static_cast<int32_t>(b);
           },
           shared);
       for (int64_t i = threadIdx.x; i < moved; i += kThreads) {
@@ -243,8 +263,8 @@ at::Tensor to_device(const std::vector<T>& items, const c10::Device& device) {
   return host.to(at::TensorOptions().device(device), /*non_blocking=*/true);
 }
 
-void launch(std::vector<LayerMeta>& metas, const std::vector<ZeroMeta>& zero_metas, int64_t* moved,
-            const c10::Device& device) {
+void launch(std::vector<LayerMeta>& metas, const std::vector<ZeroMeta>& zero_metas, bool regrow_dropped,
+            int64_t* moved, const c10::Device& device) {
   if (metas.empty()) return;
   int64_t workspace_size = 0;
   for (const auto& m : metas) workspace_size += m.rows * m.cols + 2 * m.nnz;
@@ -260,7 +280,7 @@ void launch(std::vector<LayerMeta>& metas, const std::vector<ZeroMeta>& zero_met
   const at::Tensor zeros = to_device(zero_metas, device);
   prune_and_regrow_kernel<<<static_cast<unsigned>(metas.size()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const LayerMeta*>(layers.data_ptr()), reinterpret_cast<const ZeroMeta*>(zeros.data_ptr()),
-      moved);
+      regrow_dropped, moved);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -277,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_index_cuda(cons
                                          row_ptr.data_ptr<int32_t>(), row_slots.data_ptr<int32_t>(),
                                          col_ptr.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), nullptr, nullptr,
                                          nullptr, nullptr, nullptr, nnz, num_rows, num_cols, /*k=*/0, 0, 0}};
-  launch(metas, {}, nullptr, row_idx.device());
+  launch(metas, {}, /*regrow_dropped=*/false, nullptr, row_idx.device());
   return {row_ptr, row_slots, col_ptr, col_slots};
 }
 
@@ -285,7 +305,7 @@ at::Tensor prune_and_regrow_cuda(at::TensorList row_idx, at::TensorList col_idx,
                                  at::TensorList row_slots, at::TensorList col_ptr, at::TensorList col_slots,
                                  at::TensorList drop_scores, at::TensorList grow_scores, c10::IntArrayRef num_rows,
                                  c10::IntArrayRef num_cols, c10::IntArrayRef k, at::TensorList zero_tensors,
-                                 c10::IntArrayRef zero_layer) {
+                                 c10::IntArrayRef zero_layer, bool regrow_dropped) {
   const int64_t layers = check_prune_and_regrow(row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
                                                 drop_scores, grow_scores, num_rows, num_cols, k, zero_tensors,
                                                 zero_layer);
@@ -316,7 +336,7 @@ at::Tensor prune_and_regrow_cuda(at::TensorList row_idx, at::TensorList col_idx,
                          static_cast<int64_t>(zero_metas.size())};
   }
   at::Tensor moved = at::empty({layers}, row_idx[0].options().dtype(at::kLong));
-  launch(metas, zero_metas, moved.data_ptr<int64_t>(), device);
+  launch(metas, zero_metas, regrow_dropped, moved.data_ptr<int64_t>(), device);
   return moved;
 }
 

@@ -45,11 +45,11 @@ def live_blocks(layer):
 def test_rigl_drops_the_smallest_and_grows_the_largest_gradient():
     layer = two_block_layer()
     slot_of_small = 0  # (0,0) sits in slot 0: row-major slot order
-    # Every block has a gradient, so both live slots have Adam state; among the dead blocks
-    # (0,1) has twice the gradient of (1,0) and grows.
-    _, optimizer, _, record = rigl_step(layer, x_weights=(1.0, 1.0), y_weights=(2.0, 1.0))
+    # Every block has a gradient, so both live slots have Adam state; (0,1) has the largest
+    # gradient among the inactive blocks (the dropped (0,0) has half of it) and grows.
+    _, optimizer, _, record = rigl_step(layer, x_weights=(0.5, 1.0), y_weights=(2.0, 1.0))
     assert live_blocks(layer) == [(0, 1), (1, 1)]
-    assert record["moved"] == {"0": 1}
+    assert record["dropped"] == record["moved"] == {"0": 1}
     assert layer.nnz == 2
     assert (layer.row_idx[slot_of_small], layer.col_idx[slot_of_small]) == (0, 1)
     assert torch.count_nonzero(layer.values[slot_of_small]) == 0
@@ -59,12 +59,67 @@ def test_rigl_drops_the_smallest_and_grows_the_largest_gradient():
         assert torch.count_nonzero(state[name][1]) > 0  # the kept slot keeps its state
 
 
-def test_rigl_never_regrows_the_block_it_drops():
+def test_rigl_regrows_a_dropped_block_with_the_largest_gradient_as_the_paper_does():
+    """The RigL paper's algorithm grows among all blocks inactive after the drop."""
     layer = two_block_layer()
     # The largest dense gradient is at (0,0), the live block with the smallest norm: it is
-    # dropped and must not come back; the dead blocks tie at zero, so the lowest index grows.
-    rigl_step(layer, x_weights=(1.0, 0.0), y_weights=(1.0, 0.0))
-    assert live_blocks(layer) == [(0, 1), (1, 1)]
+    # dropped (k = floor(0.5 x 2) = 1) and, with the best grow score, comes straight back,
+    # with its values and Adam state, as if it had not been dropped.
+    model = nn.Sequential(layer)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    algo = sd.RigL(model, optimizer, total_steps=4, update_interval=1, drop_fraction=0.5, anneal="constant", stop=1.0)
+    x = torch.tensor((1.0, 0.0)).repeat_interleave(16).expand(4, 32)
+    (model(x) * x).sum().backward()
+    optimizer.step()
+    values, state = layer.values.detach().clone(), copy.deepcopy(optimizer.state[layer.values])
+    record = algo.step()
+    assert live_blocks(layer) == [(0, 0), (1, 1)]
+    assert record["dropped"] == {"0": 1} and record["moved"] == {"0": 0}
+    assert torch.equal(layer.values, values) and torch.count_nonzero(values[0]) > 0
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(optimizer.state[layer.values][name], state[name])
+
+
+@pytest.mark.parametrize("algo_cls", [sd.RigL, sd.MagRan])
+def test_regrow_dropped_false_grows_only_blocks_dead_before_the_update(algo_cls):
+    layer = two_block_layer()
+    # As above, but growth is among the blocks dead before the update: (0,0) cannot come
+    # back; the dead blocks tie at zero gradient, so RigL grows the lowest index.
+    _, _, _, record = rigl_step(layer, x_weights=(1.0, 0.0), y_weights=(1.0, 0.0), algo_cls=algo_cls,
+                                regrow_dropped=False)
+    assert (0, 0) not in live_blocks(layer) and (1, 1) in live_blocks(layer)
+    if algo_cls is sd.RigL:
+        assert live_blocks(layer) == [(0, 1), (1, 1)]
+    assert record["dropped"] == record["moved"] == {"0": 1}
+
+
+def test_magran_can_regrow_the_block_it_dropped():
+    """MagRan grows at random among the same candidates as RigL: over seeds, a dropped block
+    sometimes comes back (1 of 3 inactive blocks), and then nothing moves."""
+    outcomes = set()
+    for seed in range(12):
+        layer = two_block_layer()
+        _, _, _, record = rigl_step(layer, x_weights=(1.0, 1.0), y_weights=(1.0, 1.0), algo_cls=sd.MagRan, seed=seed)
+        assert record["dropped"] == {"0": 1}
+        outcomes.add(record["moved"]["0"])
+        assert (1, 1) in live_blocks(layer) and layer.nnz == 2
+    assert outcomes == {0, 1}
+
+
+def test_k_is_the_floor_of_the_fraction_of_live_blocks():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[0] = False  # 12 live blocks, 4 dead
+    layer = sk.BlockSparseLinear(64, 64, bias=False, block_size=16, block_mask=mask)
+    model = nn.Sequential(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # 0.29 x 12 = 3.48: the paper's reference truncates to 3 (rounding would give 3 too) ...
+    # 0.32 x 12 = 3.84: 3, where rounding would give 4.
+    algo = sd.RigL(model, optimizer, total_steps=4, update_interval=1, drop_fraction=0.32, anneal="constant",
+                   stop=1.0, regrow_dropped=False)
+    x = torch.randn(4, 64)
+    model(x).square().sum().backward()
+    optimizer.step()
+    assert algo.step()["moved"] == {"0": 3}
 
 
 def test_rigl_hooks_its_layers_only_for_the_step_before_an_update():
@@ -274,7 +329,7 @@ def test_a_sparse_diffusers_unet_trains_and_samples():
     assert sum(p.numel() for p in unet.parameters()) < 0.6 * dense_params
     scheduler = DDPMScheduler(num_train_timesteps=10)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    algo = sd.RigL(unet, optimizer, total_steps=4, update_interval=2, drop_fraction=0.3)
+    algo = sd.RigL(unet, optimizer, total_steps=4, update_interval=2, drop_fraction=0.6)  # f(2) = 0.15
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     for _ in range(4):
         noise = torch.randn_like(images)

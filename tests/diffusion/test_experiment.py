@@ -99,8 +99,10 @@ def test_print_commands_gives_one_command_per_run_left_that_trains_that_run(tmp_
     import shlex
 
     grid_path = _grid(tmp_path, grid={"method": ["dense", "rigl"], "sparsity": [0.5], "block_size": [16],
-                                      "seed": [0]})
+                                      "seed": [0]},
+                      studies=[{"name": "exact-k", "model": "pixel", "regrow_dropped": False}])
     runs = expand(load_grid(str(grid_path)), str(tmp_path / "runs"))
+    assert not runs[1].config.regrow_dropped  # a boolean setting travels as --no-regrow-dropped
     assert cli.main(["experiment", str(grid_path), "--print-commands", "--nproc-per-node", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(runs) == 2 and not (tmp_path / "runs").exists()  # nothing trained

@@ -16,7 +16,7 @@ import sparse_diffusion as sd
 import sparse_kernels as sk
 import sparse_diffusion.train as train_module
 from sparse_diffusion.checkpoint import CheckpointError, load_state, save_state
-from sparse_diffusion.train import CHECKPOINT, Trainer
+from sparse_diffusion.train import CHECKPOINT, Trainer, load_run
 
 
 @pytest.fixture(autouse=True)
@@ -232,6 +232,23 @@ def test_a_resume_with_new_settings_records_them(trained_run, capsys):
     assert config["changes"] == [{"step": 2, "changed": {"steps": [2, 4], "lr": [0.001, 0.002]}}]
     assert "from step 2: steps 2 -> 4, lr 0.001 -> 0.002" in (trained_run / "summary.md").read_text()
     assert load_state(trained_run / CHECKPOINT)["changes"] == config["changes"]
+
+
+def test_a_rigl_run_from_before_regrow_dropped_goes_on_as_it_was_trained(trained_run, capsys):
+    """Run folders written before ``regrow_dropped`` existed grew only blocks dead before an
+    update: they load that way, and a resume must say so."""
+    config = json.loads((trained_run / "config.json").read_text())
+    del config["regrow_dropped"]
+    (trained_run / "config.json").write_text(json.dumps(config))
+    state = load_state(trained_run / CHECKPOINT)
+    del state["config"]["regrow_dropped"], state["algo"]["config"]["regrow_dropped"]
+    save_state(state, trained_run / CHECKPOINT)
+    loaded = load_run(str(trained_run))
+    assert loaded.config.regrow_dropped is False and loaded.algo.regrow_dropped is False
+    args = ("train", *TINY_ARGS, "--method", "rigl", "--steps", 4, "--resume", "--out", trained_run)
+    assert_one_line_error(*run_cli(capsys, *args)[::2], "regrow_dropped: checkpoint False vs now True")
+    code, _, err = run_cli(capsys, *args, "--no-regrow-dropped")
+    assert code == 0, err
 
 
 def test_a_grid_changed_and_run_again_records_the_new_settings(tmp_path, monkeypatch):

@@ -108,6 +108,33 @@ def test_resume_continues_exactly(tmp_path):
     assert_same_training_state(full, resumed)
 
 
+def test_evaluations_during_training_make_a_curve_that_survives_a_crash(tmp_path, monkeypatch):
+    """--eval-every N: a point every N steps and one at the end, each with the step and the
+    training wall-clock so far; the evaluations' own time is not training time; a resume after
+    a crash keeps the points made before its checkpoint."""
+    import time
+
+    def evaluate(self, num_samples):
+        time.sleep(0.5)
+        return {"fid": 100.0 / self.step, "num_samples": num_samples}
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    config = tiny(tmp_path / "run", method="rigl", steps=6, checkpoint_every=2, eval_every=2, eval_samples=8)
+    with crashing_at_draw(4, KeyboardInterrupt("simulated crash")), pytest.raises(KeyboardInterrupt):
+        Trainer(config).train()
+    resumed = Trainer(config, resume=True)
+    assert resumed.step == 2 and [p["step"] for p in resumed.curve] == [2]
+    results = resumed.train()
+    curve = results["curve"]
+    assert [p["step"] for p in curve] == [2, 4, 6] and [p["fid"] for p in curve] == [50.0, 25.0, 100.0 / 6]
+    clocks = [p["wall_clock_s"] for p in curve]
+    assert clocks == sorted(clocks) and clocks[-1] == results["wall_clock_s"]
+    assert results["wall_clock_s"] < 1.0, "two 0.5 s evaluations were counted as training"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["curve"] == curve
+    timing = results["timing"]
+    assert timing["max_load_1min"] >= 0 and timing["clean"] == (timing["max_load_1min"] <= timing["cpu_threads"] + 0.75)
+
+
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
@@ -155,6 +182,7 @@ def test_cli_train_sample_and_evaluate(tmp_path, capsys):
         (("--model", "chirodiff"), "stroke dataset"),
         (("--data-dir", "{tmp}/nothing-here"), "apt-get install -y dataset-fashion-mnist"),
         (("--steps", "1", "--method", "rigl"), r"--steps \(1\) must be at least --update-interval"),
+        (("--eval-every", "2"), r"--eval-every 2 needs --eval-samples"),
     ],
 )
 def test_cli_argument_errors(tmp_path, capsys, extra, match):

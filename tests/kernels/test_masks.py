@@ -79,16 +79,52 @@ def layer_specs(draw):
     return specs
 
 
+def update_by_definition(update, regrow_dropped):
+    """The update as DESIGN.md words it, on Python sets and sorted keys: the live blocks after
+    it, and how many blocks are new. Scores sort ascending for drops and descending for
+    growth, non-finite last, ties by flat block index."""
+    rows, cols = update.layout.grid
+    live = [r * cols + c for r, c in zip(update.layout.row_idx.tolist(), update.layout.col_idx.tolist())]
+    drop = dict(zip(live, update.drop_scores.flatten().tolist()))
+    grow = update.grow_scores.flatten().tolist()
+    dead = [b for b in range(rows * cols) if b not in drop and math.isfinite(grow[b])]
+    k = min(update.k, len(live)) if regrow_dropped else min(update.k, len(live), len(dead))
+    dropped = sorted(live, key=lambda b: ((0, drop[b]) if math.isfinite(drop[b]) else (1, 0), b))[:k]
+    candidates = dead + (dropped if regrow_dropped else [])
+    grown = sorted(candidates, key=lambda b: ((0, -grow[b]) if math.isfinite(grow[b]) else (1, 0), b))[:k]
+    after = (set(live) - set(dropped)) | set(grown)
+    return after, len(after - set(live))
+
+
 # --------------------------------------------------------------------------- equality
 @settings(max_examples=60, deadline=None)
-@given(specs=layer_specs(), seed=st.integers(0, 2**31 - 1))
-def test_compiled_prune_and_regrow_equals_reference(specs, seed):
+@given(specs=layer_specs(), seed=st.integers(0, 2**31 - 1), regrow_dropped=st.booleans())
+def test_compiled_prune_and_regrow_equals_reference(specs, seed, regrow_dropped):
     updates = make_updates(specs, torch.Generator().manual_seed(seed))
     reference = clone_updates(updates)
-    moved = masks.prune_and_regrow(updates)
-    expected = masks.prune_and_regrow_reference(reference)
+    moved = masks.prune_and_regrow(updates, regrow_dropped=regrow_dropped)
+    expected = masks.prune_and_regrow_reference(reference, regrow_dropped=regrow_dropped)
     assert moved.tolist() == expected.tolist()
     assert_same_updates(updates, reference)
+
+
+@settings(max_examples=60, deadline=None)
+@given(specs=layer_specs(), seed=st.integers(0, 2**31 - 1), regrow_dropped=st.booleans())
+def test_prune_and_regrow_follows_its_definition(specs, seed, regrow_dropped):
+    """The compiled op against the definition: the live set after the update, the net count,
+    kept slots unchanged (a regrown block keeps its values) and the reused slots zeroed."""
+    updates = make_updates(specs, torch.Generator().manual_seed(seed))
+    before = clone_updates(updates)
+    moved = masks.prune_and_regrow(updates, regrow_dropped=regrow_dropped).tolist()
+    for update, old, count in zip(updates, before, moved):
+        after, new = update_by_definition(old, regrow_dropped)
+        cols = update.layout.grid[1]
+        flat = (update.layout.row_idx.long() * cols + update.layout.col_idx.long()).tolist()
+        old_flat = (old.layout.row_idx.long() * cols + old.layout.col_idx.long()).tolist()
+        assert set(flat) == after and len(flat) == len(after) and count == new
+        kept = torch.tensor([a == b for a, b in zip(flat, old_flat)])
+        for t, t_old in zip(update.zero, old.zero):
+            assert torch.equal(t[kept], t_old[kept]) and not t[~kept].any()
 
 
 @settings(max_examples=60, deadline=None)
@@ -113,26 +149,56 @@ def test_compiled_block_norms_equals_reference(shape, block, dtype):
 
 # --------------------------------------------------------------------------- semantics
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_a_dropped_block_with_a_top_grow_score_is_regrown_in_place(backend, use_backend):
+    """The RigL paper's update (the default): growth competes among every block inactive after
+    the drop, so a just-dropped block can come back; it keeps its slot and its values."""
+    use_backend(backend, "cpu")
+    # Grid 2 x 3; live blocks (0,0) (0,2) (1,1) in slots 0 1 2.
+    layout = sk.BlockSparseLayout.from_indices(torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), (2, 3), 4)
+    values = torch.arange(1.0, 4.0).reshape(3, 1).repeat(1, 5)
+    drop = torch.tensor([0.1, 0.2, 0.9])  # k = 2 drops (0,0) and (0,2)
+    grow = torch.tensor([[8.0, 7.0, math.inf], [6.0, 0.0, 5.0]])  # (0,0) is the best; (0,2) not finite
+    moved = masks.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [values])])
+    # Grown: (0,0) again (8) and (0,1) (7). (0,0) keeps slot 0 and its values; (0,1) takes
+    # the freed slot 1, zeroed: one block moved, two were dropped.
+    assert moved.tolist() == [1]
+    assert layout.row_idx.tolist() == [0, 0, 1] and layout.col_idx.tolist() == [0, 1, 1]
+    assert values[:, 0].tolist() == [1.0, 0.0, 3.0]
+    # A just-dropped block with a non-finite score ranks after every finite one: with no dead
+    # block to grow, the dropped blocks come back and nothing moves.
+    full = sk.BlockSparseLayout.from_indices(torch.tensor([0, 1]), torch.tensor([0, 0]), (2, 1), 4)
+    moved = masks.prune_and_regrow([LayerUpdate(full, torch.zeros(2), torch.tensor([math.nan, 1.0]), 2, [])])
+    assert moved.tolist() == [0] and full.row_idx.tolist() == [0, 1]
+    # Growing only among blocks dead before the update, (0,0) cannot come back.
+    layout = sk.BlockSparseLayout.from_indices(torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), (2, 3), 4)
+    moved = masks.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [])], regrow_dropped=False)
+    assert moved.tolist() == [2]
+    assert layout.row_idx.tolist() == [0, 1, 1] and layout.col_idx.tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
 def test_prune_and_regrow_picks_the_documented_blocks(backend, use_backend):
+    """Growing only among the blocks dead before the update: exactly k move."""
     use_backend(backend, "cpu")
     # Grid 2 x 3; live blocks (0,0) (0,2) (1,1) in slots 0 1 2.
     layout = sk.BlockSparseLayout.from_indices(torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), (2, 3), 4)
     values = torch.arange(1.0, 4.0).reshape(3, 1).repeat(1, 5)
     drop = torch.tensor([1.0, 1.0, 0.5])  # slot 2 first, then the tie: (0,0) before (0,2)
     grow = torch.tensor([[9.0, 7.0, 9.0], [7.0, 9.0, math.nan]])  # dead: (0,1)=7 (1,0)=7 (1,2)=nan
-    moved = masks.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [values])])
+    moved = masks.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [values])], regrow_dropped=False)
     assert moved.tolist() == [2]
     # Dropped slots 0 and 2 (ascending) take grown blocks (0,1) and (1,0) (ascending flat).
     assert layout.row_idx.tolist() == [0, 0, 1] and layout.col_idx.tolist() == [1, 2, 0]
     assert values[:, 0].tolist() == [0.0, 2.0, 0.0]
     # k = 3 is capped at the two growable dead blocks (0,0) and (1,1); (1,2) has a nan score.
     # All drop scores tie: the lowest flat blocks (0,1) and (0,2), in slots 0 and 1, go.
-    moved = masks.prune_and_regrow([LayerUpdate(layout, torch.zeros(3), grow, 3, [values])])
+    moved = masks.prune_and_regrow([LayerUpdate(layout, torch.zeros(3), grow, 3, [values])], regrow_dropped=False)
     assert moved.tolist() == [2]
     assert layout.row_idx.tolist() == [0, 1, 1] and layout.col_idx.tolist() == [0, 1, 0]
 
 
-def test_many_updates_keep_the_invariants():
+@pytest.mark.parametrize("regrow_dropped", [True, False])
+def test_many_updates_keep_the_invariants(regrow_dropped):
     """1,000 random updates of three layers with the compiled op."""
     generator = torch.Generator().manual_seed(0)
     specs = [((8, 8), 16, 0, "continuous"), ((5, 7), 35, 0, "ties"), ((16, 4), 1, 0, "special")]
@@ -143,7 +209,7 @@ def test_many_updates_keep_the_invariants():
             u.k = int(torch.randint(0, nnz + 1, (1,), generator=generator))
             u.drop_scores = random_scores(nnz, kind, generator)
             u.grow_scores = random_scores(grid[0] * grid[1], kind, generator)
-        moved = masks.prune_and_regrow(updates)
+        moved = masks.prune_and_regrow(updates, regrow_dropped=regrow_dropped)
         for (grid, nnz, _, _), u, (rows, cols, tensors), m in zip(specs, updates, before, moved.tolist()):
             layout = u.layout
             assert layout.nnz == nnz
@@ -152,7 +218,7 @@ def test_many_updates_keep_the_invariants():
             for got, expected in zip(layout.tensors()[2:], build_index_reference(layout.row_idx, layout.col_idx, grid)):
                 assert torch.equal(got, expected), f"step {step}: index out of date"
             changed = (layout.row_idx != rows) | (layout.col_idx != cols)
-            assert int(changed.sum()) <= m <= u.k
+            assert int(changed.sum()) == m <= u.k
             for t, old in zip(u.zero, tensors):
                 reused = t[changed]
                 assert torch.equal(reused, torch.zeros_like(reused)), f"step {step}: a reused slot is not zero"
@@ -180,6 +246,11 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.sparse_kernels.prune_and_regrow.default,
         (*index, [u.drop_scores], [u.grow_scores.reshape(-1)], [6], [5], [3], list(u.zero), [0, 0]),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    torch.library.opcheck(
+        torch.ops.sparse_kernels.prune_and_regrow.default,
+        (*index, [u.drop_scores], [u.grow_scores.reshape(-1)], [6], [5], [3], list(u.zero), [0, 0], False),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -249,15 +320,17 @@ def test_the_compiled_op_checks_its_lists():
 
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
+@pytest.mark.parametrize("regrow_dropped", [True, False])
 @pytest.mark.parametrize("seed", range(5))
-def test_cuda_equals_cpu_bit_for_bit(seed):
+def test_cuda_equals_cpu_bit_for_bit(seed, regrow_dropped):
     generator = torch.Generator().manual_seed(seed)
     specs = [((64, 64), 1024, 300, "continuous"), ((32, 16), 128, 60, "ties"), ((7, 9), 20, 25, "special"),
              ((128, 128), 4096, 1200, "ties"), ((1, 1), 1, 1, "continuous")]
     cpu = make_updates(specs, generator)
     cuda = [LayerUpdate(sk.BlockSparseLayout(u.layout.grid, u.layout.block_size, *(t.cuda() for t in u.layout.tensors())),
                         u.drop_scores.cuda(), u.grow_scores.cuda(), u.k, [t.cuda() for t in u.zero]) for u in cpu]
-    assert masks.prune_and_regrow(cuda).tolist() == masks.prune_and_regrow(cpu).tolist()
+    assert (masks.prune_and_regrow(cuda, regrow_dropped).tolist()
+            == masks.prune_and_regrow(cpu, regrow_dropped).tolist())
     assert_same_updates(cuda, cpu)
     for u in cuda:
         rebuilt = torch.ops.sparse_kernels.build_index(u.layout.row_idx, u.layout.col_idx, *u.layout.grid)

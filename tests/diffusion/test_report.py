@@ -1,0 +1,70 @@
+"""The grid report's convergence section, from hand-written run folders (no training)."""
+import dataclasses
+import json
+from pathlib import Path
+
+import yaml
+
+from sparse_diffusion.experiment import expand, load_grid
+from sparse_diffusion.report import write_report
+
+# (step, training seconds, FID) per seed: dense, RigL (paper rule) and RigL exact-k at 50%.
+CURVES = {
+    "dense": [[(500, 60, 80), (1000, 120, 50)], [(500, 62, 82), (1000, 124, 52)]],
+    "rigl": [[(500, 40, 85), (1000, 80, 52)], [(500, 42, 87), (1000, 84, 54)]],
+    "rigl exact-k": [[(500, 40, 90), (1000, 80, 70)], [(500, 42, 92), (1000, 84, 72)]],
+}
+
+
+def _grid(tmp_path):
+    grid = {
+        "out": str(tmp_path / "runs"),
+        "defaults": {"model": "pixel", "steps": 1000, "eval_samples": 1000, "eval_every": 500, "block_size": 16},
+        "grid": {"sparsity": [0.5], "seed": [0, 1]},
+        "studies": [{"name": "main", "grid": {"method": ["dense", "rigl"]}},
+                    {"name": "exact", "regrow_dropped": False, "grid": {"method": ["rigl"]}}],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _write_run(run, curve, clean=True):
+    folder = Path(run.config.out)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(run.config)))
+    points = [{"step": s, "wall_clock_s": t, "load_1min": 2.0, "fid": f, "num_samples": 1000} for s, t, f in curve]
+    step, seconds, fid = curve[-1]
+    (folder / "metrics.json").write_text(json.dumps({
+        "steps": step, "wall_clock_s": seconds, "seconds_per_step": seconds / step, "sparsity": 0.0 if run.config.method == "dense" else 0.5,
+        "parameters": 1000, "flops_per_sample": 1e6, "state_bytes": 4096, "device": "cpu",
+        "metrics": {"fid": fid, "num_samples": 1000}, "curve": points,
+        "timing": {"cpu_threads": 2, "cpus": 2, "max_load_1min": 2.1 if clean else 3.5, "clean": clean},
+    }))
+
+
+def test_the_report_answers_the_convergence_questions(tmp_path):
+    grid_path = _grid(tmp_path)
+    grid = load_grid(str(grid_path))
+    runs = expand(grid)
+    for run in runs:
+        name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
+        _write_run(run, CURVES[name][run.config.seed], clean=(name, run.config.seed) != ("rigl", 1))
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    # Final FIDs: dense 51 ± 1.4; RigL 53 ± 1.4 is within 2 standard errors (2.8), exact-k is not.
+    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - |" in text
+    assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | matches |" in text and "| 1/2 |" in text
+    assert "| rigl exact-k | 0.5 | 16 | 2 | 71.0 ± 1.4 | worse |" in text
+    # Budgets 0.25 / 0.5 / 1 x dense's 122 s: nobody has evaluated by 30.5 s; by 61 s dense's
+    # seed 0 (80) and both RigL seeds (86); by 122 s dense 66 (50 and 82), RigL 53.
+    assert "| dense | 0 | - | - | 80.0 | 66.0 |" in text
+    assert "| rigl | 0.5 | 16 | - | 86.0 | 53.0 |" in text
+    assert "0.5 min: no evaluation yet; 1.0 min: dense at sparsity 0, block - (80.0); " in text
+    assert "2.0 min: rigl at sparsity 0.5, block 16 (53.0)" in text
+    # Target 56.1: dense after 122 s (2.0 min), RigL after 82 s (1.4 min), exact-k never.
+    assert "target FID 56.1" in text
+    assert "| dense | 0 | - | 2.0 | 2/2 |" in text and "| rigl | 0.5 | 16 | 1.4 | 2/2 |" in text
+    assert "| rigl exact-k | 0.5 | 16 | - | 0/2 |" in text
+    assert "| rigl | 0.5 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
+    for plot in ("runs-fid-vs-steps.png", "runs-fid-vs-wall-clock.png"):
+        assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
