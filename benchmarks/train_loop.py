@@ -14,17 +14,29 @@ exactly one mask update, so its cost is amortised as in training; a checkpoint s
 once per run and amortised over ``checkpoint_every`` steps (the loop's other I/O). Per-phase
 times come from the trainer's own phase timers.
 
+Peak memory (``--memory-repeats``, default 1): each run again as ``sparse-diffusion train`` alone
+in a fresh process, ``--memory-steps`` steps with one mask update half-way; its metrics.json
+gives its peak resident set size (``VmHWM``, not the ``ru_maxrss`` a child inherits from this
+large process across fork and exec) and on a GPU its ``torch.cuda.max_memory_allocated``;
+median over repeats, in rotating order.
+
 Targets (issue: real wall-clock gains), ratios to the dense run of the same model:
 demo 50% >= 1.25x, 75% >= 1.7x, 90% >= 1.9x; small 50% >= 1.5x, 75% >= 2.3x; chirodiff 75% >= 1.0x.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 
@@ -112,6 +124,48 @@ def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dic
     return rows
 
 
+def peak_memory(model: str, args: argparse.Namespace, runs: List[Dict[str, object]]) -> None:
+    """Adds ``peak_rss_mb`` (median, min, max over ``--memory-repeats``) and on a GPU
+    ``peak_cuda_mb`` to each row of ``runs``: the run trained alone in a fresh process."""
+    from sparse_diffusion.launch import flags
+    from sparse_diffusion.train import TrainConfig
+
+    samples: Dict[str, List[float]] = {row["run"]: [] for row in runs}
+    cuda: Dict[str, Optional[float]] = {}
+    for repeat in range(args.memory_repeats):
+        order = runs[repeat % len(runs):] + runs[:repeat % len(runs)]
+        for row in order:
+            with tempfile.TemporaryDirectory() as folder:
+                config = TrainConfig(
+                    **MODELS[model], out=f"{folder}/run", method=row["method"], sparsity=_nominal(row["run"]) or 0.5,
+                    steps=args.memory_steps, update_interval=max(1, args.memory_steps // 2),
+                    batch_size=args.batch_size, block_size=args.block_size, checkpoint_every=0, sample_steps=2,
+                    seed=0, device="cuda" if torch.cuda.is_available() else "cpu")
+                results = _train_alone(["-m", "sparse_diffusion", "train", *flags(dataclasses.asdict(config))],
+                                       Path(folder) / "run" / "metrics.json", args.threads)
+            samples[row["run"]].append(results["peak_rss_bytes"] / 2**20)
+            cuda[row["run"]] = results.get("peak_cuda_bytes")
+        print(f"  {model} memory {repeat + 1}/{args.memory_repeats}: "
+              + ", ".join(f"{name} {values[-1]:.0f} MB" for name, values in samples.items()), flush=True)
+    for row in runs:
+        values = samples[row["run"]]
+        if values:
+            row.update(peak_rss_mb=statistics.median(values), peak_rss_min_mb=min(values),
+                       peak_rss_max_mb=max(values), memory_repeats=len(values))
+        if cuda.get(row["run"]) is not None:
+            row["peak_cuda_mb"] = cuda[row["run"]] / 2**20
+
+
+def _train_alone(arguments: List[str], metrics: Path, threads: int) -> Dict:
+    """Runs ``python arguments`` to the end in a fresh process; returns its metrics.json."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=environment)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise RuntimeError(f"exit code {done.returncode} from {' '.join(arguments)}: {' | '.join(tail)}")
+    return json.loads(metrics.read_text())
+
+
 def _nominal(run: str):
     return int(run.rsplit("-", 1)[1]) / 100 if "-" in run else 0.0
 
@@ -137,7 +191,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     rows: List[Dict[str, object]] = []
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models:
-            rows += measure_model(model, args, folder)
+            model_rows = measure_model(model, args, folder)
+            if args.memory_repeats:
+                peak_memory(model, args, model_rows)
+            rows += model_rows
     params = parameters_of(args)
     params["models"] = {name: MODELS[name] for name in args.models}
     return {"suite": "train_loop", "environment": env, "parameters": params, "rows": rows}
@@ -155,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="steps of each run per round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--memory-repeats", type=int, default=1,
+                        help="fresh-process peak-memory runs per run (0: no memory measurement)")
+    parser.add_argument("--memory-steps", type=int, default=8, help="steps of each memory run (an update half-way)")
     add_output_arguments(parser, threads=True)
     return parser.parse_args(argv)
 
@@ -168,6 +228,7 @@ def main(argv=None) -> Dict[str, object]:
     print_table(payload["rows"], [
         "model", "run", "sparsity", "ms_per_step", "min_ms", "max_ms", "speedup_vs_dense", "target", "meets_target",
         "forward_ms", "backward_ms", "optimizer_ms", "mask_update_ms", "ema_ms", "io_ms_per_step", "page_faults_per_step",
+        "peak_rss_mb", "peak_cuda_mb",
     ])
     write_json(result_path(args.out, args.out_dir, "train_loop", env), payload)
     return payload

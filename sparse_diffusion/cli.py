@@ -68,6 +68,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=int, default=defaults.eval_every,
         help="evaluate every N steps too (metrics.json 'curve': FID vs steps and training wall-clock; "
              "the evaluations' own time is not counted as training)")
+    add("--eval-reference", type=int, default=defaults.eval_reference,
+        help="test-split items the metrics compare with (0: as many as the samples; more than the split: all)")
     add("--data-dir", default=None, help="where Fashion-MNIST's files are (default: Debian's location)")
     add("--limit", type=int, default=None, help="use only the first N training items")
     add("--device", default=defaults.device,

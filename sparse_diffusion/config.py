@@ -2,6 +2,7 @@
 and the device they name."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -61,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_samples: int = 0
     eval_every: int = 0  # also evaluate every N steps: metrics.json's FID-vs-steps / -wall-clock curve
+    eval_reference: int = 0  # test-split items FID compares with (0: as many as the samples)
     data_dir: Optional[str] = None
     limit: Optional[int] = None
     device: str = "auto"
@@ -83,8 +85,9 @@ class TrainConfig:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.checkpoint_every < 0 or self.sample_every < 0 or self.eval_samples < 0 or self.eval_every < 0:
-            raise ValueError("--checkpoint-every, --sample-every, --eval-samples and --eval-every must be >= 0")
+        if min(self.checkpoint_every, self.sample_every, self.eval_samples, self.eval_every, self.eval_reference) < 0:
+            raise ValueError("--checkpoint-every, --sample-every, --eval-samples, --eval-every and --eval-reference "
+                             "must be >= 0")
         if self.eval_every and not self.eval_samples:
             raise ValueError(f"--eval-every {self.eval_every} needs --eval-samples N (how many samples each FID uses)")
         if self.model == "ldm" and not self.autoencoder:
@@ -96,12 +99,13 @@ class TrainConfig:
 
 def settings_it_predates(saved: Dict) -> Dict:
     """A saved configuration (config.json, a checkpoint's) with the settings added since it was
-    written filled in as its version ran: before ``regrow_dropped`` existed, RigL and MagRan
-    grew only among the blocks dead before an update (for the other methods it means nothing,
-    so it takes today's default)."""
-    if "regrow_dropped" not in saved:
-        saved = {**saved, "regrow_dropped": saved.get("method") not in ("rigl", "magran")}
-    return saved
+    written filled in as its version ran: their defaults (which give the behaviour from before
+    they existed), except ``regrow_dropped``: before it, RigL and MagRan grew only among the
+    blocks dead before an update."""
+    missing = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in saved}
+    if "regrow_dropped" in missing and saved.get("method") in ("rigl", "magran"):
+        missing["regrow_dropped"] = False
+    return {**saved, **missing}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -117,6 +117,7 @@ class RunOutputs:
             "world_size": self.dist.world_size,
             "state_bytes": self.state_bytes(),
         }
+        results["peak_rss_bytes"] = peak_rss_bytes()
         if self.device.type == "cuda":
             results["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.algo is not None:
@@ -181,6 +182,18 @@ class RunOutputs:
             + f"\n## Sparsity\n\n```\n{report}\n```\n"
             + (f"\n![samples](samples/{latest[-1].name})\n\n![loss](loss.png)\n" if latest else "")
         )
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident set size (Linux's ``VmHWM``; what ``/usr/bin/time -v``
+    reports for a process started from a shell), or None where ``/proc`` does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def mean_finite(values: List[float]) -> float:

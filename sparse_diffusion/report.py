@@ -416,7 +416,8 @@ def write_report(root: Path, grid: Dict, runs: Sequence["RunSpec"]) -> Path:
         parts.append(f"## {study}\n")
         parts.append(f"model {first.get('model')}, dataset {first.get('dataset')}, preset {first.get('preset')}, "
                      f"{first.get('steps')} steps of batch {first.get('batch_size')}, "
-                     f"FID on {first.get('eval_samples')} samples, device {device}.\n")
+                     f"FID on {first.get('eval_samples')} samples against "
+                     f"{first.get('eval_reference') or first.get('eval_samples')} test items, device {device}.\n")
         if any(r["method"] != "dense" for r in rows):
             parts.append(f"Headline: FID ± std over seeds (training speed-up vs dense), blocks of {main_block(rows)}.\n")
             parts.append(headline_table(rows) + "\n")

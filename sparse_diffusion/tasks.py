@@ -98,14 +98,15 @@ def count_flops(task: nn.Module, dataset, device: torch.device) -> int:
 
 def metric_inputs(config, samples):
     """``(cache name, reference images, reference labels, sample images)`` for the evaluator:
-    the dataset's test split (as many items as samples; strokes rasterised) and ``samples``
-    (images ``[N, C, H, W]``, or strokes ``(points, lengths)``)."""
+    the dataset's test split (its first ``config.eval_reference`` items, or as many as samples
+    when that is 0; strokes rasterised) and ``samples`` (images ``[N, C, H, W]``, or strokes
+    ``(points, lengths)``)."""
     from .metrics.raster import rasterize_strokes
 
     num_samples = samples[1].shape[0] if isinstance(samples, tuple) else samples.shape[0]
     test = get_dataset(config.dataset, "test", image_size=config.image_size, max_len=config.max_len,
                        data_dir=config.data_dir)
-    count = min(num_samples, len(test))
+    count = min(config.eval_reference or num_samples, len(test))
     items = default_collate([test[i] for i in range(count)])
     if test.kind == "stroke":
         return f"{test.name}-raster64", rasterize_strokes(*items, size=64), None, rasterize_strokes(*samples, size=64)

@@ -236,19 +236,26 @@ def test_a_resume_with_new_settings_records_them(trained_run, capsys):
 
 def test_a_rigl_run_from_before_regrow_dropped_goes_on_as_it_was_trained(trained_run, capsys):
     """Run folders written before ``regrow_dropped`` existed grew only blocks dead before an
-    update: they load that way, and a resume must say so."""
+    update: they load that way, and a resume must say so. Other settings added since take
+    their defaults, which are the behaviour from before they existed: no change to record."""
+    newer = ("regrow_dropped", "eval_every", "eval_reference")
     config = json.loads((trained_run / "config.json").read_text())
-    del config["regrow_dropped"]
+    for name in newer:
+        del config[name]
     (trained_run / "config.json").write_text(json.dumps(config))
     state = load_state(trained_run / CHECKPOINT)
-    del state["config"]["regrow_dropped"], state["algo"]["config"]["regrow_dropped"]
+    for name in newer:
+        del state["config"][name]
+    del state["algo"]["config"]["regrow_dropped"]
     save_state(state, trained_run / CHECKPOINT)
     loaded = load_run(str(trained_run))
     assert loaded.config.regrow_dropped is False and loaded.algo.regrow_dropped is False
-    args = ("train", *TINY_ARGS, "--method", "rigl", "--steps", 4, "--resume", "--out", trained_run)
+    args = ("train", *TINY_ARGS, "--method", "rigl", "--steps", 4, "--checkpoint-every", 2, "--resume", "--out", trained_run)
     assert_one_line_error(*run_cli(capsys, *args)[::2], "regrow_dropped: checkpoint False vs now True")
     code, _, err = run_cli(capsys, *args, "--no-regrow-dropped")
     assert code == 0, err
+    changes = json.loads((trained_run / "config.json").read_text())["changes"]
+    assert changes == [{"step": 2, "changed": {"steps": [2, 4]}}]
 
 
 def test_a_grid_changed_and_run_again_records_the_new_settings(tmp_path, monkeypatch):
