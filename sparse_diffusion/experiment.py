@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 from .config import METHODS, TrainConfig
 from .launch import autoencoder_command, run_under_torchrun, train_command
 from .report import finished, write_report
-from .train import CHECKPOINT
+from .train import CHECKPOINT, TrainingStopped
 
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")
 AXIS_DEFAULTS = {"method": ["dense"], "sparsity": [0.5], "drop_fraction": [0.3], "block_size": [32], "seed": [0]}
@@ -208,8 +208,17 @@ def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dr
                 else:
                     Trainer(run.config, resume=resume).train()
                 (folder / "error.txt").unlink(missing_ok=True)
+            except TrainingStopped as stop:
+                if stop.exit_code > 128:  # Ctrl-C / SIGTERM: the run saved its checkpoint; the grid stops
+                    raise
+                _record_failure(folder)
             except Exception:  # noqa: BLE001 (one failed run must not stop the grid; the report lists it)
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / "error.txt").write_text(traceback.format_exc())
-                print(f"   failed: see {folder / 'error.txt'}")
+                _record_failure(folder)
     return write_report(root, grid, runs)
+
+
+def _record_failure(folder: Path) -> None:
+    """error.txt in the run's folder (the report lists it); the grid goes on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.txt").write_text(traceback.format_exc())
+    print(f"   failed: see {folder / 'error.txt'}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .config import TrainConfig
+from .train import TrainingStopped
 
 
 def flags(options: Dict) -> List[str]:
@@ -54,5 +55,7 @@ def run_under_torchrun(config: TrainConfig, resume: bool, nproc_per_node: int) -
     naming the command."""
     command = train_command(config, resume, nproc_per_node, program=[sys.executable, "-m", "torch.distributed.run"])
     code = subprocess.run(command).returncode
+    if code > 128:  # the ranks were signalled (Ctrl-C, SIGTERM) and saved a checkpoint
+        raise TrainingStopped(f"stopped by signal {code - 128}; continue with the same command", code)
     if code != 0:
         raise RuntimeError(f"exit code {code} (its output is above) from: {shlex.join(command)}")

@@ -136,3 +136,30 @@ def test_a_grid_runs_each_run_under_torchrun(tmp_path, monkeypatch):
     (metrics,) = (tmp_path / "runs").rglob("metrics.json")
     assert json.loads(metrics.read_text())["world_size"] == 2
     assert "1 of 1 runs finished" in (tmp_path / "runs" / "report.md").read_text()
+
+
+def test_a_signal_stops_the_grid_not_only_its_run(tmp_path, capsys, monkeypatch):
+    """SIGTERM during a run saves its checkpoint and stops the whole grid (exit 143); the next
+    invocation resumes that run. A run that fails otherwise is recorded and the grid goes on."""
+    import os
+    import signal
+
+    import sparse_diffusion.train as train_module
+
+    draw_batch, calls = train_module.draw_batch, []
+
+    def terminated_during_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return draw_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "draw_batch", terminated_during_step_two)
+    grid_path = _grid(tmp_path, grid={"method": ["dense"], "seed": [0, 1]})
+    assert cli.main(["experiment", str(grid_path)]) == 143
+    assert "stopped by SIGTERM after step 2" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "fashion-pixel" / "dense-seed0" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "runs" / "fashion-pixel" / "dense-seed1").exists()
+    monkeypatch.setattr(train_module, "draw_batch", draw_batch)
+    assert cli.main(["experiment", str(grid_path)]) == 0
+    assert "(resuming)" in capsys.readouterr().out
