@@ -26,7 +26,6 @@ demo 50% >= 1.25x, 75% >= 1.7x, 90% >= 1.9x; small 50% >= 1.5x, 75% >= 2.3x; chi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -127,7 +126,7 @@ def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dic
 def peak_memory(model: str, args: argparse.Namespace, runs: List[Dict[str, object]]) -> None:
     """Adds ``peak_rss_mb`` (median, min, max over ``--memory-repeats``) and on a GPU
     ``peak_cuda_mb`` to each row of ``runs``: the run trained alone in a fresh process."""
-    from sparse_diffusion.launch import flags
+    from sparse_diffusion.launch import train_command
     from sparse_diffusion.train import TrainConfig
 
     samples: Dict[str, List[float]] = {row["run"]: [] for row in runs}
@@ -137,12 +136,12 @@ def peak_memory(model: str, args: argparse.Namespace, runs: List[Dict[str, objec
         for row in order:
             with tempfile.TemporaryDirectory() as folder:
                 config = TrainConfig(
-                    **MODELS[model], out=f"{folder}/run", method=row["method"], sparsity=_nominal(row["run"]) or 0.5,
+                    **MODELS[model], out=f"{folder}/run", method=row["method"], sparsity=_nominal(row["run"]),
                     steps=args.memory_steps, update_interval=max(1, args.memory_steps // 2),
                     batch_size=args.batch_size, block_size=args.block_size, checkpoint_every=0, sample_steps=2,
                     seed=0, device="cuda" if torch.cuda.is_available() else "cpu")
-                results = _train_alone(["-m", "sparse_diffusion", "train", *flags(dataclasses.asdict(config))],
-                                       Path(folder) / "run" / "metrics.json", args.threads)
+                command = train_command(config, resume=False, program=[sys.executable, "-m", "sparse_diffusion"])
+                results = _train_alone(command, Path(folder) / "run" / "metrics.json", args.threads)
             samples[row["run"]].append(results["peak_rss_bytes"] / 2**20)
             cuda[row["run"]] = results.get("peak_cuda_bytes")
         print(f"  {model} memory {repeat + 1}/{args.memory_repeats}: "
@@ -156,13 +155,13 @@ def peak_memory(model: str, args: argparse.Namespace, runs: List[Dict[str, objec
             row["peak_cuda_mb"] = cuda[row["run"]] / 2**20
 
 
-def _train_alone(arguments: List[str], metrics: Path, threads: int) -> Dict:
-    """Runs ``python arguments`` to the end in a fresh process; returns its metrics.json."""
+def _train_alone(command: List[str], metrics: Path, threads: int) -> Dict:
+    """Runs ``command`` to the end in a fresh process; returns its metrics.json."""
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=environment)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-3:]
-        raise RuntimeError(f"exit code {done.returncode} from {' '.join(arguments)}: {' | '.join(tail)}")
+        raise RuntimeError(f"exit code {done.returncode} from {' '.join(command)}: {' | '.join(tail)}")
     return json.loads(metrics.read_text())
 
 
