@@ -69,50 +69,60 @@ def build_runs(model: str, args: argparse.Namespace, folder: str) -> Dict[str, o
     return runs
 
 
-def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dict[str, object]]:
-    torch.manual_seed(0)
-    runs = build_runs(model, args, folder)
+def interleave(runs: Dict[str, object], rounds: int, steps: int, warmup: int, label: str = "") -> List[Dict[str, object]]:
+    """Times the trainers ``runs`` (name -> Trainer) against each other: ``rounds`` rounds of
+    ``steps`` steps each, in a rotating order, after ``warmup`` steps each. One row per run: the
+    median ms per round and its range, a checkpoint save amortised over the trainer's
+    ``checkpoint_every`` steps, the trainer's phase times."""
     for trainer in runs.values():  # warm up: allocations, optimizer state
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             trainer.train_step()
         trainer.timing = True
         trainer.phase_seconds.clear()
     names = list(runs)
     per_round: Dict[str, List[float]] = {name: [] for name in names}
     faults = {name: 0 for name in names}
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
             trainer = runs[name]
             start, first_faults = time.perf_counter(), _page_faults()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 trainer.train_step()
-            per_round[name].append((time.perf_counter() - start) / args.steps * 1000)
+            per_round[name].append((time.perf_counter() - start) / steps * 1000)
             faults[name] += _page_faults() - first_faults
-        print(f"  {model} round {round_index + 1}/{args.rounds}: "
+        print(f"  {label} round {round_index + 1}/{rounds}: "
               + ", ".join(f"{n} {per_round[n][-1]:.0f}" for n in names), flush=True)
     rows = []
     for name in names:
         trainer = runs[name]
-        steps = args.rounds * args.steps
         checkpoint_ms = _median_ms(trainer.save_checkpoint, 3)
         step_ms = statistics.median(per_round[name])
-        io_ms = checkpoint_ms / args.checkpoint_every
+        checkpoint_every = trainer.config.checkpoint_every
+        io_ms = checkpoint_ms / checkpoint_every if checkpoint_every else 0.0
         report = trainer.report
         row = {
-            "model": model, "run": name, "method": trainer.config.method,
+            "run": name, "method": trainer.config.method,
             "sparsity": report.global_sparsity if report else 0.0,
             "ms_per_step": step_ms + io_ms, "train_step_ms": step_ms,
             "min_ms": min(per_round[name]), "max_ms": max(per_round[name]),
             "checkpoint_ms": checkpoint_ms, "io_ms_per_step": io_ms,
-            "page_faults_per_step": faults[name] / steps,
+            "page_faults_per_step": faults[name] / (rounds * steps),
             "mask_updates": len(trainer.algo.history) if trainer.algo else 0,
             "parameters": sum(p.numel() for p in trainer.denoiser.parameters()),
             "block_sparse_layers": len(report.sparse_layers) if report else 0,
             "dense_layers_in_budget": len(report.budgeted_layers) - len(report.sparse_layers) if report else 0,
         }
-        row.update({f"{phase}_ms": trainer.phase_seconds.get(phase, 0.0) / steps * 1000 for phase in PHASES})
+        row.update({f"{phase}_ms": trainer.phase_seconds.get(phase, 0.0) / (rounds * steps) * 1000
+                    for phase in PHASES})
         rows.append(row)
+    return rows
+
+
+def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dict[str, object]]:
+    torch.manual_seed(0)
+    rows = interleave(build_runs(model, args, folder), args.rounds, args.steps, args.warmup, label=model)
+    rows = [{"model": model, **row} for row in rows]
     dense = rows[0]["ms_per_step"]
     for row in rows:
         row["speedup_vs_dense"] = dense / row["ms_per_step"]

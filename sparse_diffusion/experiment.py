@@ -16,12 +16,16 @@ more studies (a model on a dataset), each crossed with the grid's axes::
         model: ldm
         dataset: fashion-mnist
         autoencoder: {steps: 1500}          # trained once into STUDY/autoencoder (or a path)
+    wall_clock_from: experiments/results/cpu-small/timing.json   # optional, see below
 
 Dense runs ignore sparsity, drop fraction and block size; Static ignores the drop
 fraction. Finished runs (a metrics.json with their FID) are skipped, interrupted ones
 resume from their checkpoint, so the command can be run again until it completes. A run
 that fails writes error.txt and the grid goes on. The report (report.md and plots/ in the
-output folder) is built from the run folders alone: config.json and metrics.json.
+output folder) is built from the run folders alone: config.json and metrics.json; with
+``wall_clock_from`` (the JSON of ``python -m benchmarks.study_timing GRID.yaml``, every cell's
+training step timed side by side on one machine) its wall-clocks are steps x those times, so
+that runs made on different machines, or alongside other work, compare fairly.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from .train import CHECKPOINT, TrainingStopped
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")
 AXIS_DEFAULTS = {"method": ["dense"], "sparsity": [0.5], "drop_fraction": [0.3], "block_size": [32], "seed": [0]}
 STUDY_KEYS = {"name", "grid", "autoencoder"}
-TOP_KEYS = {"out", "defaults", "grid", "studies", "description", "report"}
+TOP_KEYS = {"out", "defaults", "grid", "studies", "description", "report", "wall_clock_from"}
 
 
 @dataclasses.dataclass
@@ -68,6 +72,8 @@ def load_grid(path: str) -> Dict:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     if "out" not in grid or not grid.get("studies"):
         raise ValueError(f"{path}: needs 'out' (the output folder) and a non-empty 'studies' list")
+    if not isinstance(grid.get("wall_clock_from", ""), str):
+        raise ValueError(f"{path}: 'wall_clock_from' must be the path of a benchmarks.study_timing JSON file")
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out"}
     for where, settings in [("defaults", grid.get("defaults") or {})] + [
         (f"study {s.get('name', i)!r}", {k: v for k, v in s.items() if k not in STUDY_KEYS})

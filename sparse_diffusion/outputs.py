@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -22,6 +23,18 @@ MIN_FID_SAMPLES = 2048
 # A run's timing is "clean" when the machine's 1-minute load average stayed within this much
 # of the threads the run itself uses: nothing else was competing for the CPUs.
 LOAD_MARGIN = 0.75
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), e.g. ``AMD EPYC 9B45``."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class RunOutputs:
@@ -141,10 +154,12 @@ class RunOutputs:
     def machine_load(self) -> Dict:
         """Whether the run's wall-clock is its own: the largest 1-minute load average seen while
         training against the CPU threads the run uses (``clean`` when within
-        :data:`LOAD_MARGIN`; on a GPU the host's load still tells whether it was shared)."""
+        :data:`LOAD_MARGIN`; on a GPU the host's load still tells whether it was shared), and
+        the CPU it ran on (runs of one study may land on different machines)."""
         self.max_load = max(self.max_load, os.getloadavg()[0])
         threads = torch.get_num_threads() * self.dist.world_size
-        return {"cpu_threads": threads, "cpus": os.cpu_count(), "max_load_1min": round(self.max_load, 2),
+        return {"cpu": cpu_model(), "cpu_threads": threads, "cpus": os.cpu_count(),
+                "max_load_1min": round(self.max_load, 2),
                 "clean": self.max_load <= threads + LOAD_MARGIN}
 
     def write_summary(self, results: Dict, path: Optional[Path] = None) -> Path:

@@ -51,7 +51,7 @@ def read_runs(root: Path, runs: Sequence["RunSpec"]) -> List[Dict]:
     return records
 
 
-def _group_key(config: Dict) -> Tuple:
+def cell_key(config: Dict) -> Tuple:
     """(method, sparsity, block, drop fraction, exact k): what the seeds of one cell share."""
     if config["method"] == "dense":
         return ("dense", 0.0, None, None, False)
@@ -76,34 +76,59 @@ def _mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
     return mean, std
 
 
-def summarize(records: List[Dict]) -> Dict[str, List[Dict]]:
-    """Per study, one row per cell (:func:`_group_key`): means over seeds."""
+def summarize(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> Dict[str, List[Dict]]:
+    """Per study, one row per cell (:func:`cell_key`): means over seeds."""
     studies = dict.fromkeys(r["study"] for r in records)
-    return {study: cells([r for r in records if r["study"] == study]) for study in studies}
+    return {study: cells([r for r in records if r["study"] == study], timing) for study in studies}
 
 
-def cells(records: List[Dict]) -> List[Dict]:
+def load_timing(path: str) -> Tuple[Dict[Tuple, float], Dict]:
+    """A grid's ``wall_clock_from``: the seconds per training step of every cell, measured side
+    by side on one machine (``python -m benchmarks.study_timing``), keyed by :func:`cell_key`;
+    and that machine's record."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"wall_clock_from {path}: cannot read it as JSON: {error}") from None
+    if not isinstance(payload, dict) or payload.get("suite") != "study_timing":
+        raise ValueError(f"wall_clock_from {path}: not a benchmarks.study_timing result (no suite 'study_timing')")
+    return {tuple(r["key"]): r["ms_per_step"] / 1000 for r in payload["rows"]}, payload.get("environment", {})
+
+
+def _retimed(curve: List[Dict], seconds_per_step: float) -> List[Dict]:
+    """``curve`` with each evaluation's training wall-clock replaced by step x ``seconds_per_step``."""
+    return [{**p, "own_wall_clock_s": p["wall_clock_s"], "wall_clock_s": p["step"] * seconds_per_step} for p in curve]
+
+
+def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> List[Dict]:
     """One row per cell of the finished ``records``: means and spreads over seeds, each seed's
-    FID curve and whether its timing was clean."""
+    FID curve and whether its timing was clean. A cell in ``timing`` (:func:`load_timing`) is
+    re-timed: its s / step is the one measured there and its wall-clocks are steps x that; its
+    runs' own s / step stays in ``own_s_per_step``."""
     groups: Dict[Tuple, List[Dict]] = {}
     for r in records:
         if "results" in r:
-            groups.setdefault(_group_key(r["config"]), []).append(r)
+            groups.setdefault(cell_key(r["config"]), []).append(r)
     rows = []
     for key, members in groups.items():
         results = [m["results"] for m in members]
         fids = [x.get("metrics", {}).get("fid") for x in results]
         fid, fid_std = _mean_std(fids)
-        step, _ = _mean_std([x["seconds_per_step"] for x in results])
+        own_step, _ = _mean_std([x["seconds_per_step"] for x in results])
         memory, _ = _mean_std([x.get("state_bytes") for x in results])
         wall_clock, _ = _mean_std([x.get("wall_clock_s") for x in results])
+        curves = [x["curve"] for x in results if x.get("curve")]
+        step = (timing or {}).get(key)
+        if step is not None:
+            wall_clock = step * results[0]["steps"]
+            curves = [_retimed(c, step) for c in curves]
         rows.append({
             "method": key[0], "sparsity": key[1], "block": key[2], "drop": key[3], "exact_k": key[4],
             "seeds": len(members), "fid": fid, "fid_std": fid_std, "fids": fids,
             "actual_sparsity": results[0]["sparsity"], "parameters": results[0]["parameters"],
-            "flops": results[0]["flops_per_sample"], "s_per_step": step, "wall_clock_s": wall_clock,
-            "state_mb": memory / 2**20 if memory else None,
-            "curves": [x["curve"] for x in results if x.get("curve")],
+            "flops": results[0]["flops_per_sample"], "s_per_step": own_step if step is None else step,
+            "own_s_per_step": own_step, "retimed": step is not None, "wall_clock_s": wall_clock,
+            "state_mb": memory / 2**20 if memory else None, "curves": curves,
             "clean": sum(bool(x.get("timing", {}).get("clean")) for x in results),
         })
     dense = [r for r in rows if r["method"] == "dense"]
@@ -270,30 +295,35 @@ def _where(row: Dict) -> str:
     return f"| {label(row)} | {row['sparsity']:g} | {_fmt(row['block'], 'd')} |"
 
 
-def convergence_section(rows: List[Dict], folder: Path, name: str) -> str:
+def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: str = "") -> str:
     """The convergence questions, over the cells whose runs evaluated during training: final
     FID against dense within the seed noise; FID at equal training wall-clock; wall-clock to
     reach dense's final FID + 10%; the growth rule and the block size at equal sparsity. Writes
-    the FID-vs-steps and FID-vs-wall-clock plots into ``folder``."""
+    the FID-vs-steps and FID-vs-wall-clock plots into ``folder``. ``timing_note`` says where the
+    wall-clocks come from when the cells were re-timed (:func:`load_timing`)."""
     curved = [r for r in rows if r["curves"]]
     if not curved:
         return ""
     dense = next((r for r in curved if r["method"] == "dense"), None)
+    retimed = any(r["retimed"] for r in curved)
     parts = [f"## Convergence ({name})\n",
              "Each run evaluated FID during training (metrics.json `curve`); wall-clock is training time only "
              "(evaluations excluded; data, optimizer, EMA, mask updates, sample grids and checkpoints included). "
              "\"vs dense\": |mean final FID - dense's| <= 2 standard errors of the difference (seed standard "
              "deviations) is \"matches\", else better / worse. Clean timing: seeds whose machine load stayed "
-             "within the run's own threads + 0.75 (metrics.json `timing`); wall-clock comparisons of unclean runs "
-             "are not reliable.\n"]
+             "within the run's own threads + 0.75 (metrics.json `timing`); own s / step: the runs' own "
+             "wall-clock, comparable between runs only when both were clean and on the same machine."
+             + (f" {timing_note}" if timing_note else "") + "\n"]
     lines = ["| method | sparsity | block | seeds | final FID | vs dense | s / step | speed-up | "
-             "wall-clock (min) | clean timing |", "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "wall-clock (min) | own s / step | clean timing |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in curved:
         fid = "-" if r["fid"] is None else f"{r['fid']:.1f} ± {r['fid_std']:.1f}"
         versus = "-" if dense is None or r is dense else _against_dense(r, dense)
         minutes = r["wall_clock_s"] / 60 if r["wall_clock_s"] else None
-        lines.append(f"{_where(r)} {r['seeds']} | {fid} | {versus} | {_fmt(r['s_per_step'], '.3f')} | "
-                     f"{_fmt(r['speedup'], '.2f')} | {_fmt(minutes, '.1f')} | {r['clean']}/{r['seeds']} |")
+        step = _fmt(r["s_per_step"], ".3f") + (" (own)" if retimed and not r["retimed"] else "")
+        lines.append(f"{_where(r)} {r['seeds']} | {fid} | {versus} | {step} | {_fmt(r['speedup'], '.2f')} | "
+                     f"{_fmt(minutes, '.1f')} | {_fmt(r['own_s_per_step'], '.3f')} | {r['clean']}/{r['seeds']} |")
     parts.append("At the end of training:\n\n" + "\n".join(lines) + "\n")
     if dense is not None and dense["wall_clock_s"]:
         budgets = [dense["wall_clock_s"] * f for f in BUDGETS]
@@ -397,20 +427,45 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _timing(grid: Dict, records: List[Dict]) -> Tuple[Optional[Dict[Tuple, float]], str]:
+    """The grid's ``wall_clock_from`` (:func:`load_timing`) and a sentence saying where the
+    report's wall-clocks come from; ``(None, "")`` for a grid without it."""
+    path = grid.get("wall_clock_from")
+    if not path:
+        return None, ""
+    cpus = sorted({r["results"].get("timing", {}).get("cpu") or "?" for r in records if "results" in r})
+    if not Path(path).is_file():
+        return None, (f"The grid's wall_clock_from names {path}, which does not exist yet: s / step and "
+                      "wall-clocks are the runs' own.")
+    timing, machine = load_timing(path)
+    finished = {cell_key(r["config"]) for r in records if "results" in r}
+    missing = len(finished - set(timing))
+    return timing, (
+        f"Wall-clocks are re-timed: every cell's s / step was measured side by side in one process on one "
+        f"machine ({machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} threads, {str(machine.get('date', '?'))[:10]}; "
+        f"{path}, from `python -m benchmarks.study_timing`), and a run's wall-clock at step s is s x that; its "
+        f"own wall-clock (run on {len(cpus)} kind(s) of machine: {', '.join(cpus)}) is kept as own s / step."
+        + (f" {missing} finished cell(s) are not in that file and keep their own (marked \"own\")." if missing else ""))
+
+
 def write_report(root: Path, grid: Dict, runs: Sequence["RunSpec"]) -> Path:
     """report.md (a table per study, and the convergence questions over all studies when their
     runs evaluated during training) and plots/ in ``root``, from the run folders alone."""
     records = read_runs(root, runs)
-    tables = summarize(records)
+    timing, timing_note = _timing(grid, records)
+    tables = summarize(records, timing)
     done = sum("results" in r for r in records)
     parts = [f"# Experiment report: {root.name}\n",
              f"{done} of {len(records)} runs finished. Every number below is read from the run folders "
              "(config.json, metrics.json). FID: standard Inception features, samples against the test split "
              "(strokes rasterised at 64x64); s / step: wall-clock of training; train state: parameters + "
-             "gradients + optimizer state; speed-up: dense s / step over the row's.\n"]
+             "gradients + optimizer state; speed-up: dense s / step over the row's."
+             + (f" {timing_note}" if timing_note else "") + "\n"]
     if grid.get("description"):
         parts.append(str(grid["description"]).strip() + "\n")
     for study, rows in tables.items():
+        if not rows:
+            continue  # nothing finished yet: listed under "Not run yet"
         first = next((r["config"] for r in records if r["study"] == study and "config" in r), {})
         device = next((r["results"]["device"] for r in records if r["study"] == study and "results" in r), "-")
         parts.append(f"## {study}\n")
@@ -425,7 +480,7 @@ def write_report(root: Path, grid: Dict, runs: Sequence["RunSpec"]) -> Path:
         parts.append(markdown_table(rows) + "\n")
         for path in _plots(study, rows, root / "plots"):
             parts.append(f"![{path.stem}](plots/{path.name})\n")
-    convergence = convergence_section(cells(records), root / "plots", root.name)
+    convergence = convergence_section(cells(records, timing), root / "plots", root.name, timing_note)
     if convergence:
         parts.append(convergence)
     failed = [r for r in records if "error" in r]

@@ -47,6 +47,7 @@ def test_expansion_skips_axes_a_method_ignores(tmp_path):
     ({"grid": {"seed": 3}}, "non-empty list"),
     ({"studies": []}, "needs 'out'"),
     ({"extra": 1}, "unknown top-level keys"),
+    ({"wall_clock_from": [1]}, "'wall_clock_from' must be the path"),
 ])
 def test_bad_grids_are_refused_naming_the_problem(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):

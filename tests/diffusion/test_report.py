@@ -3,6 +3,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sparse_diffusion.experiment import expand, load_grid
@@ -68,3 +69,54 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
     assert "| rigl | 0.5 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
     for plot in ("runs-fid-vs-steps.png", "runs-fid-vs-wall-clock.png"):
         assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
+
+
+def _timing_file(path, seconds_per_step):
+    """A benchmarks.study_timing result: ``seconds_per_step`` by cell key."""
+    rows = [{"run": str(key), "key": list(key), "ms_per_step": s * 1000} for key, s in seconds_per_step.items()]
+    path.write_text(json.dumps({"suite": "study_timing", "environment": {"cpu": "Test CPU", "torch_threads": 2,
+                                                                         "date": "2026-12-03T00:00:00"},
+                                "rows": rows}))
+    return path
+
+
+def test_the_report_retimes_runs_from_one_machines_step_times(tmp_path):
+    """With ``wall_clock_from``, a cell's wall-clock at step s is s x its measured s / step;
+    a cell missing from that file keeps its own, marked."""
+    timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False): 0.1,
+                                                     ("rigl", 0.5, 16, 0.3, False): 0.05})
+    grid_path = _grid(tmp_path)
+    grid = {**load_grid(str(grid_path)), "wall_clock_from": str(timing)}
+    runs = expand(grid)
+    for run in runs:
+        name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
+        _write_run(run, CURVES[name][run.config.seed])
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    assert "re-timed" in text and "Test CPU, 2 threads, 2026-12-03" in text
+    assert "1 finished cell(s) are not in that file" in text
+    # Dense 1,000 steps x 0.1 s = 100 s; RigL 0.05 s / step (own: 80 and 84 s for 1,000 steps).
+    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | 0.100 | 1.00 | 1.7 | 0.122 | 2/2 |" in text
+    assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | matches | 0.050 | 2.00 | 0.8 | 0.082 | 2/2 |" in text
+    assert "| rigl exact-k | 0.5 | 16 | 2 | 71.0 ± 1.4 | worse | 0.082 (own) | 1.22 | 1.4 | 0.082 | 2/2 |" in text
+    # Budgets 25 / 50 / 100 s: RigL's step 500 is at 25 s, dense's at 50 s; exact-k's own 40 s.
+    assert "| dense | 0 | - | - | 81.0 | 51.0 |" in text
+    assert "| rigl | 0.5 | 16 | 86.0 | 53.0 | 53.0 |" in text
+    assert "| rigl exact-k | 0.5 | 16 | - | 91.0 | 71.0 |" in text
+    # Target 56.1: dense at step 1,000 (100 s), RigL at step 1,000 (50 s).
+    assert "| dense | 0 | - | 1.7 | 2/2 |" in text and "| rigl | 0.5 | 16 | 0.8 | 2/2 |" in text
+
+
+def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
+    grid_path = _grid(tmp_path)
+    grid = {**load_grid(str(grid_path)), "wall_clock_from": str(tmp_path / "nowhere.json")}
+    runs = expand(grid)
+    for run in runs:
+        name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
+        _write_run(run, CURVES[name][run.config.seed])
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    assert f"wall_clock_from names {tmp_path / 'nowhere.json'}, which does not exist yet" in text
+    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | 0.122 | 1.00 | 2.0 | 0.122 | 2/2 |" in text
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"suite": "train_loop", "rows": []}))
+    with pytest.raises(ValueError, match=f"wall_clock_from {wrong}: not a benchmarks.study_timing result"):
+        write_report(tmp_path / "runs", {**grid, "wall_clock_from": str(wrong)}, runs)
