@@ -30,7 +30,7 @@ from .common import add_output_arguments, environment, parameters_of, print_tabl
 from .train_loop import interleave
 
 
-def cells(grid_path: str) -> Dict[str, "object"]:
+def cells(grid_path: str) -> Dict[str, object]:
     """One run per cell of the grid (its first seed), keyed ``study/name`` without the seed."""
     from sparse_diffusion.experiment import expand, load_grid
     from sparse_diffusion.report import cell_key
@@ -46,15 +46,15 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     from sparse_diffusion.train import Trainer
 
     torch.set_num_threads(args.threads)
-    env = environment(torch.device("cpu"))
     selected = cells(args.grid)
     if args.only:
         selected = {name: spec for name, spec in selected.items() if any(part in name for part in args.only)}
     rows: List[Dict[str, object]] = []
     with tempfile.TemporaryDirectory() as folder:
         trainers = {name: Trainer(dataclasses.replace(spec.config, out=f"{folder}/{i}", eval_samples=0, eval_every=0,
-                                                      sample_every=0, device="cpu"))
+                                                      sample_every=0))
                     for i, (name, spec) in enumerate(selected.items())}
+        env = environment(next(iter(trainers.values())).device)  # the grid's own device (auto: a GPU if any)
         for row in interleave(trainers, args.rounds, args.steps, args.warmup, label="cells"):
             key = cell_key(dataclasses.asdict(selected[row["run"]].config))
             rows.append({**row, "key": list(key), "nominal_sparsity": key[1], "block_size": key[2],
