@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from sparse_diffusion.outputs import cpu_model
+from sparse_kernels.extension import cpu_model
 
 
 def environment(device: torch.device) -> Dict[str, object]:

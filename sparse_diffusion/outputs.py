@@ -7,11 +7,12 @@ import dataclasses
 import json
 import math
 import os
-import platform
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from sparse_kernels.extension import cpu_model
 
 from .config import SPARSE_ONLY, TrainConfig
 from .io import save_image_grid
@@ -23,18 +24,6 @@ MIN_FID_SAMPLES = 2048
 # A run's timing is "clean" when the machine's 1-minute load average stayed within this much
 # of the threads the run itself uses: nothing else was competing for the CPUs.
 LOAD_MARGIN = 0.75
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), e.g. ``AMD EPYC 9B45``."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class RunOutputs:

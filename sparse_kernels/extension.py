@@ -11,6 +11,7 @@ built by ``pip install``, for CPU always.
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Dict
 
 import torch
@@ -58,6 +59,18 @@ def build_info() -> Dict[str, str]:
     info = dict(part.partition("=")[::2] for part in parts[1:])
     info["devices"] = "cpu,cuda" if "cuda" in info else "cpu"
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), e.g. ``AMD EPYC 9B45``."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_isa() -> str:
