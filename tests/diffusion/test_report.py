@@ -44,13 +44,18 @@ def _write_run(run, curve, clean=True):
     }))
 
 
+def _write_runs(runs, unclean=None):
+    """A folder per run with its CURVES entry; the run ``unclean`` = (curve name, seed) shared its machine."""
+    for run in runs:
+        name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
+        _write_run(run, CURVES[name][run.config.seed], clean=(name, run.config.seed) != unclean)
+
+
 def test_the_report_answers_the_convergence_questions(tmp_path):
     grid_path = _grid(tmp_path)
     grid = load_grid(str(grid_path))
     runs = expand(grid)
-    for run in runs:
-        name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
-        _write_run(run, CURVES[name][run.config.seed], clean=(name, run.config.seed) != ("rigl", 1))
+    _write_runs(runs, unclean=("rigl", 1))
     text = write_report(tmp_path / "runs", grid, runs).read_text()
     # Final FIDs: dense 51 ± 1.4; RigL 53 ± 1.4 is within 2 standard errors (2.8), exact-k is not.
     assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - |" in text
@@ -88,9 +93,7 @@ def test_the_report_retimes_runs_from_one_machines_step_times(tmp_path):
     grid_path = _grid(tmp_path)
     grid = {**load_grid(str(grid_path)), "wall_clock_from": str(timing)}
     runs = expand(grid)
-    for run in runs:
-        name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
-        _write_run(run, CURVES[name][run.config.seed])
+    _write_runs(runs)
     text = write_report(tmp_path / "runs", grid, runs).read_text()
     assert "re-timed" in text and "Test CPU, 2 threads, 2026-12-03" in text
     assert "1 finished cell(s) are not in that file" in text
@@ -110,9 +113,7 @@ def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
     grid_path = _grid(tmp_path)
     grid = {**load_grid(str(grid_path)), "wall_clock_from": str(tmp_path / "nowhere.json")}
     runs = expand(grid)
-    for run in runs:
-        name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
-        _write_run(run, CURVES[name][run.config.seed])
+    _write_runs(runs)
     text = write_report(tmp_path / "runs", grid, runs).read_text()
     assert f"wall_clock_from names {tmp_path / 'nowhere.json'}, which does not exist yet" in text
     assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | 0.122 | 1.00 | 2.0 | 0.122 | 2/2 |" in text
