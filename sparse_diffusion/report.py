@@ -144,13 +144,21 @@ def _fmt(value, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def fid_text(row: Dict) -> str:
+    """A row's FID: mean ± std over its seeds; a single FID has no spread to state."""
+    if row["fid"] is None:
+        return "-"
+    evaluated = sum(f is not None and math.isfinite(f) for f in row["fids"])
+    return f"{row['fid']:.1f}" if evaluated < 2 else f"{row['fid']:.1f} ± {row['fid_std']:.1f}"
+
+
 def markdown_table(rows: List[Dict]) -> str:
     header = ("| method | sparsity (actual) | block | drop | seeds | FID (mean ± std) | parameters | MFLOPs / sample | "
               "s / step | speed-up vs dense | train state (MB) |\n"
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines = [header]
     for r in rows:
-        fid = "-" if r["fid"] is None else f"{r['fid']:.1f} ± {r['fid_std']:.1f}"
+        fid = fid_text(r)
         lines.append(
             f"| {label(r)} | {r['sparsity']:.2f} ({r['actual_sparsity']:.2f}) | {_fmt(r['block'], 'd')} | {_fmt(r['drop'], 'g')} | "
             f"{r['seeds']} | {fid} | {r['parameters']:,} | {r['flops'] / 1e6:.1f} | {_fmt(r['s_per_step'], '.3f')} | "
@@ -177,7 +185,7 @@ def headline_table(rows: List[Dict]) -> str:
     def cell(r):
         if r is None or r["fid"] is None:
             return "-"
-        return f"{r['fid']:.1f} ± {r['fid_std']:.1f} ({_fmt(r['speedup'], '.2f')}x)"
+        return f"{fid_text(r)} ({_fmt(r['speedup'], '.2f')}x)"
 
     lines = ["| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
              "| --- |" + " ---: |" * len(sparsities)]
@@ -318,7 +326,7 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
              "wall-clock (min) | own s / step | clean timing |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in curved:
-        fid = "-" if r["fid"] is None else f"{r['fid']:.1f} ± {r['fid_std']:.1f}"
+        fid = fid_text(r)
         versus = "-" if dense is None or r is dense else _against_dense(r, dense)
         minutes = r["wall_clock_s"] / 60 if r["wall_clock_s"] else None
         step = _fmt(r["s_per_step"], ".3f") + (" (own)" if retimed and not r["retimed"] else "")
@@ -372,7 +380,7 @@ def _pivot(rows: List[Dict], column: str, title: str) -> List[str]:
         by = {r[column]: r for r in rows if (r["method"], r["sparsity"]) == (method, sparsity)}
         if len(by) > 1:
             lines.append(f"| {method} | {sparsity:g} | " + " | ".join(
-                "-" if v not in by or by[v]["fid"] is None else f"{by[v]['fid']:.1f} ± {by[v]['fid_std']:.1f}"
+                "-" if v not in by else fid_text(by[v])
                 for v in values) + " |")
     if not lines:
         return []
@@ -433,7 +441,7 @@ def _timing(grid: Dict, records: List[Dict]) -> Tuple[Optional[Dict[Tuple, float
     path = grid.get("wall_clock_from")
     if not path:
         return None, ""
-    cpus = sorted({r["results"].get("timing", {}).get("cpu") or "?" for r in records if "results" in r})
+    cpus = sorted({r["results"].get("timing", {}).get("cpu") or "not recorded" for r in records if "results" in r})
     if not Path(path).is_file():
         return None, (f"The grid's wall_clock_from names {path}, which does not exist yet: s / step and "
                       "wall-clocks are the runs' own.")
@@ -455,10 +463,11 @@ def write_report(root: Path, grid: Dict, runs: Sequence["RunSpec"]) -> Path:
     timing, timing_note = _timing(grid, records)
     tables = summarize(records, timing)
     done = sum("results" in r for r in records)
+    strokes = any(r.get("config", {}).get("model") == "chirodiff" for r in records)
     parts = [f"# Experiment report: {root.name}\n",
              f"{done} of {len(records)} runs finished. Every number below is read from the run folders "
-             "(config.json, metrics.json). FID: standard Inception features, samples against the test split "
-             "(strokes rasterised at 64x64); s / step: wall-clock of training; train state: parameters + "
+             "(config.json, metrics.json). FID: standard Inception features, samples against the test split"
+             + (" (strokes rasterised at 64x64)" if strokes else "") + "; s / step: wall-clock of training; train state: parameters + "
              "gradients + optimizer state; speed-up: dense s / step over the row's."
              + (f" {timing_note}" if timing_note else "") + "\n"]
     if grid.get("description"):

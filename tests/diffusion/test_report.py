@@ -121,3 +121,19 @@ def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
     wrong.write_text(json.dumps({"suite": "train_loop", "rows": []}))
     with pytest.raises(ValueError, match=f"wall_clock_from {wrong}: not a benchmarks.study_timing result"):
         write_report(tmp_path / "runs", {**grid, "wall_clock_from": str(wrong)}, runs)
+
+
+def test_a_single_seed_states_no_spread(tmp_path):
+    """One finished seed has no standard deviation: its FID prints alone, not "± 0.0"; a run
+    that did not record its CPU is counted as such in the re-timing sentence."""
+    timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False): 0.1})
+    grid_path = _grid(tmp_path)
+    grid = {**load_grid(str(grid_path)), "wall_clock_from": str(timing)}
+    runs = [run for run in expand(grid) if run.config.seed == 0]
+    _write_runs(runs)
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    assert "| dense | 0 | - | 1 | 50.0 | - |" in text
+    assert "| rigl | 0.50 (0.50) | 16 | 0.3 | 1 | 52.0 | 1,000 |" in text
+    assert "| rigl | 0.5 | 52.0 | 70.0 |" in text  # growth rule: paper vs exact-k
+    assert "± 0.0" not in text
+    assert "run on 1 kind(s) of machine: not recorded" in text
