@@ -31,8 +31,10 @@ fashion-mnist:
 		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; }
 
 ## test: the test suite on CPU (Triton kernels under the interpreter)
+## (pytest-xdist: one worker per core, each test file on one worker so that its module fixtures are built once)
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 test: $(STAMP) fashion-mnist
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 ## demo: dense vs RigL-50% diffusion on Fashion-MNIST, trained here (about 8 minutes on 2 cores)
 demo: $(STAMP) fashion-mnist
