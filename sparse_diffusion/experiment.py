@@ -38,7 +38,8 @@ from typing import Dict, List, Optional, Tuple
 
 from .config import METHODS, TrainConfig
 from .launch import autoencoder_command, run_under_torchrun, train_command
-from .report import finished, write_report
+from .report import write_report
+from .results import finished
 from .train import CHECKPOINT, TrainingStopped
 
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")

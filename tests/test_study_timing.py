@@ -7,7 +7,7 @@ import yaml
 
 from benchmarks import study_timing
 from sparse_diffusion.experiment import expand, load_grid
-from sparse_diffusion.report import cell_key, load_timing
+from sparse_diffusion.results import cell_key, load_timing
 
 
 @pytest.fixture(autouse=True)

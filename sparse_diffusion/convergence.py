@@ -1,0 +1,170 @@
+"""The convergence questions of a grid's report, over the cells whose runs evaluated FID during
+training (``eval_every``): FID against steps and against training wall-clock, whether each cell
+matches dense within the seed noise, which is best at equal wall-clock, and how long each needs
+to reach a fixed FID.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .results import fid_text, fmt, label, legend, line_name, main_block, mean_std, save_figure
+
+
+# Budgets of the equal-wall-clock comparison, as fractions of dense's training wall-clock, and
+# the FID each cell must reach in the time-to-quality comparison (dense's final FID + 10%).
+BUDGETS = (0.25, 0.5, 1.0)
+TARGET_OVER_DENSE = 1.10
+
+
+def _mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
+    """``(step, mean training wall-clock, mean FID)`` over the seeds, at the steps every seed
+    evaluated."""
+    steps = set.intersection(*({p["step"] for p in c if p.get("fid") is not None} for c in row["curves"]))
+    points = []
+    for step in sorted(steps):
+        at = [next(p for p in c if p["step"] == step) for c in row["curves"]]
+        points.append((step, sum(p["wall_clock_s"] for p in at) / len(at), sum(p["fid"] for p in at) / len(at)))
+    return points
+
+
+def _fid_by(curve: List[Dict], seconds: float) -> Optional[float]:
+    """The FID of the last evaluation at or before ``seconds`` of training (None: none yet)."""
+    done = [p for p in curve if p["wall_clock_s"] <= seconds and p.get("fid") is not None]
+    return done[-1]["fid"] if done else None
+
+
+def _time_to(curve: List[Dict], fid: float) -> Optional[float]:
+    """Training seconds at the first evaluation with FID <= ``fid`` (None: never)."""
+    return next((p["wall_clock_s"] for p in curve if p.get("fid") is not None and p["fid"] <= fid), None)
+
+
+def _against_dense(row: Dict, dense: Dict) -> str:
+    """``better`` / ``matches`` / ``worse``: the difference of mean final FIDs against two
+    standard errors of that difference (seed standard deviations); ``-`` with a single seed."""
+    if row["fid"] is None or dense["fid"] is None or min(row["seeds"], dense["seeds"]) < 2:
+        return "-"
+    error = math.sqrt(row["fid_std"] ** 2 / row["seeds"] + dense["fid_std"] ** 2 / dense["seeds"])
+    difference = row["fid"] - dense["fid"]
+    return "matches" if abs(difference) <= 2 * error else ("better" if difference < 0 else "worse")
+
+
+def _where(row: Dict) -> str:
+    return f"| {label(row)} | {row['sparsity']:g} | {fmt(row['block'], 'd')} |"
+
+
+def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: str = "") -> str:
+    """The convergence questions, over the cells whose runs evaluated during training: final
+    FID against dense within the seed noise; FID at equal training wall-clock; wall-clock to
+    reach dense's final FID + 10%; the growth rule and the block size at equal sparsity. Writes
+    the FID-vs-steps and FID-vs-wall-clock plots into ``folder``. ``timing_note`` says where the
+    wall-clocks come from when the cells were re-timed (:func:`load_timing`)."""
+    curved = [r for r in rows if r["curves"]]
+    if not curved:
+        return ""
+    dense = next((r for r in curved if r["method"] == "dense"), None)
+    retimed = any(r["retimed"] for r in curved)
+    parts = [f"## Convergence ({name})\n",
+             "Each run evaluated FID during training (metrics.json `curve`); wall-clock is training time only "
+             "(evaluations excluded; data, optimizer, EMA, mask updates, sample grids and checkpoints included). "
+             "\"vs dense\": |mean final FID - dense's| <= 2 standard errors of the difference (seed standard "
+             "deviations) is \"matches\", else better / worse. Clean timing: seeds whose machine load stayed "
+             "within the run's own threads + 0.75 (metrics.json `timing`); own s / step: the runs' own "
+             "wall-clock, comparable between runs only when both were clean and on the same machine."
+             + (f" {timing_note}" if timing_note else "") + "\n"]
+    lines = ["| method | sparsity | block | seeds | final FID | vs dense | s / step | speed-up | "
+             "wall-clock (min) | own s / step | clean timing |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in curved:
+        fid = fid_text(r)
+        versus = "-" if dense is None or r is dense else _against_dense(r, dense)
+        minutes = r["wall_clock_s"] / 60 if r["wall_clock_s"] else None
+        step = fmt(r["s_per_step"], ".3f") + (" (own)" if retimed and not r["retimed"] else "")
+        lines.append(f"{_where(r)} {r['seeds']} | {fid} | {versus} | {step} | {fmt(r['speedup'], '.2f')} | "
+                     f"{fmt(minutes, '.1f')} | {fmt(r['own_s_per_step'], '.3f')} | {r['clean']}/{r['seeds']} |")
+    parts.append("At the end of training:\n\n" + "\n".join(lines) + "\n")
+    if dense is not None and dense["wall_clock_s"]:
+        budgets = [dense["wall_clock_s"] * f for f in BUDGETS]
+        lines = ["| method | sparsity | block | " + " | ".join(f"FID by {b / 60:.1f} min" for b in budgets) + " |",
+                 "| --- | ---: | ---: |" + " ---: |" * len(budgets)]
+        best: List[Tuple[float, str]] = [(math.inf, "-")] * len(budgets)
+        for r in curved:
+            at_budget = []
+            for i, budget in enumerate(budgets):
+                fid, _ = mean_std([_fid_by(c, budget) for c in r["curves"]])
+                at_budget.append(fmt(fid, ".1f"))
+                if fid is not None and fid < best[i][0]:
+                    best[i] = (fid, f"{label(r)} at sparsity {r['sparsity']:g}, block {fmt(r['block'], 'd')}")
+            lines.append(f"{_where(r)} " + " | ".join(at_budget) + " |")
+        parts.append("At equal training wall-clock (the last evaluation by each budget, mean over seeds; budgets are "
+                     f"{', '.join(f'{f:g}' for f in BUDGETS)} x dense's):\n\n" + "\n".join(lines) + "\n")
+        parts.append("Best by each budget: " + "; ".join(
+            f"{b / 60:.1f} min: " + (f"{who} ({fid:.1f})" if math.isfinite(fid) else "no evaluation yet")
+            for b, (fid, who) in zip(budgets, best)) + ".\n")
+    if dense is not None and dense["fid"] is not None:
+        target = dense["fid"] * TARGET_OVER_DENSE
+        lines = ["| method | sparsity | block | wall-clock to target (min) | seeds that reached it |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+        for r in curved:
+            times = [_time_to(c, target) for c in r["curves"]]
+            reached = [t for t in times if t is not None]
+            minutes = sum(reached) / len(reached) / 60 if reached else None
+            lines.append(f"{_where(r)} {fmt(minutes, '.1f')} | {len(reached)}/{len(times)} |")
+        parts.append(f"Time to quality: target FID {target:.1f} (dense's final FID {dense['fid']:.1f} + 10%), at the "
+                     "first evaluation at or below it (resolved to the evaluation interval):\n\n"
+                     + "\n".join(lines) + "\n")
+    parts.extend(_pivot(curved, "block", "Block size at equal sparsity (final FID)"))
+    parts.extend(_pivot([r for r in curved if r["method"] in ("rigl", "magran")], "exact_k",
+                        "Growth rule (final FID): the RigL paper's (exact_k False) against exactly k moved (True)"))
+    for path in _curve_plots(curved, folder, name):
+        parts.append(f"![{path.stem}](plots/{path.name})\n")
+    return "\n".join(parts)
+
+
+def _pivot(rows: List[Dict], column: str, title: str) -> List[str]:
+    """A table of final FIDs with one column per value of ``column``, for the (method,
+    sparsity) pairs that have more than one value of it."""
+    values = sorted({r[column] for r in rows if r[column] is not None})
+    lines = []
+    for method, sparsity in dict.fromkeys((r["method"], r["sparsity"]) for r in rows):
+        by = {r[column]: r for r in rows if (r["method"], r["sparsity"]) == (method, sparsity)}
+        if len(by) > 1:
+            lines.append(f"| {method} | {sparsity:g} | " + " | ".join(
+                "-" if v not in by else fid_text(by[v])
+                for v in values) + " |")
+    if not lines:
+        return []
+    header = ["| method | sparsity | " + " | ".join(f"{column} {v}" for v in values) + " |",
+              "| --- | ---: |" + " ---: |" * len(values)]
+    return [f"{title}:\n\n" + "\n".join(header + lines) + "\n"]
+
+
+def _curve_plots(rows: List[Dict], folder: Path, name: str) -> List[Path]:
+    """FID against steps and against training wall-clock: one panel per sparsity (the main
+    block size), one line per method, dense in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    block = main_block(rows)
+    dense = [r for r in rows if r["method"] == "dense"]
+    sparse = [r for r in rows if r["method"] != "dense" and r["block"] == block]
+    sparsities = sorted({r["sparsity"] for r in sparse}) or [None]
+    paths = []
+    for x, x_label in (("steps", "training step"), ("wall-clock", "training wall-clock (min)")):
+        figure, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6), squeeze=False,
+                                    sharey=True)
+        for ax, sparsity in zip(axes[0], sparsities):
+            for r in dense + [r for r in sparse if r["sparsity"] == sparsity]:
+                points = _mean_curve(r)
+                xs = [p[0] if x == "steps" else p[1] / 60 for p in points]
+                style = {"color": "black", "linestyle": "--"} if r["method"] == "dense" else {}
+                ax.plot(xs, [p[2] for p in points], marker=".", label=line_name(r), **style)
+            ax.set(xlabel=x_label, title="dense" if sparsity is None else f"sparsity {sparsity:g}, block {block}")
+            legend(ax)
+        axes[0][0].set_ylabel("FID (lower is better)")
+        paths.append(save_figure(figure, folder / f"{name}-fid-vs-{x}.png"))
+    return paths

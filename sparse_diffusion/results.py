@@ -1,0 +1,177 @@
+"""A grid's run folders read back as one row per cell (method, sparsity, block, drop fraction,
+growth rule): means and spreads over seeds, FID curves, s / step (re-timed from one machine's
+measurements where the grid names them), and the text and figure helpers the report's
+sections share. Reads only each run's ``config.json`` and ``metrics.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+from .config import settings_it_predates
+
+if TYPE_CHECKING:
+    from .experiment import RunSpec
+
+
+METHOD_ORDER = ["dense", "static", "rigl", "magran"]
+
+
+def finished(run: "RunSpec") -> bool:
+    """Whether the run folder holds the results of the whole run (its steps and its FID)."""
+    path = Path(run.config.out) / "metrics.json"
+    if not path.exists():
+        return False
+    result = json.loads(path.read_text())
+    if result.get("steps") != run.config.steps:
+        return False
+    return not run.config.eval_samples or result.get("metrics", {}).get("num_samples") == run.config.eval_samples
+
+
+def read_runs(root: Path, runs: Sequence["RunSpec"]) -> List[Dict]:
+    """One record per run folder: its configuration, its results, or its error."""
+    records = []
+    for run in runs:
+        folder = Path(run.config.out)
+        record = {"study": run.study, "name": run.name, "folder": folder}
+        config_path, metrics_path, error_path = folder / "config.json", folder / "metrics.json", folder / "error.txt"
+        if config_path.exists():
+            record["config"] = json.loads(config_path.read_text())
+        if metrics_path.exists() and finished(run):
+            record["results"] = json.loads(metrics_path.read_text())
+        elif error_path.exists():
+            record["error"] = error_path.read_text().strip().splitlines()[-1]
+        records.append(record)
+    return records
+
+
+def cell_key(config: Dict) -> Tuple:
+    """(method, sparsity, block, drop fraction, exact k): what the seeds of one cell share."""
+    if config["method"] == "dense":
+        return ("dense", 0.0, None, None, False)
+    moves = config["method"] in ("rigl", "magran")
+    drop = config["drop_fraction"] if moves else None
+    exact_k = moves and not settings_it_predates(config)["regrow_dropped"]
+    return (config["method"], config["sparsity"], config["block_size"], drop, exact_k)
+
+
+def label(row: Dict) -> str:
+    """The method as tables and legends name it: ``rigl``, or ``rigl exact-k`` for the variant
+    that grows only blocks dead before an update."""
+    return row["method"] + (" exact-k" if row.get("exact_k") else "")
+
+
+def mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation of the finite ``values`` (0 for one; None for none)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> Dict[str, List[Dict]]:
+    """Per study, one row per cell (:func:`cell_key`): means over seeds."""
+    studies = dict.fromkeys(r["study"] for r in records)
+    return {study: cells([r for r in records if r["study"] == study], timing) for study in studies}
+
+
+def load_timing(path: str) -> Tuple[Dict[Tuple, float], Dict]:
+    """A grid's ``wall_clock_from``: the seconds per training step of every cell, measured side
+    by side on one machine (``python -m benchmarks.study_timing``), keyed by :func:`cell_key`;
+    and that machine's record."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"wall_clock_from {path}: cannot read it as JSON: {error}") from None
+    if not isinstance(payload, dict) or payload.get("suite") != "study_timing":
+        raise ValueError(f"wall_clock_from {path}: not a benchmarks.study_timing result (no suite 'study_timing')")
+    return {tuple(r["key"]): r["ms_per_step"] / 1000 for r in payload["rows"]}, payload.get("environment", {})
+
+
+def _retimed(curve: List[Dict], seconds_per_step: float) -> List[Dict]:
+    """``curve`` with each evaluation's training wall-clock replaced by step x ``seconds_per_step``."""
+    return [{**p, "own_wall_clock_s": p["wall_clock_s"], "wall_clock_s": p["step"] * seconds_per_step} for p in curve]
+
+
+def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> List[Dict]:
+    """One row per cell of the finished ``records``: means and spreads over seeds, each seed's
+    FID curve and whether its timing was clean. A cell in ``timing`` (:func:`load_timing`) is
+    re-timed: its s / step is the one measured there and its wall-clocks are steps x that; its
+    runs' own s / step stays in ``own_s_per_step``."""
+    groups: Dict[Tuple, List[Dict]] = {}
+    for r in records:
+        if "results" in r:
+            groups.setdefault(cell_key(r["config"]), []).append(r)
+    rows = []
+    for key, members in groups.items():
+        results = [m["results"] for m in members]
+        fids = [x.get("metrics", {}).get("fid") for x in results]
+        fid, fid_std = mean_std(fids)
+        own_step, _ = mean_std([x["seconds_per_step"] for x in results])
+        memory, _ = mean_std([x.get("state_bytes") for x in results])
+        wall_clock, _ = mean_std([x.get("wall_clock_s") for x in results])
+        curves = [x["curve"] for x in results if x.get("curve")]
+        step = (timing or {}).get(key)
+        if step is not None:
+            wall_clock = step * results[0]["steps"]
+            curves = [_retimed(c, step) for c in curves]
+        rows.append({
+            "method": key[0], "sparsity": key[1], "block": key[2], "drop": key[3], "exact_k": key[4],
+            "seeds": len(members), "fid": fid, "fid_std": fid_std, "fids": fids,
+            "actual_sparsity": results[0]["sparsity"], "parameters": results[0]["parameters"],
+            "flops": results[0]["flops_per_sample"], "s_per_step": own_step if step is None else step,
+            "own_s_per_step": own_step, "retimed": step is not None, "wall_clock_s": wall_clock,
+            "state_mb": memory / 2**20 if memory else None, "curves": curves,
+            "clean": sum(bool(x.get("timing", {}).get("clean")) for x in results),
+        })
+    dense = [r for r in rows if r["method"] == "dense"]
+    dense_step = dense[0]["s_per_step"] if dense else None
+    for row in rows:
+        row["speedup"] = dense_step / row["s_per_step"] if dense_step and row["s_per_step"] else None
+    rows.sort(key=lambda r: (METHOD_ORDER.index(r["method"]), r["exact_k"], r["sparsity"], r["block"] or 0,
+                             r["drop"] or 0))
+    return rows
+
+
+def fmt(value, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def fid_text(row: Dict) -> str:
+    """A row's FID: mean ± std over its seeds; a single FID has no spread to state."""
+    if row["fid"] is None:
+        return "-"
+    evaluated = sum(f is not None and math.isfinite(f) for f in row["fids"])
+    return f"{row['fid']:.1f}" if evaluated < 2 else f"{row['fid']:.1f} ± {row['fid_std']:.1f}"
+
+
+def main_block(rows: List[Dict]) -> Optional[int]:
+    """The block size the headline and the FID-vs-sparsity plot show: the largest of those
+    with the most runs."""
+    blocks = [r["block"] for r in rows if r["method"] != "dense"]
+    return max(set(blocks), key=lambda b: (blocks.count(b), b)) if blocks else None
+
+
+def line_name(row: Dict) -> str:
+    """A method with its drop fraction: one line of a plot or one row of the headline."""
+    return label(row) + (f" (drop {row['drop']:g})" if row["drop"] is not None else "")
+
+
+def legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # no FID in these runs (eval_samples: 0)
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+
+
+def save_figure(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path
