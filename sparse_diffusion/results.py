@@ -138,6 +138,7 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
 
 
 def fmt(value, spec: str = ".3g") -> str:
+    """``value`` formatted with ``spec``; "-" for None."""
     return "-" if value is None else format(value, spec)
 
 
@@ -162,6 +163,7 @@ def line_name(row: Dict) -> str:
 
 
 def legend(ax) -> None:
+    """The axis's legend, or "no data" on an axis with no line."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     else:  # no FID in these runs (eval_samples: 0)
@@ -169,6 +171,7 @@ def legend(ax) -> None:
 
 
 def save_figure(figure, path: Path) -> Path:
+    """Writes ``figure`` to ``path`` (PNG) and closes it."""
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
