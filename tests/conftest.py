@@ -13,10 +13,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from helpers import BackendSwitch  # noqa: E402
 
-# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores,
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores,
 # so that workers do not oversubscribe them.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_collection_modifyitems(config, items):
