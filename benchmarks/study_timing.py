@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     selected = cells(args.grid)
     if args.only:
         selected = {name: spec for name, spec in selected.items() if any(part in name for part in args.only)}
+    if not selected:
+        raise SystemExit(f"--only {' '.join(args.only or [])}: no cell of {args.grid} matches")
     rows: List[Dict[str, object]] = []
     with tempfile.TemporaryDirectory() as folder:
         trainers = {name: Trainer(dataclasses.replace(spec.config, out=f"{folder}/{i}", eval_samples=0, eval_every=0,

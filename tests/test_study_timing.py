@@ -15,7 +15,7 @@ def _private_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSE_DIFFUSION_CACHE", str(tmp_path / "cache"))
 
 
-def test_every_cell_is_timed_once_under_the_reports_key(tmp_path):
+def _grid(tmp_path):
     grid = {
         "out": str(tmp_path / "runs"),
         "defaults": dict(model="pixel", dataset="fashion-mnist", preset="tiny", image_size=16, steps=4, batch_size=4,
@@ -26,6 +26,11 @@ def test_every_cell_is_timed_once_under_the_reports_key(tmp_path):
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_every_cell_is_timed_once_under_the_reports_key(tmp_path):
+    path = _grid(tmp_path)
     out = tmp_path / "timing.json"
     payload = study_timing.main([str(path), "--rounds", "2", "--steps", "1", "--warmup", "1", "--threads", "1",
                                  "--out", str(out)])
@@ -41,3 +46,9 @@ def test_every_cell_is_timed_once_under_the_reports_key(tmp_path):
     # update_interval 2: the warm-up step is step 1, the timed ones 2 and 3, so one update each.
     assert rows["main/rigl-s0.5-b4-d0.3"]["mask_updates"] == rows["exact/rigl-s0.5-b4-d0.3"]["mask_updates"] == 1
     assert rows["main/dense"]["mask_updates"] == 0 and rows["main/dense"]["speedup_vs_dense"] == 1.0
+
+
+def test_an_only_that_matches_no_cell_is_named(tmp_path):
+    path = _grid(tmp_path)
+    with pytest.raises(SystemExit, match=f"--only magran: no cell of {path} matches"):
+        study_timing.main([str(path), "--only", "magran", "--threads", "1"])
