@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -77,21 +77,16 @@ class Distributed:
         if self.active:
             dist.barrier()
 
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean over ranks of a scalar tensor, as a float (the loss of the global batch)."""
+    def mean_and_any(self, value: torch.Tensor, flag: bool) -> Tuple[float, bool]:
+        """The mean over ranks of a scalar tensor, as a float (the loss of the global batch),
+        and whether ``flag`` is set on any rank: one all-reduce, every rank gets the same answer."""
         if not self.active:
-            return value.item()
-        total = value.detach().double().reshape(1).clone()
-        dist.all_reduce(total)
-        return total.item() / self.world_size
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank (every rank gets the same answer)."""
-        if not self.active:
-            return flag
-        value = torch.tensor([float(flag)], device=self._collective_device())
-        dist.all_reduce(value)
-        return bool(value.item() > 0)
+            return value.item(), flag
+        packed = torch.stack([value.detach().double().reshape(()),
+                              torch.tensor(float(flag), dtype=torch.float64, device=value.device)])
+        dist.all_reduce(packed)
+        total, flags = packed.tolist()
+        return total / self.world_size, flags > 0
 
     def gather(self, value: Any) -> List[Any]:
         """``value`` of every rank, in rank order, on every rank."""
@@ -100,9 +95,6 @@ class Distributed:
         values: List[Any] = [None] * self.world_size
         dist.all_gather_object(values, value)
         return values
-
-    def _collective_device(self) -> torch.device:
-        return self.device if self.backend == "nccl" and self.device is not None else torch.device("cpu")
 
     def close(self, wait: bool = True) -> None:
         """Ends the process group; ``wait``: first wait for every rank (none tears down its

@@ -136,6 +136,7 @@ class Trainer(RunOutputs):
         self.timing = False
         self.phase_seconds: Dict[str, float] = defaultdict(float)
         self._stop_signal: Optional[int] = None
+        self._stop_agreed = False  # a signal reached some rank before this step's all-reduce
         if resume:
             self._load_checkpoint()
         # The module the loss calls: the denoiser, or its DDP wrapper (which averages gradients).
@@ -177,7 +178,8 @@ class Trainer(RunOutputs):
                         self.save_samples()
                     if self.step == config.steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                         self.save_checkpoint()
-                if self.dist.any(self._stop_signal is not None):  # every rank stops after the same step
+                # every rank stops after the same step: the ranks agreed in the step's all-reduce
+                if self._stop_agreed if self.dist.active else self._stop_signal is not None:
                     self.save_checkpoint()
                     signum = self._stop_signal or signal.SIGTERM  # None: another rank was signalled
                     cause = f"by {signal.Signals(signum).name}" if self._stop_signal else "with a signalled rank"
@@ -228,7 +230,8 @@ class Trainer(RunOutputs):
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-        value = self.dist.mean(loss)  # the global batch's loss: every rank decides alike
+        # the global batch's loss (every rank decides alike) and whether any rank was signalled
+        value, self._stop_agreed = self.dist.mean_and_any(loss, self._stop_signal is not None)
         finite = math.isfinite(value)
         with self.phase("optimizer"):
             if config.grad_clip:

@@ -69,8 +69,11 @@ def test_torchrun_trains_one_run_split_in_two_equal_to_one_process(tmp_path):
 
 # --------------------------------------------------------------------------- kill and resume, 2 ranks
 def _signalled_worker(rank, port, config_fields, results):
-    """Rank 0 alone gets SIGTERM during step 3; both ranks must stop after the same step."""
+    """Rank 0 alone gets SIGTERM during step 3; both ranks must stop after the same step.
+    Counts the all-reduces the training loop makes itself (besides DDP's and the mask update's)."""
     import signal
+
+    import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
@@ -86,12 +89,19 @@ def _signalled_worker(rank, port, config_fields, results):
             os.kill(os.getpid(), signal.SIGTERM)
         return draw_batch(*args, **kwargs)
 
-    train_module.draw_batch = signal_rank_0
+    all_reduce, loop_reductions = dist.all_reduce, []
+
+    def counting_all_reduce(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("sparse_diffusion", "distributed.py")):
+            loop_reductions.append(1)
+        return all_reduce(*args, **kwargs)
+
+    train_module.draw_batch, dist.all_reduce = signal_rank_0, counting_all_reduce
     try:
         train_module.train(TrainConfig(**config_fields))
-        results.put((rank, "finished", None))
+        results.put((rank, "finished", None, len(loop_reductions)))
     except train_module.TrainingStopped as stop:
-        results.put((rank, str(stop), stop.exit_code))
+        results.put((rank, str(stop), stop.exit_code, len(loop_reductions)))
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
@@ -102,8 +112,10 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     results = mp.get_context("spawn").Queue()
     mp.start_processes(_signalled_worker, args=(free_port(), dataclasses.asdict(config), results), nprocs=2,
                        start_method="spawn")
-    outcome = dict((rank, (message, code)) for rank, message, code in (results.get(timeout=60) for _ in range(2)))
+    outcome = dict((rank, (message, code, reductions))
+                   for rank, message, code, reductions in (results.get(timeout=60) for _ in range(2)))
     assert outcome[0][1] == outcome[1][1] == 128 + signal.SIGTERM
+    assert outcome[0][2] == outcome[1][2] == 3, outcome  # one per step: the loss mean and the stop flag together
     assert "stopped by SIGTERM after step 3" in outcome[0][0], outcome
     assert "stopped with a signalled rank after step 3" in outcome[1][0], outcome
     assert load_state(tmp_path / "run" / CHECKPOINT)["step"] == 3
