@@ -191,6 +191,22 @@ def test_different_timesteps_give_different_outputs(kind):
     torch.testing.assert_close(scalar, early)
 
 
+# --------------------------------------------------------------------------- sampling
+def test_sampling_feeds_the_network_bounded_batches_and_gives_the_same_strokes():
+    from sparse_diffusion.diffusion import StrokeDiffusion, make_scheduler
+
+    task = StrokeDiffusion(small_net("gru"), make_scheduler(), torch.ones(13))  # lengths 1..12
+    sizes = []
+    task.net.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    one_call = task.sample(10, torch.Generator().manual_seed(0), steps=3, batch_size=10)
+    assert sizes == [10] * 3
+    sizes.clear()
+    batched = task.sample(10, torch.Generator().manual_seed(0), steps=3, batch_size=4)
+    assert sizes == [4, 4, 2] * 3
+    assert torch.equal(batched[1], one_call[1])  # the same lengths
+    torch.testing.assert_close(batched[0], one_call[0], rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- sparsify
 @pytest.mark.parametrize("kind, kwargs", [
     ("gru", dict(hidden_size=32, num_layers=2)),

@@ -162,6 +162,27 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
 
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_feeds_the_unet_bounded_batches_and_gives_the_same_samples(tmp_path, sampler):
+    """An evaluation's thousands of samples go through the UNet ``batch_size`` at a time (the
+    memory stays bounded); the sampler steps them together, so the samples are those of one call
+    (within float32 rounding: a convolution's kernel may depend on the batch size)."""
+    from sparse_diffusion.tasks import build_task
+
+    task, _ = build_task(tiny(tmp_path), torch.device("cpu"))
+    task.eval()
+    sizes = []
+    task.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    one_call = task.sample(10, torch.Generator().manual_seed(0), sampler=sampler, steps=3, batch_size=10)
+    assert sizes == [10] * 3
+    sizes.clear()
+    batched = task.sample(10, torch.Generator().manual_seed(0), sampler=sampler, steps=3, batch_size=4)
+    assert sizes == [4, 4, 2] * 3
+    torch.testing.assert_close(batched, one_call, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        task.sample(2, torch.Generator(), batch_size=0)
+
+
 def test_cli_train_sample_and_evaluate(tmp_path, capsys):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", *TINY_ARGS, "--method", "rigl", "--out", str(run))
