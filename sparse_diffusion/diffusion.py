@@ -143,7 +143,8 @@ class ImageDiffusion(nn.Module):
                sampler: str = "ddim", steps: int = 50, batch_size: int = SAMPLE_BATCH) -> Tensor:
         """``num`` images ``[num, C, H, W]`` in [-1, 1]; ``labels [num]`` for a conditional UNet
         (default: the classes in turn). The UNet (and the decoder) see ``batch_size`` samples at
-        a time; the sampler steps all of them together, so the result does not depend on it."""
+        a time; the sampler steps all of them together, so the result does not depend on it
+        (up to float32 rounding)."""
         device = next(self.unet.parameters()).device
         config = self.unet.config
         if self.conditional and labels is None:
@@ -152,6 +153,7 @@ class ImageDiffusion(nn.Module):
         scheduler = sampling_scheduler(self.scheduler, sampler, steps)
         x = torch.randn(num, config.in_channels, config.sample_size, config.sample_size, generator=generator)
         x = x.to(device)
+
         def predict(x_part, t_part, labels_part):
             return self.unet(x_part, t_part, class_labels=labels_part).sample
 
