@@ -157,11 +157,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     assert checkpoint.load_state(path)["step"] == 4
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-
-
+# --------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_sampling_feeds_the_unet_bounded_batches_and_gives_the_same_samples(tmp_path, sampler):
     """An evaluation's thousands of samples go through the UNet ``batch_size`` at a time (the
@@ -183,6 +179,7 @@ def test_sampling_feeds_the_unet_bounded_batches_and_gives_the_same_samples(tmp_
         task.sample(2, torch.Generator(), batch_size=0)
 
 
+# --------------------------------------------------------------------------- CLI
 def test_cli_train_sample_and_evaluate(tmp_path, capsys):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", *TINY_ARGS, "--method", "rigl", "--out", str(run))
