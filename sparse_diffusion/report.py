@@ -2,7 +2,8 @@
 folders alone: each run's ``config.json`` and ``metrics.json``.
 
 Per study: a table of every (method, sparsity, block, drop fraction, growth rule) averaged over
-seeds, a headline table, and plots of FID against sparsity and block size and of the speed-up.
+seeds, a headline table, and plots of FID against sparsity and block size and of the speed-up; a
+study without a dense run compares with the dense run of a study trained the same way.
 Runs that evaluated during training (``eval_every``) add the convergence questions of
 :func:`convergence_section`: FID against steps and against training wall-clock, whether each
 cell matches dense within the seed noise, which is best at equal wall-clock, and how long each
@@ -52,7 +53,7 @@ def headline_table(rows: List[Dict]) -> str:
     lines = ["| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
              "| --- |" + " ---: |" * len(sparsities)]
     if dense:
-        lines.append("| dense | " + " | ".join(cell(dense) for _ in sparsities) + " |")
+        lines.append(f"| {label(dense)} | " + " | ".join(cell(dense) for _ in sparsities) + " |")
     names = dict.fromkeys(line_name(r) for r in sparse)
     for name in names:
         by_sparsity = {r["sparsity"]: r for r in sparse if line_name(r) == name}
@@ -61,7 +62,8 @@ def headline_table(rows: List[Dict]) -> str:
 
 
 def _plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
-    """FID vs sparsity per method, FID vs block size, speed-up vs sparsity: PNG files."""
+    """FID vs sparsity per method, FID vs block size (with more than one), speed-up vs sparsity:
+    PNG files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,23 +86,26 @@ def _plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
                 ax.errorbar([p[0] for p in points], [p[1]["fid"] for p in points],
                             yerr=[p[1]["fid_std"] for p in points], marker="o", capsize=3, label=name)
 
+    def dense_line(ax):
+        if dense and dense[0]["fid"] is not None:
+            ax.axhline(dense[0]["fid"], color="black", linestyle="--", label=label(dense[0]))
+
     figure, ax = plt.subplots(figsize=(6, 4))
     lines(ax, [r for r in sparse if r["block"] == block], "sparsity")
-    if dense and dense[0]["fid"] is not None:
-        ax.axhline(dense[0]["fid"], color="black", linestyle="--", label="dense")
+    dense_line(ax)
     ax.set(xlabel="sparsity", ylabel="FID (lower is better)", title=f"{study}: FID vs sparsity (block {block})")
     legend(ax)
     paths.append(save_figure(figure, folder / f"{study}-fid-vs-sparsity.png"))
 
-    figure, ax = plt.subplots(figsize=(6, 4))
-    lines(ax, [r for r in sparse if r["sparsity"] == top_sparsity], "block")
-    if dense and dense[0]["fid"] is not None:
-        ax.axhline(dense[0]["fid"], color="black", linestyle="--", label="dense")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="block size (1 = unstructured)", ylabel="FID (lower is better)",
-           title=f"{study}: FID vs block size (sparsity {top_sparsity:g})")
-    legend(ax)
-    paths.append(save_figure(figure, folder / f"{study}-fid-vs-block.png"))
+    if len(blocks) > 1:  # one block size has no block-size axis
+        figure, ax = plt.subplots(figsize=(6, 4))
+        lines(ax, [r for r in sparse if r["sparsity"] == top_sparsity], "block")
+        dense_line(ax)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="block size (1 = unstructured)", ylabel="FID (lower is better)",
+               title=f"{study}: FID vs block size (sparsity {top_sparsity:g})")
+        legend(ax)
+        paths.append(save_figure(figure, folder / f"{study}-fid-vs-block.png"))
 
     figure, ax = plt.subplots(figsize=(6, 4))
     for block in blocks:
@@ -110,7 +115,7 @@ def _plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
                 by_sparsity.setdefault(r["sparsity"], []).append(r["speedup"])
         xs = sorted(by_sparsity)
         ax.plot(xs, [sum(by_sparsity[x]) / len(by_sparsity[x]) for x in xs], marker="o", label=f"block {block}")
-    ax.axhline(1.0, color="black", linestyle="--", label="dense")
+    ax.axhline(1.0, color="black", linestyle="--", label=label(dense[0]) if dense else "dense")
     ax.set(xlabel="sparsity", ylabel="training speed-up vs dense (s/step)", title=f"{study}: speed-up vs sparsity")
     legend(ax)
     paths.append(save_figure(figure, folder / f"{study}-speedup-vs-sparsity.png"))
@@ -164,6 +169,9 @@ def write_report(root: Path, grid: Dict, runs: Sequence["RunSpec"]) -> Path:
                      f"{first.get('steps')} steps of batch {first.get('batch_size')}, "
                      f"FID on {first.get('eval_samples')} samples against "
                      f"{first.get('eval_reference') or first.get('eval_samples')} test items, device {device}.\n")
+        borrowed = next((r["from_study"] for r in rows if r.get("from_study")), None)
+        if borrowed:
+            parts.append(f"No dense run of its own: dense is study {borrowed}'s, trained and evaluated the same way.\n")
         if any(r["method"] != "dense" for r in rows):
             parts.append(f"Headline: FID ± std over seeds (training speed-up vs dense), blocks of {main_block(rows)}.\n")
             parts.append(headline_table(rows) + "\n")

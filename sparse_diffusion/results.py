@@ -59,7 +59,10 @@ def cell_key(config: Dict) -> Tuple:
 
 def label(row: Dict) -> str:
     """The method as tables and legends name it: ``rigl``, or ``rigl exact-k`` for the variant
-    that grows only blocks dead before an update."""
+    that grows only blocks dead before an update; a dense row borrowed from another study
+    (:func:`summarize`) names it."""
+    if row.get("from_study"):
+        return f"{row['method']} (study {row['from_study']})"
     return row["method"] + (" exact-k" if row.get("exact_k") else "")
 
 
@@ -73,10 +76,37 @@ def mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
     return mean, std
 
 
+# What a dense run must share with a study's sparse runs to be its baseline: the model, the data,
+# and how it was trained and evaluated (not the sparsity settings, the seed or the folders).
+SETUP_FIELDS = ("model", "dataset", "preset", "image_size", "max_len", "chirodiff_kind", "autoencoder", "steps",
+                "batch_size", "lr", "weight_decay", "precision", "ema_decay", "prediction", "sampler", "sample_steps",
+                "eval_samples", "eval_reference")
+
+
+def setup(config: Dict) -> Tuple:
+    """The training and evaluation settings of a run (:data:`SETUP_FIELDS`)."""
+    return tuple(config.get(field) for field in SETUP_FIELDS)
+
+
 def summarize(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> Dict[str, List[Dict]]:
-    """Per study, one row per cell (:func:`cell_key`): means over seeds."""
+    """Per study, one row per cell (:func:`cell_key`): means over seeds. A study without a dense
+    run of its own borrows the dense row of another study whose runs were all trained the same
+    way (:func:`setup`): it is added to the study's rows with ``from_study`` naming its study,
+    and the study's speed-ups are measured against it."""
     studies = dict.fromkeys(r["study"] for r in records)
-    return {study: cells([r for r in records if r["study"] == study], timing) for study in studies}
+    tables = {study: cells([r for r in records if r["study"] == study], timing) for study in studies}
+    setups = {study: {setup(r["config"]) for r in records if r["study"] == study and "results" in r}
+              for study in studies}
+    for study, rows in tables.items():
+        if not rows or any(r["method"] == "dense" for r in rows) or len(setups[study]) != 1:
+            continue
+        donors = [(other, r) for other, other_rows in tables.items() if setups[other] == setups[study]
+                  for r in other_rows if r["method"] == "dense" and "from_study" not in r]
+        if donors:
+            other, dense = donors[0]
+            _speedups(rows, dense["s_per_step"])
+            rows.insert(0, {**dense, "from_study": other})
+    return tables
 
 
 def load_timing(path: str) -> Tuple[Dict[Tuple, float], Dict]:
@@ -129,12 +159,16 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
             "clean": sum(bool(x.get("timing", {}).get("clean")) for x in results),
         })
     dense = [r for r in rows if r["method"] == "dense"]
-    dense_step = dense[0]["s_per_step"] if dense else None
-    for row in rows:
-        row["speedup"] = dense_step / row["s_per_step"] if dense_step and row["s_per_step"] else None
+    _speedups(rows, dense[0]["s_per_step"] if dense else None)
     rows.sort(key=lambda r: (METHOD_ORDER.index(r["method"]), r["exact_k"], r["sparsity"], r["block"] or 0,
                              r["drop"] or 0))
     return rows
+
+
+def _speedups(rows: List[Dict], dense_step: Optional[float]) -> None:
+    """Each row's training speed-up: ``dense_step`` over its s / step (None without a dense step)."""
+    for row in rows:
+        row["speedup"] = dense_step / row["s_per_step"] if dense_step and row["s_per_step"] else None
 
 
 def fmt(value, spec: str = ".3g") -> str:

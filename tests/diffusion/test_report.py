@@ -137,3 +137,28 @@ def test_a_single_seed_states_no_spread(tmp_path):
     assert "| rigl | 0.5 | 52.0 | 70.0 |" in text  # growth rule: paper vs exact-k
     assert "± 0.0" not in text
     assert "run on 1 kind(s) of machine: not recorded" in text
+
+
+def test_a_study_without_dense_compares_with_the_dense_run_trained_the_same_way(tmp_path):
+    """The exact-k study has no dense run: its speed-ups, headline and plots use the main
+    study's dense (same model, data and training), named; a different setup borrows nothing."""
+    grid_path = _grid(tmp_path)
+    grid = load_grid(str(grid_path))
+    runs = expand(grid)
+    _write_runs(runs)
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    exact = text[text.index("## exact"):text.index("## Convergence")]
+    assert "No dense run of its own: dense is study main's" in exact
+    # Dense's own s / step 0.122, exact-k's 0.082: 1.49x.
+    assert "| dense (study main) | 0.00 (0.00) | - | - | 2 | 51.0 ± 1.4 |" in exact
+    assert "| rigl exact-k (drop 0.3) | 71.0 ± 1.4 (1.49x) |" in exact
+    assert "| dense (study main) | 51.0 ± 1.4 (1.00x) |" in exact
+    assert not (tmp_path / "runs" / "plots" / "exact-fid-vs-block.png").exists()  # one block size
+
+    for run in runs:
+        if run.study == "exact":
+            config = json.loads((Path(run.config.out) / "config.json").read_text())
+            (Path(run.config.out) / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    exact = text[text.index("## exact"):text.index("## Convergence")]
+    assert "dense (study" not in exact and "| rigl exact-k (drop 0.3) | 71.0 ± 1.4 (-x) |" in exact
