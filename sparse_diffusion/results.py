@@ -5,12 +5,13 @@ sections share. Reads only each run's ``config.json`` and ``metrics.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from .config import settings_it_predates
+from .config import TrainConfig, settings_it_predates
 
 if TYPE_CHECKING:
     from .experiment import RunSpec
@@ -76,16 +77,15 @@ def mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
     return mean, std
 
 
-# What a dense run must share with a study's sparse runs to be its baseline: the model, the data,
-# and how it was trained and evaluated (not the sparsity settings, the seed or the folders).
-SETUP_FIELDS = ("model", "dataset", "preset", "image_size", "max_len", "chirodiff_kind", "autoencoder", "steps",
-                "batch_size", "lr", "weight_decay", "precision", "ema_decay", "prediction", "sampler", "sample_steps",
-                "eval_samples", "eval_reference")
+# The TrainConfig fields a dense run may differ in from a study's sparse runs and still be their
+# baseline: the sparsity settings, the seed, folders, and how often it saved, sampled or evaluated.
+NOT_SETUP = {"out", "method", "sparsity", "block_size", "distribution", "drop_fraction", "update_interval",
+             "regrow_dropped", "seed", "sample_every", "checkpoint_every", "eval_every", "data_dir"}
 
 
 def setup(config: Dict) -> Tuple:
-    """The training and evaluation settings of a run (:data:`SETUP_FIELDS`)."""
-    return tuple(config.get(field) for field in SETUP_FIELDS)
+    """A run's training and evaluation settings: every TrainConfig field but :data:`NOT_SETUP`."""
+    return tuple(config.get(f.name) for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SETUP)
 
 
 def summarize(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> Dict[str, List[Dict]]:
