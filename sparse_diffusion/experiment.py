@@ -112,11 +112,17 @@ def expand(grid: Dict, root: Optional[str] = None) -> List[RunSpec]:
     root_path = Path(root or grid["out"])
     runs: List[RunSpec] = []
     for study in grid["studies"]:
-        axes = {**AXIS_DEFAULTS, **(grid.get("grid") or {}), **(study.get("grid") or {})}
-        settings = {**(grid.get("defaults") or {}), **{k: v for k, v in study.items() if k not in STUDY_KEYS}}
-        for axis in AXES:  # a single value given as a plain option
-            if axis in settings:
-                axes[axis] = [settings.pop(axis)]
+        # The grid's axes and defaults, then the study's, each overriding what came before: an
+        # axis given a single value as a plain option (`block_size: 16`) is that one value.
+        axes, settings = dict(AXIS_DEFAULTS), {}
+        for level_axes, options in ((grid.get("grid"), grid.get("defaults")),
+                                    (study.get("grid"), {k: v for k, v in study.items() if k not in STUDY_KEYS})):
+            axes.update(level_axes or {})
+            for key, value in (options or {}).items():
+                if key in AXES:
+                    axes[key] = [value]
+                else:
+                    settings[key] = value
         if study.get("autoencoder") is not None:
             settings["autoencoder"] = str(autoencoder_path(study, root_path))
         seen = set()

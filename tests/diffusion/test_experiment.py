@@ -40,6 +40,17 @@ def test_expansion_skips_axes_a_method_ignores(tmp_path):
     assert rigl.config.out == str(tmp_path / "runs" / "fashion-pixel" / "rigl-s0.5-b16-d0.05-seed1")
 
 
+def test_a_study_overrides_the_grid_axes_and_defaults(tmp_path):
+    """The study's settings beat the grid's: its axis list beats a grid-wide single value
+    (``defaults: {block_size: 16}``), and its single value beats a grid-wide list."""
+    runs = expand(load_grid(str(_grid(
+        tmp_path, defaults={"preset": "tiny", "block_size": 16}, grid={"method": ["static"]},
+        studies=[{"name": "blocks", "model": "pixel", "grid": {"block_size": [1, 32]}},
+                 {"name": "plain", "model": "pixel", "grid": {"seed": [0, 1]}, "seed": 5}]))))
+    assert [(r.study, r.config.block_size, r.config.seed) for r in runs] == [
+        ("blocks", 1, 0), ("blocks", 32, 0), ("plain", 16, 5)]
+
+
 @pytest.mark.parametrize("change, match", [
     ({"defaults": {"stepz": 3}}, "unknown training options"),
     ({"grid": {"method": ["dense", "prune"]}}, "unknown methods"),
