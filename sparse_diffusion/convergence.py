@@ -17,6 +17,9 @@ from .results import fid_text, fmt, label, legend, line_name, main_block, mean_s
 BUDGETS = (0.25, 0.5, 1.0)
 TARGET_OVER_DENSE = 1.10
 
+# The cell dimensions of :func:`results.cell_key` as the rows of :func:`cells` name them.
+CELL = ("method", "sparsity", "block", "drop", "exact_k")
+
 
 def _mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
     """``(step, mean training wall-clock, mean FID)`` over the seeds, at the steps every seed
@@ -114,29 +117,41 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
         parts.append(f"Time to quality: target FID {target:.1f} (dense's final FID {dense['fid']:.1f} + 10%), at the "
                      "first evaluation at or below it (resolved to the evaluation interval):\n\n"
                      + "\n".join(lines) + "\n")
-    parts.extend(_pivot(curved, "block", "Block size at equal sparsity (final FID)"))
+    blocks = sorted({r["block"] for r in curved if r["block"] is not None})
+    parts.extend(_pivot(curved, "block", "Block size at equal sparsity (final FID; block 1 is unstructured)",
+                        {b: f"block {b}" for b in blocks}))
     parts.extend(_pivot([r for r in curved if r["method"] in ("rigl", "magran")], "exact_k",
-                        "Growth rule (final FID): the RigL paper's (exact_k False) against exactly k moved (True)"))
-    for path in _curve_plots(curved, folder, name):
+                        "Growth rule (final FID): the RigL paper's against exactly k blocks moved per update",
+                        {False: "paper rule", True: "exact k"}))
+    for path in _curve_plots(curved, folder, name) + _block_plot(curved, folder, name):
         parts.append(f"![{path.stem}](plots/{path.name})\n")
     return "\n".join(parts)
 
 
-def _pivot(rows: List[Dict], column: str, title: str) -> List[str]:
-    """A table of final FIDs with one column per value of ``column``, for the (method,
-    sparsity) pairs that have more than one value of it."""
+def _differing_in(rows: List[Dict], column: str) -> List[Dict]:
+    """The groups of cells that differ in ``column`` alone, with more than one value of it: each
+    a dict from that value to its cell."""
+    groups: Dict[Tuple, Dict] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in CELL if k != column), {})[r[column]] = r
+    return [by for by in groups.values() if len(by) > 1]
+
+
+def _pivot(rows: List[Dict], column: str, title: str, names: Dict) -> List[str]:
+    """A table of final FIDs with one column per value of ``column`` (headed ``names[value]``),
+    one row per group of cells that differ in ``column`` alone and have more than one value of it."""
     values = sorted({r[column] for r in rows if r[column] is not None})
+    shown = [k for k in ("block", "drop") if k != column]
     lines = []
-    for method, sparsity in dict.fromkeys((r["method"], r["sparsity"]) for r in rows):
-        by = {r[column]: r for r in rows if (r["method"], r["sparsity"]) == (method, sparsity)}
-        if len(by) > 1:
-            lines.append(f"| {method} | {sparsity:g} | " + " | ".join(
-                "-" if v not in by else fid_text(by[v])
-                for v in values) + " |")
+    for by in _differing_in(rows, column):
+        first = next(iter(by.values()))
+        method = first["method"] if column == "exact_k" else label(first)
+        lines.append(f"| {method} | {first['sparsity']:g} | " + " | ".join(fmt(first[k], "g") for k in shown)
+                     + " | " + " | ".join("-" if v not in by else fid_text(by[v]) for v in values) + " |")
     if not lines:
         return []
-    header = ["| method | sparsity | " + " | ".join(f"{column} {v}" for v in values) + " |",
-              "| --- | ---: |" + " ---: |" * len(values)]
+    header = ["| method | sparsity | " + " | ".join(shown) + " | " + " | ".join(names[v] for v in values) + " |",
+              "| --- | ---: |" + " ---: |" * (len(shown) + len(values))]
     return [f"{title}:\n\n" + "\n".join(header + lines) + "\n"]
 
 
@@ -168,3 +183,33 @@ def _curve_plots(rows: List[Dict], folder: Path, name: str) -> List[Path]:
         axes[0][0].set_ylabel("FID (lower is better)")
         paths.append(save_figure(figure, folder / f"{name}-fid-vs-{x}.png"))
     return paths
+
+
+def _block_plot(rows: List[Dict], folder: Path, name: str) -> List[Path]:
+    """Final FID against block size, over every study: one panel per sparsity, one line per
+    group of cells that differ in block size alone, dense in every panel; none without such a group."""
+    groups = _differing_in(rows, "block")
+    if not groups:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = next((r for r in rows if r["method"] == "dense" and r["fid"] is not None), None)
+    sparsities = sorted({next(iter(by.values()))["sparsity"] for by in groups})
+    figure, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6), squeeze=False, sharey=True)
+    for ax, sparsity in zip(axes[0], sparsities):
+        for by in groups:
+            points = sorted((b, r) for b, r in by.items() if r["sparsity"] == sparsity and r["fid"] is not None)
+            if points:
+                ax.errorbar([b for b, _ in points], [r["fid"] for _, r in points], yerr=[r["fid_std"] for _, r in points],
+                            marker="o", capsize=3, label=line_name(points[0][1]))
+        if dense is not None:
+            ax.axhline(dense["fid"], color="black", linestyle="--", label=label(dense))
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="block size (1 = unstructured)", title=f"sparsity {sparsity:g}")
+        legend(ax)
+    axes[0][0].set_ylabel("final FID (lower is better)")
+    return [save_figure(figure, folder / f"{name}-final-fid-vs-block.png")]

@@ -9,21 +9,27 @@ import yaml
 from sparse_diffusion.experiment import expand, load_grid
 from sparse_diffusion.report import write_report
 
-# (step, training seconds, FID) per seed: dense, RigL (paper rule) and RigL exact-k at 50%.
+# (step, training seconds, FID) per seed: dense, RigL (paper rule) and RigL exact-k at 50%,
+# blocks of 16 unless named.
 CURVES = {
     "dense": [[(500, 60, 80), (1000, 120, 50)], [(500, 62, 82), (1000, 124, 52)]],
     "rigl": [[(500, 40, 85), (1000, 80, 52)], [(500, 42, 87), (1000, 84, 54)]],
     "rigl exact-k": [[(500, 40, 90), (1000, 80, 70)], [(500, 42, 92), (1000, 84, 72)]],
+    "rigl block 1": [[(500, 50, 80), (1000, 100, 48)], [(500, 52, 82), (1000, 104, 50)]],
+    "rigl block 32": [[(500, 30, 88), (1000, 60, 60)], [(500, 32, 90), (1000, 64, 62)]],
 }
 
 
-def _grid(tmp_path):
+def _grid(tmp_path, blocks=False):
+    """Dense and RigL at 50%, blocks of 16, and RigL exact-k in a study of its own; with
+    ``blocks``, a third study of RigL at blocks of 1 and 32."""
     grid = {
         "out": str(tmp_path / "runs"),
         "defaults": {"model": "pixel", "steps": 1000, "eval_samples": 1000, "eval_every": 500, "block_size": 16},
         "grid": {"sparsity": [0.5], "seed": [0, 1]},
         "studies": [{"name": "main", "grid": {"method": ["dense", "rigl"]}},
-                    {"name": "exact", "regrow_dropped": False, "grid": {"method": ["rigl"]}}],
+                    {"name": "exact", "regrow_dropped": False, "grid": {"method": ["rigl"]}}]
+        + ([{"name": "blocks", "grid": {"method": ["rigl"], "block_size": [1, 32]}}] if blocks else []),
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -48,6 +54,8 @@ def _write_runs(runs, unclean=None):
     """A folder per run with its CURVES entry; the run ``unclean`` = (curve name, seed) shared its machine."""
     for run in runs:
         name = run.config.method + ("" if run.config.regrow_dropped else " exact-k")
+        if run.config.method != "dense" and run.config.block_size != 16:
+            name += f" block {run.config.block_size}"
         _write_run(run, CURVES[name][run.config.seed], clean=(name, run.config.seed) != unclean)
 
 
@@ -71,9 +79,30 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
     assert "target FID 56.1" in text
     assert "| dense | 0 | - | 2.0 | 2/2 |" in text and "| rigl | 0.5 | 16 | 1.4 | 2/2 |" in text
     assert "| rigl exact-k | 0.5 | 16 | - | 0/2 |" in text
-    assert "| rigl | 0.5 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
+    assert "| rigl | 0.5 | 16 | 0.3 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
     for plot in ("runs-fid-vs-steps.png", "runs-fid-vs-wall-clock.png"):
         assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
+    assert "Block size at equal sparsity" not in text  # one block size
+    assert not (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").exists()
+
+
+def test_block_sizes_and_growth_rules_compare_cells_that_differ_in_that_alone(tmp_path):
+    """Blocks of 1 and 32 (their own study) sit beside the paper rule's blocks of 16, not beside
+    exact-k's; the growth rules compare at blocks of 16, where both ran, not with blocks of 32."""
+    grid_path = _grid(tmp_path, blocks=True)
+    grid = load_grid(str(grid_path))
+    runs = expand(grid)
+    _write_runs(runs)
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    blocks = text[text.index("Block size at equal sparsity"):text.index("Growth rule")]
+    assert "| method | sparsity | drop | block 1 | block 16 | block 32 |" in blocks
+    assert "| rigl | 0.5 | 0.3 | 49.0 ± 1.4 | 53.0 ± 1.4 | 61.0 ± 1.4 |" in blocks
+    assert "exact-k" not in blocks  # exact-k ran at one block size
+    rules = text[text.index("Growth rule"):]
+    assert "| method | sparsity | block | drop | paper rule | exact k |" in rules
+    assert "| rigl | 0.5 | 16 | 0.3 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in rules and "| rigl | 0.5 | 32 |" not in rules
+    plot = "runs-final-fid-vs-block.png"
+    assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
 
 
 def _timing_file(path, seconds_per_step):
@@ -134,7 +163,7 @@ def test_a_single_seed_states_no_spread(tmp_path):
     text = write_report(tmp_path / "runs", grid, runs).read_text()
     assert "| dense | 0 | - | 1 | 50.0 | - |" in text
     assert "| rigl | 0.50 (0.50) | 16 | 0.3 | 1 | 52.0 | 1,000 |" in text
-    assert "| rigl | 0.5 | 52.0 | 70.0 |" in text  # growth rule: paper vs exact-k
+    assert "| rigl | 0.5 | 16 | 0.3 | 52.0 | 70.0 |" in text  # growth rule: paper vs exact-k
     assert "± 0.0" not in text
     assert "run on 1 kind(s) of machine: not recorded" in text
 
