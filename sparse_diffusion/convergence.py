@@ -118,8 +118,8 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
                      "first evaluation at or below it (resolved to the evaluation interval):\n\n"
                      + "\n".join(lines) + "\n")
     blocks = sorted({r["block"] for r in curved if r["block"] is not None})
-    parts.extend(_pivot(curved, "block", "Block size at equal sparsity (final FID; block 1 is unstructured)",
-                        {b: f"block {b}" for b in blocks}))
+    parts.extend(_pivot(curved, "block", "Block size at equal target sparsity (final FID, the sparsity reached in "
+                        "brackets; block 1 is unstructured)", {b: f"block {b}" for b in blocks}))
     parts.extend(_pivot([r for r in curved if r["method"] in ("rigl", "magran")], "exact_k",
                         "Growth rule (final FID): the RigL paper's against exactly k blocks moved per update",
                         {False: "paper rule", True: "exact k"}))
@@ -137,6 +137,12 @@ def _differing_in(rows: List[Dict], column: str) -> List[Dict]:
     return [by for by in groups.values() if len(by) > 1]
 
 
+def _fid_in(row: Dict, column: str) -> str:
+    """A cell's final FID in a table by ``column``; by block size with the sparsity the cell
+    reached, which large blocks on small layers can leave below its target."""
+    return fid_text(row) + (f" ({row['actual_sparsity']:.2f})" if column == "block" else "")
+
+
 def _pivot(rows: List[Dict], column: str, title: str, names: Dict) -> List[str]:
     """A table of final FIDs with one column per value of ``column`` (headed ``names[value]``),
     one row per group of cells that differ in ``column`` alone and have more than one value of it."""
@@ -147,7 +153,7 @@ def _pivot(rows: List[Dict], column: str, title: str, names: Dict) -> List[str]:
         first = next(iter(by.values()))
         method = first["method"] if column == "exact_k" else label(first)
         lines.append(f"| {method} | {first['sparsity']:g} | " + " | ".join(fmt(first[k], "g") for k in shown)
-                     + " | " + " | ".join("-" if v not in by else fid_text(by[v]) for v in values) + " |")
+                     + " | " + " | ".join("-" if v not in by else _fid_in(by[v], column) for v in values) + " |")
     if not lines:
         return []
     header = ["| method | sparsity | " + " | ".join(shown) + " | " + " | ".join(names[v] for v in values) + " |",

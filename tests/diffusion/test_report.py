@@ -82,7 +82,7 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
     assert "| rigl | 0.5 | 16 | 0.3 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
     for plot in ("runs-fid-vs-steps.png", "runs-fid-vs-wall-clock.png"):
         assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
-    assert "Block size at equal sparsity" not in text  # one block size
+    assert "Block size at equal" not in text  # one block size
     assert not (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").exists()
 
 
@@ -94,9 +94,9 @@ def test_block_sizes_and_growth_rules_compare_cells_that_differ_in_that_alone(tm
     runs = expand(grid)
     _write_runs(runs)
     text = write_report(tmp_path / "runs", grid, runs).read_text()
-    blocks = text[text.index("Block size at equal sparsity"):text.index("Growth rule")]
+    blocks = text[text.index("Block size at equal target sparsity"):text.index("Growth rule")]
     assert "| method | sparsity | drop | block 1 | block 16 | block 32 |" in blocks
-    assert "| rigl | 0.5 | 0.3 | 49.0 ± 1.4 | 53.0 ± 1.4 | 61.0 ± 1.4 |" in blocks
+    assert "| rigl | 0.5 | 0.3 | 49.0 ± 1.4 (0.50) | 53.0 ± 1.4 (0.50) | 61.0 ± 1.4 (0.50) |" in blocks
     assert "exact-k" not in blocks  # exact-k ran at one block size
     rules = text[text.index("Growth rule"):]
     assert "| method | sparsity | block | drop | paper rule | exact k |" in rules
