@@ -60,9 +60,10 @@ def _where(row: Dict) -> str:
 def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: str = "") -> str:
     """The convergence questions, over the cells whose runs evaluated during training: final
     FID against dense within the seed noise; FID at equal training wall-clock; wall-clock to
-    reach dense's final FID + 10%; the growth rule and the block size at equal sparsity. Writes
-    the FID-vs-steps and FID-vs-wall-clock plots into ``folder``. ``timing_note`` says where the
-    wall-clocks come from when the cells were re-timed (:func:`load_timing`)."""
+    reach dense's final FID + 10%; the growth rule, and the block size at equal target
+    sparsity. Writes the FID-vs-steps, FID-vs-wall-clock and final-FID-vs-block-size plots into
+    ``folder``. ``timing_note`` says where the wall-clocks come from when the cells were re-timed
+    (:func:`load_timing`)."""
     curved = [r for r in rows if r["curves"]]
     if not curved:
         return ""
@@ -215,7 +216,7 @@ def _block_plot(rows: List[Dict], folder: Path, name: str) -> List[Path]:
         if dense is not None:
             ax.axhline(dense["fid"], color="black", linestyle="--", label=label(dense))
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="block size (1 = unstructured)", title=f"sparsity {sparsity:g}")
+        ax.set(xlabel="block size (1 = unstructured)", title=f"target sparsity {sparsity:g}")
         legend(ax)
     axes[0][0].set_ylabel("final FID (lower is better)")
     return [save_figure(figure, folder / f"{name}-final-fid-vs-block.png")]
