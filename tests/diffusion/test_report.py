@@ -59,12 +59,17 @@ def _write_runs(runs, unclean=None):
         _write_run(run, CURVES[name][run.config.seed], clean=(name, run.config.seed) != unclean)
 
 
+def _report(tmp_path, blocks=False, unclean=None, seeds=(0, 1), **grid_changes):
+    """The report of :func:`_grid` (with ``grid_changes``) over its runs of ``seeds``, each
+    written by :func:`_write_runs`: its text, the grid and the runs."""
+    grid = {**load_grid(str(_grid(tmp_path, blocks))), **grid_changes}
+    runs = [run for run in expand(grid) if run.config.seed in seeds]
+    _write_runs(runs, unclean)
+    return write_report(tmp_path / "runs", grid, runs).read_text(), grid, runs
+
+
 def test_the_report_answers_the_convergence_questions(tmp_path):
-    grid_path = _grid(tmp_path)
-    grid = load_grid(str(grid_path))
-    runs = expand(grid)
-    _write_runs(runs, unclean=("rigl", 1))
-    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    text, _, _ = _report(tmp_path, unclean=("rigl", 1))
     # Final FIDs: dense 51 ± 1.4; RigL 53 ± 1.4 is within 2 standard errors (2.8), exact-k is not.
     assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - |" in text
     assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | matches |" in text and "| 1/2 |" in text
@@ -89,11 +94,7 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
 def test_block_sizes_and_growth_rules_compare_cells_that_differ_in_that_alone(tmp_path):
     """Blocks of 1 and 32 (their own study) sit beside the paper rule's blocks of 16, not beside
     exact-k's; the growth rules compare at blocks of 16, where both ran, not with blocks of 32."""
-    grid_path = _grid(tmp_path, blocks=True)
-    grid = load_grid(str(grid_path))
-    runs = expand(grid)
-    _write_runs(runs)
-    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    text, _, _ = _report(tmp_path, blocks=True)
     blocks = text[text.index("Block size at equal target sparsity"):text.index("Growth rule")]
     assert "| method | sparsity | drop | block 1 | block 16 | block 32 |" in blocks
     assert "| rigl | 0.5 | 0.3 | 49.0 ± 1.4 (0.50) | 53.0 ± 1.4 (0.50) | 61.0 ± 1.4 (0.50) |" in blocks
@@ -119,11 +120,7 @@ def test_the_report_retimes_runs_from_one_machines_step_times(tmp_path):
     a cell missing from that file keeps its own, marked."""
     timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False): 0.1,
                                                      ("rigl", 0.5, 16, 0.3, False): 0.05})
-    grid_path = _grid(tmp_path)
-    grid = {**load_grid(str(grid_path)), "wall_clock_from": str(timing)}
-    runs = expand(grid)
-    _write_runs(runs)
-    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    text, _, _ = _report(tmp_path, wall_clock_from=str(timing))
     assert "re-timed" in text and "Test CPU, 2 threads, 2026-12-03" in text
     assert "1 finished cell(s) are not in that file" in text
     # Dense 1,000 steps x 0.1 s = 100 s; RigL 0.05 s / step (own: 80 and 84 s for 1,000 steps).
@@ -139,11 +136,7 @@ def test_the_report_retimes_runs_from_one_machines_step_times(tmp_path):
 
 
 def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
-    grid_path = _grid(tmp_path)
-    grid = {**load_grid(str(grid_path)), "wall_clock_from": str(tmp_path / "nowhere.json")}
-    runs = expand(grid)
-    _write_runs(runs)
-    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    text, grid, runs = _report(tmp_path, wall_clock_from=str(tmp_path / "nowhere.json"))
     assert f"wall_clock_from names {tmp_path / 'nowhere.json'}, which does not exist yet" in text
     assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | 0.122 | 1.00 | 2.0 | 0.122 | 2/2 |" in text
     wrong = tmp_path / "wrong.json"
@@ -156,11 +149,7 @@ def test_a_single_seed_states_no_spread(tmp_path):
     """One finished seed has no standard deviation: its FID prints alone, not "± 0.0"; a run
     that did not record its CPU is counted as such in the re-timing sentence."""
     timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False): 0.1})
-    grid_path = _grid(tmp_path)
-    grid = {**load_grid(str(grid_path)), "wall_clock_from": str(timing)}
-    runs = [run for run in expand(grid) if run.config.seed == 0]
-    _write_runs(runs)
-    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    text, _, _ = _report(tmp_path, seeds=(0,), wall_clock_from=str(timing))
     assert "| dense | 0 | - | 1 | 50.0 | - |" in text
     assert "| rigl | 0.50 (0.50) | 16 | 0.3 | 1 | 52.0 | 1,000 |" in text
     assert "| rigl | 0.5 | 16 | 0.3 | 52.0 | 70.0 |" in text  # growth rule: paper vs exact-k
@@ -171,11 +160,7 @@ def test_a_single_seed_states_no_spread(tmp_path):
 def test_a_study_without_dense_compares_with_the_dense_run_trained_the_same_way(tmp_path):
     """The exact-k study has no dense run: its speed-ups, headline and plots use the main
     study's dense (same model, data and training), named; a different setup borrows nothing."""
-    grid_path = _grid(tmp_path)
-    grid = load_grid(str(grid_path))
-    runs = expand(grid)
-    _write_runs(runs)
-    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    text, grid, runs = _report(tmp_path)
     exact = text[text.index("## exact"):text.index("## Convergence")]
     assert "No dense run of its own: dense is study main's" in exact
     # Dense's own s / step 0.122, exact-k's 0.082: 1.49x.
