@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
         folder = export_run(load_run(args.run, args.device), Path(args.out), sparse=args.sparse)
         print(f"wrote {folder}")
     elif args.command == "experiment":
-        from .experiment import run_grid
+        from .study.runner import run_grid
 
         run_grid(args.grid, out=args.out, report_only=args.report_only, dry_run=args.dry_run,
                  nproc_per_node=args.nproc_per_node, print_commands=args.print_commands)

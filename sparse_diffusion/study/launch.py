@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .config import TrainConfig
-from .train import TrainingStopped
+from ..config import TrainConfig
+from ..train import TrainingStopped
 
 
 def flags(options: Dict) -> List[str]:
