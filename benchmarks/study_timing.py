@@ -32,8 +32,8 @@ from .train_loop import interleave
 
 def cells(grid_path: str) -> Dict[str, object]:
     """One run per cell of the grid (its first seed), keyed ``study/name`` without the seed."""
-    from sparse_diffusion.experiment import expand, load_grid
-    from sparse_diffusion.results import cell_key
+    from sparse_diffusion.study.grid import expand, load_grid
+    from sparse_diffusion.study.results import cell_key
 
     chosen: Dict[tuple, object] = {}
     for run in expand(load_grid(grid_path)):
@@ -42,7 +42,7 @@ def cells(grid_path: str) -> Dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
-    from sparse_diffusion.results import cell_key
+    from sparse_diffusion.study.results import cell_key
     from sparse_diffusion.train import Trainer
 
     torch.set_num_threads(args.threads)

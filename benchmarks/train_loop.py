@@ -136,7 +136,7 @@ def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dic
 def peak_memory(model: str, args: argparse.Namespace, runs: List[Dict[str, object]]) -> None:
     """Adds ``peak_rss_mb`` (median, min, max over ``--memory-repeats``) and on a GPU
     ``peak_cuda_mb`` to each row of ``runs``: the run trained alone in a fresh process."""
-    from sparse_diffusion.launch import train_command
+    from sparse_diffusion.study.launch import train_command
     from sparse_diffusion.train import TrainConfig
 
     samples: Dict[str, List[float]] = {row["run"]: [] for row in runs}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .io import DiskFullError, one_line
-from .config import METHODS, PRECISIONS, TrainConfig
+from .config import TrainConfig, flag, setting_type
 from .train import TrainingStopped
 
 # Errors a user can cause: reported in one line, without a traceback (CheckpointError is a
@@ -28,56 +28,28 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    add = parser.add_argument
-    add("--model", choices=["pixel", "ldm", "chirodiff"], default=defaults.model,
-        help="pixel-space UNet, latent diffusion (needs --autoencoder), or ChiroDiff on strokes")
-    add("--dataset", default=defaults.dataset,
-        help="fashion-mnist | kanjivg | images:PATH | quickdraw:PATH | vmnist:PATH")
-    add("--method", choices=sorted(METHODS), default=defaults.method)
-    add("--sparsity", type=float, default=defaults.sparsity, help="fraction of weights removed (sparsified layers)")
-    add("--block-size", type=int, default=defaults.block_size, help="1 = unstructured (masked reference path)")
-    add("--distribution", choices=["uniform", "er", "erk"], default=defaults.distribution)
-    add("--drop-fraction", type=float, default=defaults.drop_fraction, help="the paper's prune-and-regrowth ratio")
-    add("--update-interval", type=int, default=defaults.update_interval)
-    add("--regrow-dropped", action=argparse.BooleanOptionalAction, default=defaults.regrow_dropped,
-        help="RigL/MagRan: a block just dropped may be regrown, as in the RigL paper (default); "
-             "--no-regrow-dropped grows only blocks dead before the update, so exactly k move")
-    add("--steps", type=int, default=defaults.steps)
-    add("--batch-size", type=int, default=defaults.batch_size,
-        help="the global batch: under torchrun each of the N processes trains on batch-size / N of it")
-    add("--lr", type=float, default=defaults.lr)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--grad-clip", type=float, default=None)
-    add("--precision", choices=PRECISIONS, default=defaults.precision)
-    add("--seed", type=int, default=defaults.seed)
-    add("--preset", choices=["tiny", "demo", "small", "paper"], default=defaults.preset,
-        help="model size: tiny (tests), demo (CPU), small, paper (the paper's LDM UNet; GPU)")
-    add("--image-size", type=int, default=None, help="resize images (default: the dataset's own)")
-    add("--max-len", type=int, default=defaults.max_len, help="points per stroke sequence")
-    add("--chirodiff-kind", choices=["gru", "transformer"], default=defaults.chirodiff_kind)
-    add("--autoencoder", default=None, help="a diffusers AutoencoderKL folder (for --model ldm)")
-    add("--ema-decay", type=float, default=defaults.ema_decay)
-    add("--prediction", choices=["epsilon", "v"], default=defaults.prediction,
-        help="the network predicts the noise or the velocity (v: faster to train at small budgets)")
-    add("--sampler", choices=["ddim", "ddpm"], default=defaults.sampler)
-    add("--sample-steps", type=int, default=defaults.sample_steps)
-    add("--sample-every", type=int, default=defaults.sample_every, help="steps between sample grids (0: at the end)")
-    add("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    add("--eval-samples", type=int, default=defaults.eval_samples, help="samples for FID at the end (0: none)")
-    add("--eval-every", type=int, default=defaults.eval_every,
-        help="evaluate every N steps too (metrics.json 'curve': FID vs steps and training wall-clock; "
-             "the evaluations' own time is not counted as training)")
-    add("--eval-reference", type=int, default=defaults.eval_reference,
-        help="test-split items the metrics compare with (0: as many as the samples; more than the split: all)")
-    add("--data-dir", default=None, help="where Fashion-MNIST's files are (default: Debian's location)")
-    add("--limit", type=int, default=None, help="use only the first N training items")
-    add("--device", default=defaults.device,
-        help="auto (the first GPU, else the CPU), cpu, cuda, cuda:N; under torchrun: each rank takes cuda:LOCAL_RANK")
-    add("--dist-backend", choices=["nccl", "gloo"], default=None,
-        help="under torchrun: the process group's backend (default: nccl with a GPU per rank, else gloo)")
-    add("--out", required=True, help="the run folder")
-    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    """One flag per :class:`TrainConfig` field (``x_y`` as ``--x-y``, :func:`_flag_options`);
+    ``--out`` comes last and is required, and ``--resume`` is the command's own."""
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    for name, field in fields.items():
+        if name != "out":
+            parser.add_argument(flag(name), **_flag_options(field))
+    parser.add_argument("--out", required=True, help=fields["out"].metadata["help"])
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+def _flag_options(field: dataclasses.Field) -> dict:
+    """``add_argument`` options of a TrainConfig field: its default, help and choices, its type
+    from the annotation; a boolean is ``--x`` / ``--no-x``."""
+    options = {"default": field.default, "help": field.metadata["help"]}
+    kind = setting_type(field)
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif kind is not str:
+        options["type"] = kind
+    if "choices" in field.metadata:
+        options["choices"] = field.metadata["choices"]
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         folder = export_run(load_run(args.run, args.device), Path(args.out), sparse=args.sparse)
         print(f"wrote {folder}")
     elif args.command == "experiment":
-        from .experiment import run_grid
+        from .study.runner import run_grid
 
         run_grid(args.grid, out=args.out, report_only=args.report_only, dry_run=args.dry_run,
                  nproc_per_node=args.nproc_per_node, print_commands=args.print_commands)

@@ -1,15 +1,24 @@
 """The settings of a training run (:class:`TrainConfig`, what ``sparse-diffusion train`` takes)
-and the device they name."""
+and the device they name.
+
+Each setting is declared once, as a field with its help and choices (:func:`setting`): the
+``train`` flags are generated from the fields (:func:`flag` names them, :func:`setting_type`
+types them) and :meth:`TrainConfig.validate` checks the choices, so a new setting is one line."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 from .algorithms import MagRan, RigL, Static
+from .distributed import BACKENDS
+from .models.chirodiff import KINDS as CHIRODIFF_KINDS
+from .models.unet import UNET_PRESETS
+from .sparsify import DISTRIBUTIONS
 
 METHODS = {"dense": None, "static": Static, "rigl": RigL, "magran": MagRan}
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -28,53 +37,87 @@ PLACE = ("out", "device", "data_dir", "autoencoder", "dist_backend")
 AUTOENCODER_COPY = "autoencoder"
 
 
+def setting(default: Any, help: str, choices: Optional[Sequence] = None) -> Any:
+    """A :class:`TrainConfig` field: its default, the help of its ``train`` flag and, for a
+    setting with a fixed set of values, those values (the flag's choices, checked by
+    :meth:`TrainConfig.validate`). The flag is generated from it (``sparse_diffusion.cli``)."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices is not None else {})}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag(name: str) -> str:
+    """The ``train`` flag of the :class:`TrainConfig` field ``name``: ``block_size`` is ``--block-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def setting_type(field: dataclasses.Field) -> type:
+    """The type of a :class:`TrainConfig` field's values: int, float, str or bool (``Optional[X]``
+    is X; its default None leaves the setting to the run)."""
+    kind = typing.get_type_hints(TrainConfig)[field.name]
+    if typing.get_origin(kind) is typing.Union:
+        (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    return kind
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (see ``sparse-diffusion train --help``)."""
+    """Everything a training run depends on (see ``sparse-diffusion train --help``): each field is
+    one ``train`` flag, ``x_y`` as ``--x-y``, declared with its help and choices by :func:`setting`."""
 
-    out: str = "runs/run"
-    model: str = "pixel"  # pixel | ldm | chirodiff
-    dataset: str = "fashion-mnist"
-    method: str = "dense"  # dense | static | rigl | magran
-    sparsity: float = 0.5
-    block_size: int = 32
-    distribution: str = "erk"
-    drop_fraction: float = 0.3
-    update_interval: int = 100
-    regrow_dropped: bool = True  # RigL / MagRan: a just-dropped block may be regrown (the RigL paper)
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    grad_clip: Optional[float] = None
-    precision: str = "fp32"
-    seed: int = 0
-    preset: str = "demo"
-    image_size: Optional[int] = None
-    max_len: int = 64
-    chirodiff_kind: str = "gru"
-    autoencoder: Optional[str] = None
-    ema_decay: float = 0.999
-    prediction: str = "epsilon"  # epsilon | v
-    sampler: str = "ddim"
-    sample_steps: int = 50
-    sample_every: int = 0
-    checkpoint_every: int = 500
-    eval_samples: int = 0
-    eval_every: int = 0  # also evaluate every N steps: metrics.json's FID-vs-steps / -wall-clock curve
-    eval_reference: int = 0  # test-split items FID compares with (0: as many as the samples)
-    data_dir: Optional[str] = None
-    limit: Optional[int] = None
-    device: str = "auto"
-    dist_backend: Optional[str] = None  # under torchrun: nccl | gloo (default: nccl with a GPU per rank)
+    out: str = setting("runs/run", "the run folder")
+    model: str = setting("pixel", "pixel-space UNet, latent diffusion (needs --autoencoder), or ChiroDiff on strokes",
+                         choices=("pixel", "ldm", "chirodiff"))
+    dataset: str = setting("fashion-mnist", "fashion-mnist | kanjivg | images:PATH | quickdraw:PATH | vmnist:PATH")
+    method: str = setting("dense", "dense (no sparsity), static (a fixed mask), rigl (drop the smallest blocks, grow "
+                          "by gradient) or magran (drop the smallest, grow at random)", choices=sorted(METHODS))
+    sparsity: float = setting(0.5, "fraction of weights removed (sparsified layers)")
+    block_size: int = setting(32, "1 = unstructured (masked reference path)")
+    distribution: str = setting("erk", "how the density is spread over the layers: uniform, er or erk (RigL's)",
+                                choices=DISTRIBUTIONS)
+    drop_fraction: float = setting(0.3, "the paper's prune-and-regrowth ratio")
+    update_interval: int = setting(100, "RigL/MagRan: steps between mask updates")
+    regrow_dropped: bool = setting(
+        True, "RigL/MagRan: a block just dropped may be regrown, as in the RigL paper (default); "
+        "--no-regrow-dropped grows only blocks dead before the update, so exactly k move")
+    steps: int = setting(1000, "optimizer steps to train")
+    batch_size: int = setting(64, "the global batch: under torchrun each of the N processes trains on batch-size / N "
+                              "of it")
+    lr: float = setting(1e-3, "AdamW's learning rate")
+    weight_decay: float = setting(0.01, "AdamW's weight decay")
+    grad_clip: Optional[float] = setting(None, "clip the gradient norm to this (default: no clipping)")
+    precision: str = setting("fp32", "fp32, or autocast to bf16 / fp16", choices=PRECISIONS)
+    seed: int = setting(0, "the seed of the initialisation, the masks, the data order and the noise")
+    preset: str = setting("demo", "model size: tiny (tests), demo (CPU), small, paper (the paper's LDM UNet; GPU)",
+                          choices=tuple(UNET_PRESETS))
+    image_size: Optional[int] = setting(None, "resize images (default: the dataset's own)")
+    max_len: int = setting(64, "points per stroke sequence")
+    chirodiff_kind: str = setting("gru", "ChiroDiff's network: a bidirectional GRU or a transformer",
+                                  choices=CHIRODIFF_KINDS)
+    autoencoder: Optional[str] = setting(None, "a diffusers AutoencoderKL folder (for --model ldm)")
+    ema_decay: float = setting(0.999, "decay of the weights' moving average (the EMA samples and is evaluated)")
+    prediction: str = setting("epsilon", "the network predicts the noise or the velocity (v: faster to train at "
+                              "small budgets)", choices=("epsilon", "v"))
+    sampler: str = setting("ddim", "the sampler of sample grids and evaluations", choices=("ddim", "ddpm"))
+    sample_steps: int = setting(50, "denoising steps per sample")
+    sample_every: int = setting(0, "steps between sample grids (0: at the end)")
+    checkpoint_every: int = setting(500, "steps between checkpoints (0: at the end only)")
+    eval_samples: int = setting(0, "samples for FID at the end (0: none)")
+    eval_every: int = setting(0, "evaluate every N steps too (metrics.json 'curve': FID vs steps and training "
+                              "wall-clock; the evaluations' own time is not counted as training)")
+    eval_reference: int = setting(0, "test-split items the metrics compare with (0: as many as the samples; more "
+                                  "than the split: all)")
+    data_dir: Optional[str] = setting(None, "where Fashion-MNIST's files are (default: Debian's location)")
+    limit: Optional[int] = setting(None, "use only the first N training items")
+    device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda, cuda:N; under torchrun: each rank "
+                          "takes cuda:LOCAL_RANK")
+    dist_backend: Optional[str] = setting(None, "under torchrun: the process group's backend (default: nccl with a "
+                                          "GPU per rank, else gloo)", choices=BACKENDS)
 
     def validate(self) -> None:
-        if self.model not in ("pixel", "ldm", "chirodiff"):
-            raise ValueError(f"--model must be pixel, ldm or chirodiff, got {self.model!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for field in dataclasses.fields(self):
+            value, allowed = getattr(self, field.name), field.metadata.get("choices")
+            if allowed is not None and value is not None and value not in allowed:
+                raise ValueError(f"{flag(field.name)} must be one of {', '.join(allowed)}; got {value!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"--steps and --batch-size must be positive, got {self.steps} and {self.batch_size}")
         if self.method not in ("dense", "static") and self.steps < self.update_interval:

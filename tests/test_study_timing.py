@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from benchmarks import study_timing
-from sparse_diffusion.experiment import expand, load_grid
-from sparse_diffusion.results import cell_key, load_timing
+from sparse_diffusion.study.grid import expand, load_grid
+from sparse_diffusion.study.results import cell_key, load_timing
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from sparse_diffusion import cli
-from sparse_diffusion.experiment import expand, load_grid, run_grid
+from sparse_diffusion.study.grid import expand, load_grid
+from sparse_diffusion.study.runner import run_grid
 
 
 @pytest.fixture(autouse=True)
@@ -175,3 +176,22 @@ def test_a_signal_stops_the_grid_not_only_its_run(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(train_module, "draw_batch", draw_batch)
     assert cli.main(["experiment", str(grid_path)]) == 0
     assert "(resuming)" in capsys.readouterr().out
+
+
+def test_the_training_code_never_imports_the_study():
+    """sparse_diffusion.study uses the training layer; only the CLI's ``experiment`` command
+    reaches back into it (every import statement read, those inside functions too)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "sparse_diffusion"
+    offending = []
+    for path in sorted(package.rglob("*.py")):
+        if "study" in path.relative_to(package).parts or path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or "", *(alias.name for alias in node.names)] if isinstance(node, ast.ImportFrom) else [])
+            if any(name == "study" or ".study" in name or name.startswith("study.") for name in names):
+                offending.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert offending == []

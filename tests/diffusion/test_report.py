@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparse_diffusion.experiment import expand, load_grid
-from sparse_diffusion.report import write_report
+from sparse_diffusion.study.grid import expand, load_grid
+from sparse_diffusion.study.report import write_report
 
 # (step, training seconds, FID) per seed: dense, RigL (paper rule) and RigL exact-k at 50%,
 # blocks of 16 unless named.

@@ -261,7 +261,7 @@ def test_a_rigl_run_from_before_regrow_dropped_goes_on_as_it_was_trained(trained
 def test_a_grid_changed_and_run_again_records_the_new_settings(tmp_path, monkeypatch):
     import yaml
 
-    from sparse_diffusion.experiment import run_grid
+    from sparse_diffusion.study.runner import run_grid
 
     grid = {"out": str(tmp_path / "grid"), "defaults": dict(
         model="pixel", preset="tiny", dataset="fashion-mnist", image_size=16, steps=2, batch_size=4,

@@ -1,7 +1,7 @@
 """A grid's run folders read back as one row per cell (method, sparsity, block, drop fraction,
 growth rule): means and spreads over seeds, FID curves, s / step (re-timed from one machine's
-measurements where the grid names them), and the text and figure helpers the report's
-sections share. Reads only each run's ``config.json`` and ``metrics.json``.
+measurements where the grid names them), and how the report names and groups the rows. Reads
+only each run's ``config.json`` and ``metrics.json``.
 """
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .config import TrainConfig, settings_it_predates
-
-if TYPE_CHECKING:
-    from .experiment import RunSpec
-
+from ..config import TrainConfig, settings_it_predates
+from .grid import RunSpec
 
 METHOD_ORDER = ["dense", "static", "rigl", "magran"]
 
 
-def finished(run: "RunSpec") -> bool:
+def finished(run: RunSpec) -> bool:
     """Whether the run folder holds the results of the whole run (its steps and its FID)."""
     path = Path(run.config.out) / "metrics.json"
     if not path.exists():
@@ -31,7 +28,7 @@ def finished(run: "RunSpec") -> bool:
     return not run.config.eval_samples or result.get("metrics", {}).get("num_samples") == run.config.eval_samples
 
 
-def read_runs(root: Path, runs: Sequence["RunSpec"]) -> List[Dict]:
+def read_runs(root: Path, runs: Sequence[RunSpec]) -> List[Dict]:
     """One record per run folder: its configuration, its results, or its error."""
     records = []
     for run in runs:
@@ -77,6 +74,8 @@ def mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
     return mean, std
 
 
+# The cell dimensions of :func:`cell_key` as the rows of :func:`cells` name them.
+CELL = ("method", "sparsity", "block", "drop", "exact_k")
 # The TrainConfig fields a dense run may differ in from a study's sparse runs and still be their
 # baseline: the sparsity settings, the seed, folders, and how often it saved, sampled or evaluated.
 NOT_SETUP = {"out", "method", "sparsity", "block_size", "distribution", "drop_fraction", "update_interval",
@@ -171,19 +170,6 @@ def _speedups(rows: List[Dict], dense_step: Optional[float]) -> None:
         row["speedup"] = dense_step / row["s_per_step"] if dense_step and row["s_per_step"] else None
 
 
-def fmt(value, spec: str = ".3g") -> str:
-    """``value`` formatted with ``spec``; "-" for None."""
-    return "-" if value is None else format(value, spec)
-
-
-def fid_text(row: Dict) -> str:
-    """A row's FID: mean ± std over its seeds; a single FID has no spread to state."""
-    if row["fid"] is None:
-        return "-"
-    evaluated = sum(f is not None and math.isfinite(f) for f in row["fids"])
-    return f"{row['fid']:.1f}" if evaluated < 2 else f"{row['fid']:.1f} ± {row['fid_std']:.1f}"
-
-
 def main_block(rows: List[Dict]) -> Optional[int]:
     """The block size the headline and the FID-vs-sparsity plot show: the largest of those
     with the most runs."""
@@ -196,19 +182,10 @@ def line_name(row: Dict) -> str:
     return label(row) + (f" (drop {row['drop']:g})" if row["drop"] is not None else "")
 
 
-def legend(ax) -> None:
-    """The axis's legend, or "no data" on an axis with no line."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:  # no FID in these runs (eval_samples: 0)
-        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
-
-
-def save_figure(figure, path: Path) -> Path:
-    """Writes ``figure`` to ``path`` (PNG) and closes it."""
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return path
+def differing_in(rows: List[Dict], column: str) -> List[Dict]:
+    """The groups of cells that differ in ``column`` alone, with more than one value of it: each
+    a dict from that value to its cell."""
+    groups: Dict[Tuple, Dict] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in CELL if k != column), {})[r[column]] = r
+    return [by for by in groups.values() if len(by) > 1]

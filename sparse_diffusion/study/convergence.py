@@ -9,27 +9,14 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .results import fid_text, fmt, label, legend, line_name, main_block, mean_std, save_figure
-
+from .plots import block_plot, curve_plots
+from .results import differing_in, label, mean_std
+from .tables import fid_text, fmt
 
 # Budgets of the equal-wall-clock comparison, as fractions of dense's training wall-clock, and
 # the FID each cell must reach in the time-to-quality comparison (dense's final FID + 10%).
 BUDGETS = (0.25, 0.5, 1.0)
 TARGET_OVER_DENSE = 1.10
-
-# The cell dimensions of :func:`results.cell_key` as the rows of :func:`cells` name them.
-CELL = ("method", "sparsity", "block", "drop", "exact_k")
-
-
-def _mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
-    """``(step, mean training wall-clock, mean FID)`` over the seeds, at the steps every seed
-    evaluated."""
-    steps = set.intersection(*({p["step"] for p in c if p.get("fid") is not None} for c in row["curves"]))
-    points = []
-    for step in sorted(steps):
-        at = [next(p for p in c if p["step"] == step) for c in row["curves"]]
-        points.append((step, sum(p["wall_clock_s"] for p in at) / len(at), sum(p["fid"] for p in at) / len(at)))
-    return points
 
 
 def _fid_by(curve: List[Dict], seconds: float) -> Optional[float]:
@@ -62,8 +49,8 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
     FID against dense within the seed noise; FID at equal training wall-clock; wall-clock to
     reach dense's final FID + 10%; the growth rule, and the block size at equal target
     sparsity. Writes the FID-vs-steps, FID-vs-wall-clock and final-FID-vs-block-size plots into
-    ``folder``. ``timing_note`` says where the wall-clocks come from when the cells were re-timed
-    (:func:`load_timing`)."""
+    ``folder`` (:mod:`.plots`). ``timing_note`` says where the wall-clocks come from when the cells were re-timed
+    (:func:`.results.load_timing`)."""
     curved = [r for r in rows if r["curves"]]
     if not curved:
         return ""
@@ -124,18 +111,11 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
     parts.extend(_pivot([r for r in curved if r["method"] in ("rigl", "magran")], "exact_k",
                         "Growth rule (final FID): the RigL paper's against exactly k blocks moved per update",
                         {False: "paper rule", True: "exact k"}))
-    for path in _curve_plots(curved, folder, name) + _block_plot(curved, folder, name):
+    for path in curve_plots(curved, folder, name) + block_plot(curved, folder, name):
         parts.append(f"![{path.stem}](plots/{path.name})\n")
     return "\n".join(parts)
 
 
-def _differing_in(rows: List[Dict], column: str) -> List[Dict]:
-    """The groups of cells that differ in ``column`` alone, with more than one value of it: each
-    a dict from that value to its cell."""
-    groups: Dict[Tuple, Dict] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in CELL if k != column), {})[r[column]] = r
-    return [by for by in groups.values() if len(by) > 1]
 
 
 def _fid_in(row: Dict, column: str) -> str:
@@ -150,7 +130,7 @@ def _pivot(rows: List[Dict], column: str, title: str, names: Dict) -> List[str]:
     values = sorted({r[column] for r in rows if r[column] is not None})
     shown = [k for k in ("block", "drop") if k != column]
     lines = []
-    for by in _differing_in(rows, column):
+    for by in differing_in(rows, column):
         first = next(iter(by.values()))
         method = first["method"] if column == "exact_k" else label(first)
         lines.append(f"| {method} | {first['sparsity']:g} | " + " | ".join(fmt(first[k], "g") for k in shown)
@@ -160,63 +140,3 @@ def _pivot(rows: List[Dict], column: str, title: str, names: Dict) -> List[str]:
     header = ["| method | sparsity | " + " | ".join(shown) + " | " + " | ".join(names[v] for v in values) + " |",
               "| --- | ---: |" + " ---: |" * (len(shown) + len(values))]
     return [f"{title}:\n\n" + "\n".join(header + lines) + "\n"]
-
-
-def _curve_plots(rows: List[Dict], folder: Path, name: str) -> List[Path]:
-    """FID against steps and against training wall-clock: one panel per sparsity (the main
-    block size), one line per method, dense in every panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    block = main_block(rows)
-    dense = [r for r in rows if r["method"] == "dense"]
-    sparse = [r for r in rows if r["method"] != "dense" and r["block"] == block]
-    sparsities = sorted({r["sparsity"] for r in sparse}) or [None]
-    paths = []
-    for x, x_label in (("steps", "training step"), ("wall-clock", "training wall-clock (min)")):
-        figure, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6), squeeze=False,
-                                    sharey=True)
-        for ax, sparsity in zip(axes[0], sparsities):
-            for r in dense + [r for r in sparse if r["sparsity"] == sparsity]:
-                points = _mean_curve(r)
-                xs = [p[0] if x == "steps" else p[1] / 60 for p in points]
-                style = {"color": "black", "linestyle": "--"} if r["method"] == "dense" else {}
-                ax.plot(xs, [p[2] for p in points], marker=".", label=line_name(r), **style)
-            ax.set(xlabel=x_label, title="dense" if sparsity is None else f"sparsity {sparsity:g}, block {block}")
-            legend(ax)
-        axes[0][0].set_ylabel("FID (lower is better)")
-        paths.append(save_figure(figure, folder / f"{name}-fid-vs-{x}.png"))
-    return paths
-
-
-def _block_plot(rows: List[Dict], folder: Path, name: str) -> List[Path]:
-    """Final FID against block size, over every study: one panel per sparsity, one line per
-    group of cells that differ in block size alone, dense in every panel; none without such a group."""
-    groups = _differing_in(rows, "block")
-    if not groups:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    dense = next((r for r in rows if r["method"] == "dense" and r["fid"] is not None), None)
-    sparsities = sorted({next(iter(by.values()))["sparsity"] for by in groups})
-    figure, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6), squeeze=False, sharey=True)
-    for ax, sparsity in zip(axes[0], sparsities):
-        for by in groups:
-            points = sorted((b, r) for b, r in by.items() if r["sparsity"] == sparsity and r["fid"] is not None)
-            if points:
-                ax.errorbar([b for b, _ in points], [r["fid"] for _, r in points], yerr=[r["fid_std"] for _, r in points],
-                            marker="o", capsize=3, label=line_name(points[0][1]))
-        if dense is not None:
-            ax.axhline(dense["fid"], color="black", linestyle="--", label=label(dense))
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="block size (1 = unstructured)", title=f"target sparsity {sparsity:g}")
-        legend(ax)
-    axes[0][0].set_ylabel("final FID (lower is better)")
-    return [save_figure(figure, folder / f"{name}-final-fid-vs-block.png")]

@@ -1,8 +1,9 @@
 """Command lines for a grid's runs: to launch each run under torchrun from ``experiment``, or
 to print them for a cluster scheduler (``experiment --print-commands``).
 
-A command carries every setting of its run as a flag (``TrainConfig`` field ``x_y`` is
-``--x-y``), so what it trains is exactly what the grid describes, wherever it runs.
+A command carries every setting of its run as a flag, named as the ``train`` parser names it
+(:func:`~sparse_diffusion.config.flag`: ``TrainConfig`` field ``x_y`` is ``--x-y``), so what it
+trains is exactly what the grid describes, wherever it runs.
 """
 from __future__ import annotations
 
@@ -13,20 +14,21 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .config import TrainConfig
-from .train import TrainingStopped
+from ..config import TrainConfig, flag
+from ..train import TrainingStopped
 
 
 def flags(options: Dict) -> List[str]:
     """``--key value`` for each option that is set (None is the command's default); a boolean
-    is ``--key`` or ``--no-key``."""
+    is ``--key`` or ``--no-key`` (``argparse.BooleanOptionalAction``, as ``train`` declares its
+    boolean settings)."""
     result: List[str] = []
     for key, value in options.items():
-        flag = key.replace("_", "-")
+        name = flag(key)
         if isinstance(value, bool):
-            result.append(f"--{flag}" if value else f"--no-{flag}")
+            result.append(name if value else "--no-" + name[2:])
         elif value is not None:
-            result += [f"--{flag}", str(value)]
+            result += [name, str(value)]
     return result
 
 

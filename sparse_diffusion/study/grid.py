@@ -1,4 +1,4 @@
-"""``sparse-diffusion experiment GRID.yaml``: a grid of training runs and its report.
+"""A grid file (``sparse-diffusion experiment GRID.yaml``) read, checked and expanded into its runs.
 
 A grid file names its output folder, the training settings every run shares, and one or
 more studies (a model on a dataset), each crossed with the grid's axes::
@@ -16,31 +16,20 @@ more studies (a model on a dataset), each crossed with the grid's axes::
         model: ldm
         dataset: fashion-mnist
         autoencoder: {steps: 1500}          # trained once into STUDY/autoencoder (or a path)
-    wall_clock_from: experiments/results/cpu-small/timing.json   # optional, see below
+    wall_clock_from: experiments/results/cpu-small/timing.json   # optional (:mod:`.report`)
 
 Dense runs ignore sparsity, drop fraction and block size; Static ignores the drop
-fraction. Finished runs (a metrics.json with their FID) are skipped, interrupted ones
-resume from their checkpoint, so the command can be run again until it completes. A run
-that fails writes error.txt and the grid goes on. The report (report.md and plots/ in the
-output folder) is built from the run folders alone: config.json and metrics.json; with
-``wall_clock_from`` (the JSON of ``python -m benchmarks.study_timing GRID.yaml``, every cell's
-training step timed side by side on one machine) its wall-clocks are steps x those times, so
-that runs made on different machines, or alongside other work, compare fairly.
+fraction. Each run is a :class:`RunSpec`: its study, its folder name (:func:`run_name`) and
+its whole :class:`~sparse_diffusion.config.TrainConfig`.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import shlex
-import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .config import METHODS, TrainConfig
-from .launch import autoencoder_command, run_under_torchrun, train_command
-from .report import write_report
-from .results import finished
-from .train import CHECKPOINT, TrainingStopped
+from ..config import METHODS, TrainConfig
 
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")
 AXIS_DEFAULTS = {"method": ["dense"], "sparsity": [0.5], "drop_fraction": [0.3], "block_size": [32], "seed": [0]}
@@ -152,15 +141,7 @@ def autoencoder_path(study: Dict, root: Path) -> Path:
     return Path(spec) if isinstance(spec, str) else root / study["name"] / "autoencoder"
 
 
-def _train_autoencoders(grid: Dict, root: Path) -> None:
-    from .autoencoder_training import train_autoencoder
-
-    for path, options in _pending_autoencoders(grid, root):
-        print(f"== training the autoencoder into {path}")
-        train_autoencoder(out=str(path), **options)
-
-
-def _pending_autoencoders(grid: Dict, root: Path) -> List[Tuple[Path, Dict]]:
+def pending_autoencoders(grid: Dict, root: Path) -> List[Tuple[Path, Dict]]:
     """``(folder, train_autoencoder options)`` of each study's autoencoder still to train."""
     pending = []
     for study in grid["studies"]:
@@ -177,61 +158,3 @@ def _pending_autoencoders(grid: Dict, root: Path) -> List[Tuple[Path, Dict]]:
                 options.setdefault(key, value)
         pending.append((path, options))
     return pending
-
-
-def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dry_run: bool = False,
-             nproc_per_node: int = 1, print_commands: bool = False) -> Path:
-    """Runs what is left of the grid in ``path``, then writes the report. Returns its path.
-
-    ``nproc_per_node`` > 1 trains each run under torchrun with that many processes.
-    ``print_commands`` trains nothing and prints one shell command per step left to do: the
-    studies' autoencoders first, then one per run (for a cluster scheduler; run
-    ``--report-only`` once they are done)."""
-    from .train import Trainer
-
-    if nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
-    grid = load_grid(path)
-    root = Path(out or grid["out"])
-    runs = expand(grid, str(root))
-    pending = [r for r in runs if not finished(r)]
-    if print_commands:
-        for folder, options in _pending_autoencoders(grid, root):
-            print(shlex.join(autoencoder_command(folder, options)))
-        for run in pending:
-            resume = (Path(run.config.out) / CHECKPOINT).exists()
-            print(shlex.join(train_command(run.config, resume, nproc_per_node)))
-        return root / "report.md"
-    print(f"{path}: {len(runs)} runs in {len(grid['studies'])} studies, {len(pending)} to do, output {root}")
-    if dry_run:
-        for run in runs:
-            print(f"  {'todo' if run in pending else 'done'}  {run.study}/{run.name}")
-        return root / "report.md"
-    if not report_only:
-        root.mkdir(parents=True, exist_ok=True)
-        if pending:
-            _train_autoencoders(grid, root)
-        for i, run in enumerate(pending):
-            folder = Path(run.config.out)
-            resume = (folder / CHECKPOINT).exists()
-            print(f"\n== [{i + 1}/{len(pending)}] {run.study}/{run.name}" + (" (resuming)" if resume else ""))
-            try:
-                if nproc_per_node > 1:
-                    run_under_torchrun(run.config, resume, nproc_per_node)
-                else:
-                    Trainer(run.config, resume=resume).train()
-                (folder / "error.txt").unlink(missing_ok=True)
-            except TrainingStopped as stop:
-                if stop.exit_code > 128:  # Ctrl-C / SIGTERM: the run saved its checkpoint; the grid stops
-                    raise
-                _record_failure(folder)
-            except Exception:  # noqa: BLE001 (one failed run must not stop the grid; the report lists it)
-                _record_failure(folder)
-    return write_report(root, grid, runs)
-
-
-def _record_failure(folder: Path) -> None:
-    """error.txt in the run's folder (the report lists it); the grid goes on."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.txt").write_text(traceback.format_exc())
-    print(f"   failed: see {folder / 'error.txt'}")

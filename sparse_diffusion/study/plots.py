@@ -1,0 +1,159 @@
+"""The report's figures (PNG files in its ``plots/`` folder), drawn with matplotlib from the
+cells of :func:`.results.cells`: per study FID against sparsity and block size and the
+speed-up (:func:`study_plots`); over the grid FID against steps and training wall-clock
+(:func:`curve_plots`) and final FID against block size (:func:`block_plot`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from .results import differing_in, label, line_name, main_block
+
+
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only (the Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def study_plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
+    """FID vs sparsity per method, FID vs block size (with more than one), speed-up vs sparsity:
+    PNG files."""
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    sparse = [r for r in rows if r["method"] != "dense"]
+    dense = [r for r in rows if r["method"] == "dense"]
+    blocks = sorted({r["block"] for r in sparse})
+    paths = []
+    if not sparse:
+        return paths
+    block = main_block(rows)
+    top_sparsity = max(r["sparsity"] for r in sparse)
+
+    def lines(ax, selected, x_key):
+        for name in dict.fromkeys(line_name(r) for r in selected):
+            points = sorted((r[x_key], r) for r in selected if line_name(r) == name and r["fid"] is not None)
+            if points:
+                ax.errorbar([p[0] for p in points], [p[1]["fid"] for p in points],
+                            yerr=[p[1]["fid_std"] for p in points], marker="o", capsize=3, label=name)
+
+    def dense_line(ax):
+        if dense and dense[0]["fid"] is not None:
+            ax.axhline(dense[0]["fid"], color="black", linestyle="--", label=label(dense[0]))
+
+    figure, ax = plt.subplots(figsize=(6, 4))
+    lines(ax, [r for r in sparse if r["block"] == block], "sparsity")
+    dense_line(ax)
+    ax.set(xlabel="sparsity", ylabel="FID (lower is better)", title=f"{study}: FID vs sparsity (block {block})")
+    legend(ax)
+    paths.append(save_figure(figure, folder / f"{study}-fid-vs-sparsity.png"))
+
+    if len(blocks) > 1:  # one block size has no block-size axis
+        figure, ax = plt.subplots(figsize=(6, 4))
+        lines(ax, [r for r in sparse if r["sparsity"] == top_sparsity], "block")
+        dense_line(ax)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="block size (1 = unstructured)", ylabel="FID (lower is better)",
+               title=f"{study}: FID vs block size (sparsity {top_sparsity:g})")
+        legend(ax)
+        paths.append(save_figure(figure, folder / f"{study}-fid-vs-block.png"))
+
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for block in blocks:
+        by_sparsity: Dict[float, List[float]] = {}
+        for r in sparse:
+            if r["block"] == block and r["speedup"]:
+                by_sparsity.setdefault(r["sparsity"], []).append(r["speedup"])
+        xs = sorted(by_sparsity)
+        ax.plot(xs, [sum(by_sparsity[x]) / len(by_sparsity[x]) for x in xs], marker="o", label=f"block {block}")
+    ax.axhline(1.0, color="black", linestyle="--", label=label(dense[0]) if dense else "dense")
+    ax.set(xlabel="sparsity", ylabel="training speed-up vs dense (s/step)", title=f"{study}: speed-up vs sparsity")
+    legend(ax)
+    paths.append(save_figure(figure, folder / f"{study}-speedup-vs-sparsity.png"))
+    return paths
+
+
+def curve_plots(rows: List[Dict], folder: Path, name: str) -> List[Path]:
+    """FID against steps and against training wall-clock: one panel per sparsity (the main
+    block size), one line per method, dense in every panel."""
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    block = main_block(rows)
+    dense = [r for r in rows if r["method"] == "dense"]
+    sparse = [r for r in rows if r["method"] != "dense" and r["block"] == block]
+    sparsities = sorted({r["sparsity"] for r in sparse}) or [None]
+    paths = []
+    for x, x_label in (("steps", "training step"), ("wall-clock", "training wall-clock (min)")):
+        figure, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6), squeeze=False,
+                                    sharey=True)
+        for ax, sparsity in zip(axes[0], sparsities):
+            for r in dense + [r for r in sparse if r["sparsity"] == sparsity]:
+                points = mean_curve(r)
+                xs = [p[0] if x == "steps" else p[1] / 60 for p in points]
+                style = {"color": "black", "linestyle": "--"} if r["method"] == "dense" else {}
+                ax.plot(xs, [p[2] for p in points], marker=".", label=line_name(r), **style)
+            ax.set(xlabel=x_label, title="dense" if sparsity is None else f"sparsity {sparsity:g}, block {block}")
+            legend(ax)
+        axes[0][0].set_ylabel("FID (lower is better)")
+        paths.append(save_figure(figure, folder / f"{name}-fid-vs-{x}.png"))
+    return paths
+
+
+def block_plot(rows: List[Dict], folder: Path, name: str) -> List[Path]:
+    """Final FID against block size, over every study: one panel per sparsity, one line per
+    group of cells that differ in block size alone, dense in every panel; none without such a group."""
+    groups = differing_in(rows, "block")
+    if not groups:
+        return []
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = next((r for r in rows if r["method"] == "dense" and r["fid"] is not None), None)
+    sparsities = sorted({next(iter(by.values()))["sparsity"] for by in groups})
+    figure, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6), squeeze=False, sharey=True)
+    for ax, sparsity in zip(axes[0], sparsities):
+        for by in groups:
+            points = sorted((b, r) for b, r in by.items() if r["sparsity"] == sparsity and r["fid"] is not None)
+            if points:
+                ax.errorbar([b for b, _ in points], [r["fid"] for _, r in points], yerr=[r["fid_std"] for _, r in points],
+                            marker="o", capsize=3, label=line_name(points[0][1]))
+        if dense is not None:
+            ax.axhline(dense["fid"], color="black", linestyle="--", label=label(dense))
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="block size (1 = unstructured)", title=f"target sparsity {sparsity:g}")
+        legend(ax)
+    axes[0][0].set_ylabel("final FID (lower is better)")
+    return [save_figure(figure, folder / f"{name}-final-fid-vs-block.png")]
+
+
+def mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
+    """``(step, mean training wall-clock, mean FID)`` over the seeds, at the steps every seed
+    evaluated."""
+    steps = set.intersection(*({p["step"] for p in c if p.get("fid") is not None} for c in row["curves"]))
+    points = []
+    for step in sorted(steps):
+        at = [next(p for p in c if p["step"] == step) for c in row["curves"]]
+        points.append((step, sum(p["wall_clock_s"] for p in at) / len(at), sum(p["fid"] for p in at) / len(at)))
+    return points
+
+
+def legend(ax) -> None:
+    """The axis's legend, or "no data" on an axis with no line."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # no FID in these runs (eval_samples: 0)
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Writes ``figure`` to ``path`` (PNG) and closes it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path
