@@ -42,6 +42,7 @@ def capture(model: str, sparsity: float, args: argparse.Namespace):
     the input and output gradient of one training step."""
     import sparse_diffusion as sd
     from sparse_diffusion.channels_last import channels_last
+    from sparse_diffusion.distributed import RankRandom
     from sparse_diffusion.tasks import build_task, draw_batch
     from sparse_diffusion.train import TrainConfig
 
@@ -61,8 +62,8 @@ def capture(model: str, sparsity: float, args: argparse.Namespace):
 
     layers = {name: m for name, m in task.denoiser.named_modules() if isinstance(m, sk.BlockSparseModule)}
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    generator = torch.Generator().manual_seed(0)
-    task.loss(draw_batch(dataset, config.batch_size, generator, torch.device("cpu")), generator).backward()
+    random = RankRandom(torch.Generator().manual_seed(0))
+    task.loss(draw_batch(dataset, config.batch_size, random, torch.device("cpu")), random).backward()
     for handle in handles:
         handle.remove()
     return layers, tensors

@@ -100,7 +100,8 @@ def interleave(runs: Dict[str, object], rounds: int, steps: int, warmup: int, la
         step_ms = statistics.median(per_round[name])
         checkpoint_every = trainer.config.checkpoint_every
         io_ms = checkpoint_ms / checkpoint_every if checkpoint_every else 0.0
-        report = trainer.report
+        state = trainer.state
+        report = state.report
         row = {
             "run": name, "method": trainer.config.method,
             "sparsity": report.global_sparsity if report else 0.0,
@@ -108,8 +109,8 @@ def interleave(runs: Dict[str, object], rounds: int, steps: int, warmup: int, la
             "min_ms": min(per_round[name]), "max_ms": max(per_round[name]),
             "checkpoint_ms": checkpoint_ms, "io_ms_per_step": io_ms,
             "page_faults_per_step": faults[name] / (rounds * steps),
-            "mask_updates": len(trainer.algo.history) if trainer.algo else 0,
-            "parameters": sum(p.numel() for p in trainer.denoiser.parameters()),
+            "mask_updates": len(state.algo.history) if state.algo else 0,
+            "parameters": sum(p.numel() for p in state.denoiser.parameters()),
             "block_sparse_layers": len(report.sparse_layers) if report else 0,
             "dense_layers_in_budget": len(report.budgeted_layers) - len(report.sparse_layers) if report else 0,
         }

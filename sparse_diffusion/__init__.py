@@ -6,9 +6,11 @@ place; then create the optimizer and the EMA (they must hold the new parameters)
 ``sd.Static``), and call ``algo.step()`` after each ``optimizer.step()``, before the
 gradients are cleared. ``sd.save_pretrained`` / ``sd.load_pretrained`` keep a model sparse on
 disk; ``sd.densify`` turns it back into a plain diffusers model; ``sd.export_run`` writes a
-trained run as a diffusers folder. README.md's library section is a complete, tested example.
+trained run (opened with ``sparse_diffusion.run.load_run``) as a diffusers folder. README.md's
+library section is a complete, tested example.
 """
 from .algorithms import DynamicSparsity, MagRan, RigL, Static, assert_masks_synced, mask_fingerprint
+from .channels_last import channels_last
 from .export import export_run, load_pretrained, save_pretrained
 from .sparsify import LayerReport, SparsityReport, densify, layer_densities, sparsify
 
@@ -20,6 +22,7 @@ __all__ = [
     "SparsityReport",
     "Static",
     "assert_masks_synced",
+    "channels_last",
     "densify",
     "export_run",
     "layer_densities",

@@ -218,11 +218,10 @@ class DynamicSparsity:
 
     def load_state_dict(self, state: Dict) -> None:
         """Restores the step, the generator and the statistics. Load the model's state dict
-        (which holds the masks) and the optimizer's too, for an exact resume."""
+        (which holds the masks) and the optimizer's too, for an exact resume. (A state saved by
+        an older version is brought up to date by :mod:`sparse_diffusion.migrations` when its
+        run is loaded.)"""
         saved = state.get("config")
-        if saved is not None and "regrow_dropped" not in saved:  # written before it existed, when
-            # RigL and MagRan grew only blocks dead before an update (config.settings_it_predates)
-            saved = {**saved, "regrow_dropped": saved.get("algorithm") not in ("RigL", "MagRan")}
         if saved != self._config():
             warnings.warn(f"resuming with another configuration: {saved} -> {self._config()}")
         self.generator.set_state(state["generator"])

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .data import get_dataset
+from .distributed import RankRandom
 from .io import check_writable, save_image_grid
 from .models.autoencoder import autoencoder_loss, build_autoencoder, latent_scale
 from .tasks import draw_batch
@@ -43,14 +44,15 @@ def train_autoencoder(
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=lr)
     bar = tqdm(range(steps), desc="autoencoder", unit="step", dynamic_ncols=True)
     for step in bar:
-        images, _ = draw_batch(data, batch_size, torch.Generator().manual_seed(seed * 1_000_003 + step), target)
+        random = RankRandom(torch.Generator().manual_seed(seed * 1_000_003 + step))
+        images, _ = draw_batch(data, batch_size, random, target)
         loss, _ = autoencoder_loss(autoencoder, images)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     autoencoder.eval()
-    images, _ = draw_batch(data, min(256, len(data)), torch.Generator().manual_seed(seed), target)
+    images, _ = draw_batch(data, min(256, len(data)), RankRandom(torch.Generator().manual_seed(seed)), target)
     autoencoder.register_to_config(scaling_factor=latent_scale(autoencoder, images))
     autoencoder.save_pretrained(out_path)
     with torch.no_grad():

@@ -153,7 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "sample":
         from .io import save_image_grid
         from .metrics.raster import rasterize_strokes
-        from .train import load_run
+        from .run import load_run
+        from .sampling import generate
 
         if args.num < 1:
             raise ValueError(f"--num must be at least 1, got {args.num}")
@@ -161,37 +162,39 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
         out = Path(args.out)
         _check_can_write(out)
-        trainer = load_run(args.run, args.device)
+        loaded = load_run(args.run, args.device)
         if args.sampler:
-            trainer.config.sampler = args.sampler
+            loaded.run.config.sampler = args.sampler
         if args.steps:
-            trainer.config.sample_steps = args.steps
-        samples = trainer.generate(args.num, seed=args.seed)
+            loaded.run.config.sample_steps = args.steps
+        samples = generate(loaded.state, args.num, seed=args.seed)
         if isinstance(samples, tuple):
             samples = rasterize_strokes(samples[0].cpu(), samples[1].cpu(), size=64)
         save_image_grid(samples.cpu(), out)
         print(f"wrote {out}")
     elif args.command == "evaluate":
-        from .train import load_run
+        from .run import load_run
+        from .sampling import evaluate
+        from .summary import write_summary
 
         run = Path(args.run)
         path = Path(args.out) if args.out else run / "metrics.json"
         _check_can_write(path)
-        trainer = load_run(args.run, args.device)
-        metrics = trainer.evaluate(args.num_samples)
+        loaded = load_run(args.run, args.device)
+        metrics = evaluate(loaded.state, args.num_samples)
         previous = run / "metrics.json"
         results = json.loads(previous.read_text()) if previous.is_file() else {}
         results["metrics"] = metrics
         path.write_text(json.dumps(results, indent=2) + "\n")
         if not args.out:
-            trainer.write_summary(results)
+            write_summary(loaded.run, loaded.state, results)
         print(json.dumps(metrics, indent=2))
         if "caveat" in metrics:
             print(f"caveat: FID {metrics['caveat']}", file=sys.stderr)
         print(f"wrote {path}")
     elif args.command == "export":
         from .export import export_run
-        from .train import load_run
+        from .run import load_run
 
         folder = export_run(load_run(args.run, args.device), Path(args.out), sparse=args.sparse)
         print(f"wrote {folder}")

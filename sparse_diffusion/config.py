@@ -10,7 +10,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -138,17 +138,6 @@ class TrainConfig:
                 "--model ldm needs --autoencoder PATH (a diffusers AutoencoderKL folder); train one with "
                 "`sparse-diffusion train-autoencoder --dataset ... --out runs/ae` and pass --autoencoder runs/ae"
             )
-
-
-def settings_it_predates(saved: Dict) -> Dict:
-    """A saved configuration (config.json, a checkpoint's) with the settings added since it was
-    written filled in as its version ran: their defaults (which give the behaviour from before
-    they existed), except ``regrow_dropped``: before it, RigL and MagRan grew only among the
-    blocks dead before an update."""
-    missing = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in saved}
-    if "regrow_dropped" in missing and saved.get("method") in ("rigl", "magran"):
-        missing["regrow_dropped"] = False
-    return {**saved, **missing}
 
 
 def resolve_device(name: str) -> torch.device:

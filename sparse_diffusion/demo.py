@@ -16,7 +16,10 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
-from .train import CHECKPOINT, TrainConfig, Trainer
+from .config import TrainConfig
+from .run import CHECKPOINT
+from .sampling import evaluate
+from .train import Trainer
 
 DEMO_STEPS = 600
 DEMO_EVAL_SAMPLES = 200
@@ -48,14 +51,14 @@ def run_demo(out: str = "runs/demo", steps: Optional[int] = None, eval_samples: 
         resume = (Path(config.out) / CHECKPOINT).exists()
         trainer = Trainer(config, resume=resume)
         print(f"\n== {name}: {config.steps} steps of batch {config.batch_size} "
-              f"({'resuming at step ' + str(trainer.step) if resume else 'from scratch'})")
-        metrics_path = Path(config.out) / "metrics.json"
-        if trainer.step < config.steps or not metrics_path.exists():
+              f"({'resuming at step ' + str(trainer.state.step) if resume else 'from scratch'})")
+        metrics_path = trainer.run.metrics_path
+        if trainer.state.step < config.steps or not metrics_path.exists():
             trainer.train()
         result = json.loads(metrics_path.read_text())
         if result.get("metrics", {}).get("num_samples") != eval_samples:
             print(f"   scoring {eval_samples} samples (FID and local FD)...")
-            result["metrics"] = trainer.evaluate(eval_samples)
+            result["metrics"] = evaluate(trainer.state, eval_samples)
             metrics_path.write_text(json.dumps(result, indent=2) + "\n")
         results[name] = result
     table = comparison_table(results, eval_samples)

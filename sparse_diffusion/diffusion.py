@@ -9,8 +9,10 @@
   sampler's step count, ``--sample-steps``, is what sets the cost of sampling).
 
 Training uses ``DDPMScheduler`` (noise or velocity prediction); sampling uses DDIM or DDPM
-with the same betas. All randomness comes from a generator the caller passes, so a run that
-resumes from a checkpoint draws exactly what the uninterrupted run drew.
+with the same betas. All randomness comes from the caller: a training loss draws from a
+:class:`~sparse_diffusion.distributed.RankRandom` (the step's generator and this rank's rows of
+the global batch), sampling from a generator, so a run that resumes from a checkpoint draws
+exactly what the uninterrupted run drew.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed import Rows, draw_rows
+from .distributed import RankRandom
 
 
 def make_scheduler(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -73,17 +75,11 @@ def sampling_scheduler(train_scheduler, sampler: str, steps: int):
     return scheduler
 
 
-def _randn_like_rows(x: Tensor, generator: torch.Generator, rows: Optional[Rows]) -> Tensor:
-    """Standard normal noise shaped like ``x`` (this rank's ``rows`` of a global batch)."""
-    noise = draw_rows(lambda n: torch.randn((n, *x.shape[1:]), generator=generator), rows, x.shape[0])
-    return noise.to(x.device, x.dtype)
-
-
-def _noise_and_timesteps(x0: Tensor, scheduler, generator: torch.Generator,
-                         rows: Optional[Rows] = None) -> Tuple[Tensor, Tensor]:
-    noise = _randn_like_rows(x0, generator, rows)
-    high = scheduler.config.num_train_timesteps
-    timesteps = draw_rows(lambda n: torch.randint(0, high, (n,), generator=generator), rows, x0.shape[0])
+def noise_and_timesteps(x0: Tensor, scheduler, random: RankRandom) -> Tuple[Tensor, Tensor]:
+    """The training noise (shaped like ``x0``) and a timestep per item, drawn for the global
+    batch and kept for this rank's rows of it (``x0`` holds those rows)."""
+    noise = random.normal_like(x0)
+    timesteps = random.integers(scheduler.config.num_train_timesteps, x0.shape[0])
     return noise, timesteps.to(x0.device)
 
 
@@ -112,12 +108,12 @@ class ImageDiffusion(nn.Module):
     def conditional(self) -> bool:
         return self.unet.config.num_class_embeds is not None
 
-    def encode(self, images: Tensor, generator: torch.Generator, rows: Optional[Rows] = None) -> Tensor:
+    def encode(self, images: Tensor, random: RankRandom) -> Tensor:
         if self.autoencoder is None:
             return images
         with torch.no_grad():
             posterior = self.autoencoder.encode(images).latent_dist
-            sample = posterior.mean + posterior.std * _randn_like_rows(posterior.mean, generator, rows)
+            sample = posterior.mean + posterior.std * random.normal_like(posterior.mean)
         return sample * self.latent_scale
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -125,14 +121,14 @@ class ImageDiffusion(nn.Module):
             return latents
         return self.autoencoder.decode(latents / self.latent_scale).sample
 
-    def loss(self, batch, generator: torch.Generator, rows: Optional[Rows] = None,
-             network: Optional[nn.Module] = None) -> Tensor:
-        """The noise-prediction MSE of one batch ``(images, labels)``. Under data parallelism
-        ``batch`` holds this rank's ``rows`` of the global batch (the noise is drawn for the
-        whole batch and sliced alike), and ``network`` is the DDP wrapper of the UNet."""
+    def loss(self, batch, random: RankRandom, network: Optional[nn.Module] = None) -> Tensor:
+        """The noise-prediction MSE of one batch ``(images, labels)``, its noise and timesteps
+        drawn by ``random``. Under data parallelism ``batch`` holds this rank's rows of the
+        global batch (``random`` draws the noise for the whole batch and keeps the same rows),
+        and ``network`` is the DDP wrapper of the UNet."""
         images, labels = batch
-        x0 = self.encode(images, generator, rows)
-        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator, rows)
+        x0 = self.encode(images, random)
+        noise, timesteps = noise_and_timesteps(x0, self.scheduler, random)
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
         network = network if network is not None else self.unet
         prediction = network(noisy, timesteps, class_labels=labels if self.conditional else None).sample
@@ -180,27 +176,25 @@ class StrokeDiffusion(nn.Module):
     def denoiser(self) -> nn.Module:
         return self.net
 
-    def loss(self, batch, generator: torch.Generator, rows: Optional[Rows] = None,
-             network: Optional[nn.Module] = None) -> Tensor:
+    def loss(self, batch, random: RankRandom, network: Optional[nn.Module] = None) -> Tensor:
         """The MSE over the valid points of one batch ``(points, lengths)``. Under data
-        parallelism (``rows``, ``network``: see :meth:`ImageDiffusion.loss`) the mean is over the
-        valid points of the whole global batch, scaled so that DDP's average of the ranks'
+        parallelism (``random``, ``network``: see :meth:`ImageDiffusion.loss`) the mean is over
+        the valid points of the whole global batch, scaled so that DDP's average of the ranks'
         gradients is the single-process gradient."""
         points, lengths = batch
         valid = (torch.arange(points.shape[1], device=points.device)[None, :] < lengths[:, None]).unsqueeze(-1)
         x0 = torch.cat([points[..., :2], 2 * points[..., 2:] - 1], dim=-1) * valid
-        noise, timesteps = _noise_and_timesteps(x0, self.scheduler, generator, rows)
+        noise, timesteps = noise_and_timesteps(x0, self.scheduler, random)
         noisy = self.scheduler.add_noise(x0, noise * valid, timesteps)
         network = network if network is not None else self.net
         prediction = network(noisy, timesteps, lengths)
         target = _target(self.scheduler, x0, noise * valid, timesteps)
         squared = (prediction.float() - target.float()).square() * valid
         count = valid.sum() * points.shape[-1]
-        if rows is not None and rows.stop - rows.start < rows.total and dist.is_initialized():
-            share = rows.total / (rows.stop - rows.start)  # the world size
+        if random.is_part and dist.is_initialized():
             count = count.float()
             dist.all_reduce(count)
-            return squared.sum() * share / count.clamp_min(1)
+            return squared.sum() * random.share / count.clamp_min(1)  # share: the world size
         return squared.sum() / count.clamp_min(1)
 
     @torch.no_grad()

@@ -6,18 +6,19 @@
 returns a :class:`Distributed`; outside torchrun it returns :data:`SINGLE` and nothing changes.
 
 The split is exact: every rank draws the whole global batch's randomness (item indices, noise,
-timesteps) from the step-seeded generator and keeps its own rows (:class:`Rows`), so the union
-over ranks is the batch a single process would train on, whatever the world size.
+timesteps) from the step-seeded generator and keeps its own rows (:class:`RankRandom`), so the
+union over ranks is the batch a single process would train on, whatever the world size.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 BACKENDS = ("nccl", "gloo")
 TIMEOUT = datetime.timedelta(minutes=30)  # FID generation on rank 0 can be long
@@ -32,12 +33,45 @@ class Rows(NamedTuple):
     total: int
 
 
-def draw_rows(draw, rows: Optional[Rows], size: int):
-    """``draw(n)`` for the whole batch (``rows.total`` items, or ``size`` without ``rows``),
-    then this rank's rows: the generator advances as it would in a single process."""
-    if rows is None:
-        return draw(size)
-    return draw(rows.total)[rows.start:rows.stop]
+@dataclass(frozen=True)
+class RankRandom:
+    """The random draws of one step, and this process's rows of the global batch.
+
+    Every draw is made for the whole global batch (``rows.total`` items) from ``generator`` and
+    this process keeps its ``rows``: the generator advances as it would in a single process, so
+    the union over ranks is what one process draws. Without ``rows`` (one process) a draw is as
+    large as asked. The step makes one (:meth:`Distributed.random`) and hands it to the batch
+    draw (:func:`~sparse_diffusion.tasks.draw_batch`) and to the task's loss.
+    """
+
+    generator: torch.Generator
+    rows: Optional[Rows] = None
+
+    @property
+    def is_part(self) -> bool:
+        """Whether this process holds only part of the global batch."""
+        return self.rows is not None and self.rows.stop - self.rows.start < self.rows.total
+
+    @property
+    def share(self) -> float:
+        """The global batch over this process's part of it (the world size; 1 in one process)."""
+        return self.rows.total / (self.rows.stop - self.rows.start) if self.is_part else 1.0
+
+    def draw(self, draw: Callable[[int], Tensor], size: int) -> Tensor:
+        """``draw(n)`` for the whole batch (``rows.total`` items, or ``size`` without ``rows``),
+        then this process's rows."""
+        if self.rows is None:
+            return draw(size)
+        return draw(self.rows.total)[self.rows.start:self.rows.stop]
+
+    def integers(self, high: int, size: int) -> Tensor:
+        """Integers in ``[0, high)``: ``size`` of them (this process's rows of the batch)."""
+        return self.draw(lambda n: torch.randint(0, high, (n,), generator=self.generator), size)
+
+    def normal_like(self, x: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``x`` (this process's rows), on its device and dtype."""
+        noise = self.draw(lambda n: torch.randn((n, *x.shape[1:]), generator=self.generator), x.shape[0])
+        return noise.to(x.device, x.dtype)
 
 
 @dataclass(frozen=True)
@@ -66,12 +100,13 @@ class Distributed:
         """Whether there are other ranks to share with."""
         return self.world_size > 1
 
-    def rows(self, batch_size: int) -> Optional[Rows]:
-        """This rank's rows of a global batch (None in a single process)."""
+    def random(self, generator: torch.Generator, batch_size: int) -> RankRandom:
+        """A step's draws from ``generator`` for a global batch of ``batch_size``, and this rank's
+        rows of it (all of them in a single process)."""
         if not self.active:
-            return None
+            return RankRandom(generator)
         share = batch_size // self.world_size
-        return Rows(self.rank * share, (self.rank + 1) * share, batch_size)
+        return RankRandom(generator, Rows(self.rank * share, (self.rank + 1) * share, batch_size))
 
     def barrier(self) -> None:
         if self.active:

@@ -24,7 +24,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -32,7 +32,10 @@ from torch import nn
 import sparse_kernels as sk
 
 from .io import atomic_write_folder, one_line
-from .sparsify import _guard_diffusers_save, _parent, densify
+from .sparsify import densify, parent_module, refuse_diffusers_save
+
+if TYPE_CHECKING:  # importing the training layer here would make `import sparse_diffusion` heavy
+    from .run import LoadedRun
 
 SPARSE_FORMAT = "sparse_diffusion.block_sparse"
 SPARSE_FORMAT_VERSION = 1
@@ -123,7 +126,7 @@ def load_pretrained(directory: PathLike, subfolder: Optional[str] = None) -> nn.
         from .channels_last import channels_last
 
         channels_last(model)
-    _guard_diffusers_save(model)
+    refuse_diffusers_save(model)
     return model.eval()
 
 
@@ -228,58 +231,58 @@ def _swap_in_sparse(model: nn.Module, layer: Dict, state: Dict[str, torch.Tensor
     except (ValueError, TypeError, RuntimeError, IndexError) as error:
         raise ValueError(f"{weights_path}: the mask of layer {name!r} does not fit it: {one_line(error)}") from None
     sparse.masked_dense = layer["masked_dense"]
-    parent, child = _parent(model, name)
+    parent, child = parent_module(model, name)
     setattr(parent, child, sparse)
 
 
 # --------------------------------------------------------------------------- export of a run
-def export_run(trainer, out: PathLike, sparse: bool = False) -> Path:
-    """Writes the run of ``trainer`` (a :class:`~sparse_diffusion.train.Trainer`) as a diffusers folder.
+def export_run(loaded: "LoadedRun", out: PathLike, sparse: bool = False) -> Path:
+    """Writes a trained run (``loaded``: :func:`sparse_diffusion.run.load_run`) as a diffusers folder.
 
     ``out`` holds ``unet/`` (the EMA weights, densified: dead blocks are zeros, and
     ``UNet2DModel.from_pretrained(out, subfolder="unet")`` loads it with plain diffusers; with
     ``sparse=True`` the sparse form of :func:`save_pretrained` instead), ``scheduler/`` (the
     training ``DDPMScheduler``), ``vae/`` for latent runs and a ``README.md`` model card. The
-    trainer's model is left untouched. The folder is written beside ``out`` and renamed into
-    place at the end, so a failure leaves no half folder; ``out`` must not exist or be empty.
+    run's model is left untouched. The folder is written beside ``out`` and renamed into place
+    at the end, so a failure leaves no half folder; ``out`` must not exist or be empty.
     Returns ``out``.
     """
     from diffusers import ModelMixin
 
-    denoiser = trainer.denoiser
-    if trainer.config.model not in ("pixel", "ldm") or not isinstance(denoiser, ModelMixin):
-        raise ValueError(f"export supports pixel and ldm runs (diffusers UNets); this is a {trainer.config.model} run")
+    state, config = loaded.state, loaded.run.config
+    if config.model not in ("pixel", "ldm") or not isinstance(state.denoiser, ModelMixin):
+        raise ValueError(f"export supports pixel and ldm runs (diffusers UNets); this is a {config.model} run")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder: choose a new --out")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(staging: Path) -> None:
-        model = ema_copy(trainer)
+        model = ema_copy(state.denoiser, state.ema)
         if sparse:
             save_pretrained(model, staging / "unet")
         else:
             densify(model).save_pretrained(staging / "unet", safe_serialization=True)
-        trainer.task.scheduler.save_pretrained(staging / "scheduler")
-        autoencoder = getattr(trainer.task, "autoencoder", None)
+        state.task.scheduler.save_pretrained(staging / "scheduler")
+        autoencoder = getattr(state.task, "autoencoder", None)
         if autoencoder is not None:
             autoencoder.save_pretrained(staging / "vae", safe_serialization=True)
-        (staging / "README.md").write_text(model_card(trainer, out.name, sparse))
+        (staging / "README.md").write_text(model_card(loaded, out.name, sparse))
 
     atomic_write_folder(write, out)
     return out
 
 
-def ema_copy(trainer) -> nn.Module:
-    """A deep copy of ``trainer.denoiser`` holding its EMA weights, in eval mode (the trainer's
-    model is not touched)."""
-    model = copy.deepcopy(trainer.denoiser)
+def ema_copy(model: nn.Module, ema) -> nn.Module:
+    """A deep copy of ``model`` holding the weights of its EMA (a diffusers ``EMAModel``), in
+    eval mode (``model`` is not touched)."""
+    model = copy.deepcopy(model)
     parameters = list(model.parameters())
-    shadow = trainer.ema.shadow_params
+    shadow = ema.shadow_params
     if len(shadow) != len(parameters) or any(s.shape != p.shape for s, p in zip(shadow, parameters)):
         raise ValueError(f"the EMA holds {len(shadow)} tensors that do not match the model's {len(parameters)} "
                          "parameters")
-    trainer.ema.copy_to(parameters)
+    ema.copy_to(parameters)
     return model.eval()
 
 
@@ -292,19 +295,20 @@ _METHODS = {
 }
 
 
-def model_card(trainer, name: str, sparse: bool = False) -> str:
+def model_card(loaded: "LoadedRun", name: str, sparse: bool = False) -> str:
     """The ``README.md`` of an exported run: what was trained, how well, and how to load it."""
-    config, report = trainer.config, trainer.report
-    unet = trainer.denoiser.config
+    state, config = loaded.state, loaded.run.config
+    report, denoiser = state.report, state.denoiser
+    unet = denoiser.config
     settings = [
-        ("model", f"{type(trainer.denoiser).__name__} ({config.model}, preset {config.preset})"),
+        ("model", f"{type(denoiser).__name__} ({config.model}, preset {config.preset})"),
         ("method", config.method),
         ("sparsity", f"{report.global_sparsity:.4f} over {len(report.sparse_layers)} block-sparse layers "
                      f"({config.distribution})" if report else "0 (dense)"),
         ("block size", "x".join(map(str, report.block_size)) if report else "-"),
-        ("steps", trainer.step),
+        ("steps", state.step),
         ("dataset", config.dataset),
-        ("prediction type", trainer.task.scheduler.config.prediction_type),
+        ("prediction type", state.task.scheduler.config.prediction_type),
         ("sample size", f"{unet.in_channels}x{unet.sample_size}x{unet.sample_size}"),
         ("class-conditional", f"{unet.num_class_embeds} classes" if unet.get("num_class_embeds") else "no"),
         ("batch size", config.batch_size),
@@ -317,12 +321,12 @@ def model_card(trainer, name: str, sparse: bool = False) -> str:
     lines = [
         "---", "library_name: diffusers", "tags:", "- diffusion", "- sparse-training", f"- {config.method}", "---", "",
         f"# {name}", "",
-        f"A {type(trainer.denoiser).__name__} trained with sparse_diffusion ({method}) on {config.dataset}. "
+        f"A {type(denoiser).__name__} trained with sparse_diffusion ({method}) on {config.dataset}. "
         f"`unet/` holds its EMA weights, {weights}.", "",
         "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in settings], "",
     ]
-    lines += _metrics_section(Path(trainer.out) / "metrics.json")
-    lines += ["## How to load", "", "```python", *_loading_code(trainer, name, sparse), "```", ""]
+    lines += _metrics_section(loaded.run.metrics_path)
+    lines += ["## How to load", "", "```python", *_loading_code(state, name, sparse), "```", ""]
     return "\n".join(lines)
 
 
@@ -340,11 +344,11 @@ def _metrics_section(path: Path) -> List[str]:
     return ["## Metrics", "", "| quantity | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows.items()], ""]
 
 
-def _loading_code(trainer, name: str, sparse: bool) -> List[str]:
-    unet = trainer.denoiser.config
+def _loading_code(state, name: str, sparse: bool) -> List[str]:
+    unet = state.denoiser.config
     conditional = bool(unet.get("num_class_embeds"))
-    latent = getattr(trainer.task, "autoencoder", None) is not None
-    cls = type(trainer.denoiser).__name__
+    latent = getattr(state.task, "autoencoder", None) is not None
+    cls = type(state.denoiser).__name__
     lines = ["import torch", f"from diffusers import {'AutoencoderKL, ' if latent else ''}DDIMScheduler"
              + ("" if sparse else f", {cls}")]
     if sparse:

@@ -165,7 +165,9 @@ def _refusal(module: nn.Module, block: Tuple[int, int]) -> Optional[str]:
     return None
 
 
-def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+def parent_module(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    """The module holding the submodule ``name`` of ``model``, and that submodule's attribute
+    name in it (``setattr(parent, child, new)`` replaces it)."""
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
 
@@ -245,10 +247,10 @@ def sparsify(
             continue
         sparse_module = _sparse_copy(module, block, densities[name], init)
         sparse_module.masked_dense = masked_dense and block != (1, 1) and _masked_dense_wins(sparse_module)
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         setattr(parent, child, sparse_module)
         layers.append(_sparse_report(name, module, sparse_module, block))
-    _guard_diffusers_save(model)
+    refuse_diffusers_save(model)
     return SparsityReport(layers, sparsity, distribution, block)
 
 
@@ -265,7 +267,7 @@ def densify(model: nn.Module) -> nn.Module:
         return _dense_copy(model)
     sparse = [(name, m) for name, m in model.named_modules() if isinstance(m, sk.BlockSparseModule)]
     for name, module in sparse:
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         setattr(parent, child, _dense_copy(module))
     for module in model.modules():
         if isinstance(module.__dict__.get("save_pretrained"), _RefuseDiffusersSave):
@@ -313,7 +315,7 @@ class _RefuseDiffusersSave:
         )
 
 
-def _guard_diffusers_save(model: nn.Module) -> None:
+def refuse_diffusers_save(model: nn.Module) -> None:
     """Makes ``save_pretrained`` refuse on each diffusers model in ``model`` that holds a block-sparse layer."""
     modeling = sys.modules.get("diffusers.models.modeling_utils")  # a diffusers model implies it is imported
     if modeling is None:

@@ -1,7 +1,7 @@
 """From a training configuration to a model, its diffusion task and its data."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ import sparse_kernels as sk
 
 from .data import get_dataset
 from .diffusion import ImageDiffusion, StrokeDiffusion, make_scheduler
-from .distributed import Rows, draw_rows
+from .distributed import RankRandom
 from .io import one_line
 from .models.unet import build_unet
 
@@ -65,11 +65,10 @@ def load_autoencoder(path: str):
         raise ValueError(f"--autoencoder {path}: cannot load it ({one_line(error)[:200]})") from None
 
 
-def draw_batch(dataset, batch_size: int, generator: torch.Generator, device: torch.device,
-               rows: Optional[Rows] = None):
-    """``batch_size`` items drawn with replacement by ``generator``, collated, on ``device``;
-    with ``rows``, this rank's rows of the global batch ``rows.total`` (``batch_size`` is ignored)."""
-    indices = draw_rows(lambda n: torch.randint(len(dataset), (n,), generator=generator), rows, batch_size).tolist()
+def draw_batch(dataset, batch_size: int, random: RankRandom, device: torch.device):
+    """``batch_size`` items drawn with replacement by ``random``, collated, on ``device``; under
+    data parallelism, this rank's rows of the global batch (``random.rows``)."""
+    indices = random.integers(len(dataset), batch_size).tolist()
     batch = default_collate([dataset[i] for i in indices])
     return [t.to(device, non_blocking=True) for t in batch]
 
@@ -88,8 +87,8 @@ def count_flops(task: nn.Module, dataset, device: torch.device) -> int:
     layers = (nn.Linear, nn.Conv2d, sk.BlockSparseLinear, sk.BlockSparseConv2d)
     handles = [m.register_forward_hook(hook) for m in task.denoiser.modules() if isinstance(m, layers)]
     try:
-        batch = draw_batch(dataset, 1, torch.Generator().manual_seed(0), device)
-        task.loss(batch, torch.Generator().manual_seed(0))
+        batch = draw_batch(dataset, 1, RankRandom(torch.Generator().manual_seed(0)), device)
+        task.loss(batch, RankRandom(torch.Generator().manual_seed(0)))
     finally:
         for handle in handles:
             handle.remove()

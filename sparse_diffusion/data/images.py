@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from . import DatasetFormatError, DatasetNotFoundError, every_nth_split
+from .common import DatasetFormatError, DatasetNotFoundError, every_nth_split
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import TEST_EVERY, DatasetFormatError, DatasetNotFoundError, every_nth_split
+from .common import TEST_EVERY, DatasetFormatError, DatasetNotFoundError, every_nth_split
 from .strokes import (
     DEFAULT_SPACING,
     drawing_to_strokes,

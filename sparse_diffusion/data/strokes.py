@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import torch
 
-from . import DatasetFormatError
+from .common import DatasetFormatError
 
 DEFAULT_SPACING = 0.1  # in units of the sample's standard deviation
 CURVE_SAMPLES = 16  # points per cubic Bezier segment, before arc-length resampling

@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..config import TrainConfig, settings_it_predates
+from ..config import TrainConfig
+from ..migrations import migrate_config
 from .grid import RunSpec
 
 METHOD_ORDER = ["dense", "static", "rigl", "magran"]
@@ -51,7 +52,7 @@ def cell_key(config: Dict) -> Tuple:
         return ("dense", 0.0, None, None, False)
     moves = config["method"] in ("rigl", "magran")
     drop = config["drop_fraction"] if moves else None
-    exact_k = moves and not settings_it_predates(config)["regrow_dropped"]
+    exact_k = moves and not migrate_config(config)["regrow_dropped"]
     return (config["method"], config["sparsity"], config["block_size"], drop, exact_k)
 
 

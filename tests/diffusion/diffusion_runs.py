@@ -1,12 +1,15 @@
 """Tiny training runs shared by the diffusion tests: a config, its command-line twin, a way to
-call the command line in-process, a crash between checkpoints, and the comparison of two runs."""
+call the command line in-process and check its one-line errors, a finished run, a crash
+between checkpoints, and the comparison of two runs."""
 import contextlib
+import re
 
+import pytest
 import torch
 
 import sparse_diffusion.train as train_module
 from sparse_diffusion import cli
-from sparse_diffusion.train import TrainConfig
+from sparse_diffusion.train import TrainConfig, Trainer
 
 
 def tiny(out, **changes) -> TrainConfig:
@@ -31,6 +34,27 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
+def message_lines(err):
+    """The lines of ``err`` besides tqdm's progress bar (``run:  33%|...``)."""
+    return [line for line in err.splitlines() if line.strip() and not re.match(r"run:\s+\d+%\|", line)]
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = message_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def trained_run(tmp_path):
+    """A finished 2-step RigL run; returns its folder."""
+    run = tmp_path / "run"
+    Trainer(tiny(run, method="rigl", steps=2)).train()
+    return run
+
+
 @contextlib.contextmanager
 def crashing_at_draw(call: int, error: BaseException):
     """Within it, the training loop's ``call``-th batch draw raises ``error``: a crash between
@@ -51,8 +75,8 @@ def crashing_at_draw(call: int, error: BaseException):
 
 
 def assert_same_training_state(full, resumed) -> None:
-    """Two trainers hold bit-identical state: losses, model tensors, EMA shadows, optimizer
-    state and mask-update history."""
+    """Two TrainStates are bit-identical: losses, model tensors, EMA shadows, optimizer state
+    and mask-update history."""
     assert resumed.losses == full.losses
     for (name, a), b in zip(full.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
         assert torch.equal(a, b), name

@@ -215,8 +215,9 @@ def test_load_pretrained_refuses_a_class_outside_diffusers_models(tmp_path):
 
 # --------------------------------------------------------------------------- export_run
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    """A tiny Fashion-MNIST pixel run, static at sparsity 0.5, trained two steps."""
+def trained(tmp_path_factory):
+    """A tiny Fashion-MNIST pixel run, static at sparsity 0.5, trained two steps (a LoadedRun)."""
+    from sparse_diffusion.run import LoadedRun
     from sparse_diffusion.train import TrainConfig, Trainer
 
     out = tmp_path_factory.mktemp("runs") / "run"
@@ -227,18 +228,18 @@ def trainer(tmp_path_factory):
     for _ in range(2):
         trainer.train_step()
     (out / "metrics.json").write_text(json.dumps({"final_loss": 0.75, "metrics": {"fid": 123.4}}))
-    return trainer
+    return LoadedRun(trainer.run, trainer.state)
 
 
-def ema_dense_state(trainer):
-    """sd.densify of the run's EMA model, as Trainer.generate applies the EMA."""
-    parameters = list(trainer.denoiser.parameters())
-    trainer.ema.store(parameters)
-    trainer.ema.copy_to(parameters)
+def ema_dense_state(state):
+    """sd.densify of the run's EMA model, as sampling.generate applies the EMA."""
+    parameters = list(state.denoiser.parameters())
+    state.ema.store(parameters)
+    state.ema.copy_to(parameters)
     try:
-        return sd.densify(copy.deepcopy(trainer.denoiser)).state_dict()
+        return sd.densify(copy.deepcopy(state.denoiser)).state_dict()
     finally:
-        trainer.ema.restore(parameters)
+        state.ema.restore(parameters)
 
 
 PLAIN_DIFFUSERS = textwrap.dedent("""
@@ -263,20 +264,20 @@ PLAIN_DIFFUSERS = textwrap.dedent("""
 """)
 
 
-def test_export_run_writes_a_plain_diffusers_folder(trainer, tmp_path):
+def test_export_run_writes_a_plain_diffusers_folder(trained, tmp_path):
     from safetensors.torch import load_file
 
-    before = {key: tensor.clone() for key, tensor in trainer.denoiser.state_dict().items()}
-    out = sd.export_run(trainer, tmp_path / "export")
+    before = {key: tensor.clone() for key, tensor in trained.state.denoiser.state_dict().items()}
+    out = sd.export_run(trained, tmp_path / "export")
     assert out == tmp_path / "export"
     assert sorted(os.listdir(out)) == ["README.md", "scheduler", "unet"]
     assert os.listdir(tmp_path) == ["export"]  # no staging folder left beside it
 
-    # The trainer's model is untouched: same weights, still sparse, still refusing.
-    assert all(torch.equal(tensor, before[key]) for key, tensor in trainer.denoiser.state_dict().items())
-    assert any(isinstance(m, sk.BlockSparseModule) for m in trainer.denoiser.modules())
+    # The run's model is untouched: same weights, still sparse, still refusing.
+    assert all(torch.equal(tensor, before[key]) for key, tensor in trained.state.denoiser.state_dict().items())
+    assert any(isinstance(m, sk.BlockSparseModule) for m in trained.state.denoiser.modules())
     with pytest.raises(ValueError):
-        trainer.denoiser.save_pretrained(tmp_path / "refused")
+        trained.state.denoiser.save_pretrained(tmp_path / "refused")
 
     result = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out)], capture_output=True, text=True,
                             cwd=tmp_path, timeout=300)
@@ -285,10 +286,10 @@ def test_export_run_writes_a_plain_diffusers_folder(trainer, tmp_path):
     assert report == {"finite": [True, True], "modules": []}
 
     exported = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
-    expected = ema_dense_state(trainer)
+    expected = ema_dense_state(trained.state)
     assert exported.keys() == expected.keys()
     assert all(torch.equal(exported[key], expected[key].cpu()) for key in expected)
-    raw = sd.densify(copy.deepcopy(trainer.denoiser)).state_dict()
+    raw = sd.densify(copy.deepcopy(trained.state.denoiser)).state_dict()
     assert any(not torch.equal(raw[key], expected[key]) for key in expected)  # the EMA weights, not the raw ones
 
     card = (out / "README.md").read_text()
@@ -298,25 +299,26 @@ def test_export_run_writes_a_plain_diffusers_folder(trainer, tmp_path):
         assert text in card, text
 
 
-def test_export_run_sparse_form_and_refusals(trainer, tmp_path, monkeypatch):
-    out = sd.export_run(trainer, tmp_path / "sparse", sparse=True)
+def test_export_run_sparse_form_and_refusals(trained, tmp_path, monkeypatch):
+    out = sd.export_run(trained, tmp_path / "sparse", sparse=True)
     assert sorted(os.listdir(out / "unet")) == [
         "block_sparse_layers.json", "block_sparse_model.safetensors", "config.json"]
     loaded = sd.load_pretrained(out, subfolder="unet")
-    parameters = list(trainer.denoiser.parameters())
-    trainer.ema.store(parameters)
-    trainer.ema.copy_to(parameters)
+    parameters = list(trained.state.denoiser.parameters())
+    trained.state.ema.store(parameters)
+    trained.state.ema.copy_to(parameters)
     try:
-        expected = {key: tensor.clone() for key, tensor in trainer.denoiser.state_dict().items()}
+        expected = {key: tensor.clone() for key, tensor in trained.state.denoiser.state_dict().items()}
     finally:
-        trainer.ema.restore(parameters)
+        trained.state.ema.restore(parameters)
     assert loaded.state_dict().keys() == expected.keys()
     assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
     assert "sd.load_pretrained" in (out / "README.md").read_text()
 
     with pytest.raises(ValueError, match="exists and is not an empty folder"):
-        sd.export_run(trainer, out)
-    chirodiff = SimpleNamespace(config=SimpleNamespace(model="chirodiff"), denoiser=nn.GRU(3, 8))
+        sd.export_run(trained, out)
+    chirodiff = SimpleNamespace(run=SimpleNamespace(config=SimpleNamespace(model="chirodiff")),
+                                state=SimpleNamespace(denoiser=nn.GRU(3, 8)))
     with pytest.raises(ValueError, match="export supports pixel and ldm runs"):
         sd.export_run(chirodiff, tmp_path / "chirodiff")
     assert not (tmp_path / "chirodiff").exists()
@@ -325,12 +327,12 @@ def test_export_run_sparse_form_and_refusals(trainer, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer.task.scheduler, "save_pretrained", disk_full)
+    monkeypatch.setattr(trained.state.task.scheduler, "save_pretrained", disk_full)
     (tmp_path / "empty").mkdir()
     with pytest.raises(OSError, match="disk full"):
-        sd.export_run(trainer, tmp_path / "empty")
+        sd.export_run(trained, tmp_path / "empty")
     with pytest.raises(OSError, match="disk full"):
-        sd.export_run(trainer, tmp_path / "failed")
+        sd.export_run(trained, tmp_path / "failed")
     assert sorted(os.listdir(tmp_path)) == ["empty", "sparse"]
     assert not os.listdir(tmp_path / "empty")
 
@@ -342,6 +344,7 @@ def test_export_run_of_a_latent_run_adds_the_vae(tmp_path):
 
     from sparse_diffusion.diffusion import ImageDiffusion, make_scheduler
     from sparse_diffusion.models.autoencoder import build_autoencoder
+    from sparse_diffusion.run import LoadedRun, Run
     from sparse_diffusion.train import TrainConfig
 
     autoencoder = build_autoencoder("tiny", 32, 1)
@@ -354,9 +357,8 @@ def test_export_run_of_a_latent_run_adds_the_vae(tmp_path):
     with torch.no_grad():
         for shadow in ema.shadow_params:
             shadow.add_(0.25)
-    trainer = SimpleNamespace(config=config, denoiser=unet, task=task, ema=ema, report=report, out=tmp_path / "run",
-                              step=7)
-    out = sd.export_run(trainer, tmp_path / "ldm")
+    state = SimpleNamespace(config=config, denoiser=unet, task=task, ema=ema, report=report, step=7)
+    out = sd.export_run(LoadedRun(Run(config), state), tmp_path / "ldm")
     assert sorted(os.listdir(out)) == ["README.md", "scheduler", "unet", "vae"]
     vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), autoencoder.state_dict().values()))

@@ -199,21 +199,21 @@ def test_settings_torchrun_cannot_run_are_one_line_errors(torchrun_of_two, tmp_p
 
 
 def test_the_global_batch_and_its_noise_are_the_union_of_the_ranks_rows():
-    from sparse_diffusion.diffusion import _noise_and_timesteps
-    from sparse_diffusion.distributed import Distributed
+    from sparse_diffusion.diffusion import noise_and_timesteps
+    from sparse_diffusion.distributed import SINGLE, Distributed
     from sparse_diffusion.tasks import build_task, draw_batch
 
     task, dataset = build_task(tiny("unused"), torch.device("cpu"))
 
-    def draw(rows):
-        generator = torch.Generator().manual_seed(7)
-        images, labels = draw_batch(dataset, 8, generator, torch.device("cpu"), rows)
-        noise, timesteps = _noise_and_timesteps(images, task.scheduler, generator, rows)
-        after = torch.randn(3, generator=generator)  # the generator advanced as in one process
+    def draw(dist):
+        random = dist.random(torch.Generator().manual_seed(7), 8)
+        images, labels = draw_batch(dataset, 8, random, torch.device("cpu"))
+        noise, timesteps = noise_and_timesteps(images, task.scheduler, random)
+        after = torch.randn(3, generator=random.generator)  # the generator advanced as in one process
         return images, labels, noise, timesteps, after
 
-    whole = draw(None)
-    parts = [draw(Distributed(rank, 2).rows(8)) for rank in range(2)]
+    whole = draw(SINGLE)
+    parts = [draw(Distributed(rank, 2)) for rank in range(2)]
     for i in range(4):
         assert torch.equal(torch.cat([p[i] for p in parts]), whole[i]), i
     assert all(torch.equal(p[4], whole[4]) for p in parts)

@@ -8,6 +8,7 @@ import torch
 from diffusion_runs import TINY_ARGS, assert_same_training_state, crashing_at_draw, run_cli, tiny
 
 from sparse_diffusion import cli
+import sparse_diffusion.train as train_module
 from sparse_diffusion.train import Trainer, train
 
 
@@ -61,12 +62,13 @@ def test_the_loop_has_the_generic_speedups_and_times_its_phases(tmp_path):
     train_step() with timing on fills the phase timers the training-loop benchmark reads."""
     for method in ("dense", "rigl"):
         trainer = Trainer(tiny(tmp_path / method, method=method))
-        assert trainer.optimizer.defaults["fused"] and trainer.ema.foreach
-        convs = [m for m in trainer.denoiser.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        state = trainer.state
+        assert state.optimizer.defaults["fused"] and state.ema.foreach
+        convs = [m for m in state.denoiser.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
         assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
         trainer.timing = True
         loss = trainer.train_step()
-        assert np.isfinite(loss) and trainer.step == 1
+        assert np.isfinite(loss) and state.step == 1
         phases = {"data", "forward", "backward", "optimizer", "ema"} | ({"mask_update"} if method == "rigl" else set())
         assert set(trainer.phase_seconds) == phases and all(v > 0 for v in trainer.phase_seconds.values())
 
@@ -103,9 +105,9 @@ def test_resume_continues_exactly(tmp_path):
     with crashing_at_draw(5, KeyboardInterrupt("simulated crash")), pytest.raises(KeyboardInterrupt):
         crashing.train()
     resumed = Trainer(config, resume=True)
-    assert resumed.step == 3
+    assert resumed.state.step == 3
     resumed.train()
-    assert_same_training_state(full, resumed)
+    assert_same_training_state(full.state, resumed.state)
 
 
 def test_evaluations_during_training_make_a_curve_that_survives_a_crash(tmp_path, monkeypatch):
@@ -114,16 +116,16 @@ def test_evaluations_during_training_make_a_curve_that_survives_a_crash(tmp_path
     a crash keeps the points made before its checkpoint."""
     import time
 
-    def evaluate(self, num_samples):
+    def evaluate(state, num_samples, dist):
         time.sleep(0.5)
-        return {"fid": 100.0 / self.step, "num_samples": num_samples}
+        return {"fid": 100.0 / state.step, "num_samples": num_samples}
 
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
     config = tiny(tmp_path / "run", method="rigl", steps=6, checkpoint_every=2, eval_every=2, eval_samples=8)
     with crashing_at_draw(4, KeyboardInterrupt("simulated crash")), pytest.raises(KeyboardInterrupt):
         Trainer(config).train()
     resumed = Trainer(config, resume=True)
-    assert resumed.step == 2 and [p["step"] for p in resumed.curve] == [2]
+    assert resumed.state.step == 2 and [p["step"] for p in resumed.state.curve] == [2]
     results = resumed.train()
     curve = results["curve"]
     assert [p["step"] for p in curve] == [2, 4, 6] and [p["fid"] for p in curve] == [50.0, 25.0, 100.0 / 6]
