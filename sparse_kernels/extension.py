@@ -33,6 +33,9 @@ KERNEL_OPS = (
     "bsr_conv2d_grad_input",
     "bsr_conv2d_grad_weight",
 )
+# What the build says about itself (compiled, no kernel per device: usable before any registration).
+INFO_OPS = ("build_info", "cpu_isa", "cpu_kernels_take")
+OPS = MASK_OPS + KERNEL_OPS + INFO_OPS  # every op of csrc/ops.cpp
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 

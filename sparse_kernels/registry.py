@@ -15,9 +15,9 @@ by :func:`ops` on its first call (the first op call of the process), in this ord
    :func:`sparse_kernels.testing.override` installs, in a second fragment, for good.
 
 Why nothing depends on import order: importing the package registers nothing and loads no
-compiled code; every op reaches ``torch.ops.sparse_kernels`` through :func:`ops`, which makes
-the registrations above once (under a lock) before handing it out, whoever calls first and
-whatever was imported before. The only other registrations are :func:`install_override`'s,
+compiled code; every op reaches the ops of ``torch.ops.sparse_kernels`` through :func:`ops`, which
+makes the registrations above once (under a lock) before handing them out, whoever calls first
+and whatever was imported before. The only other registrations are :func:`install_override`'s,
 which first make sure the ones above exist, so that the override's kernels sit over them and go
 when its fragment is destroyed. Under ``torch.compile``, a first call met while tracing runs
 the registrations eagerly (as ``torch.compiler.assume_constant_result`` marks) instead of
@@ -26,6 +26,7 @@ tracing them, so a model compiled before its first eager call works too.
 from __future__ import annotations
 
 import threading
+import types
 import warnings
 
 import torch
@@ -40,15 +41,20 @@ OP_FOLDERS = (linear_kernels, conv2d_kernels, masks_kernels)
 _lock = threading.Lock()
 _ready = False  # set once every registration of the module docstring is made
 _libraries = []  # the fragments holding them, kept for the process
+# The ops of torch.ops.sparse_kernels (the same OpOverloadPacket objects), filled by _register_once.
+# A plain namespace, for the layers' hot path: an attribute of torch.ops costs about 0.4 us (its
+# namespaces are module subclasses with a __getattr__), one of this about 20 ns.
+_ops = types.SimpleNamespace()
 
 
-def ops():
-    """``torch.ops.sparse_kernels``, with the extension loaded and every Python registration made
-    (on the first call; later calls cost a flag test). Raises the one-line
+def ops() -> types.SimpleNamespace:
+    """The ops of ``torch.ops.sparse_kernels`` (``ops().bsr_linear.default`` is
+    ``torch.ops.sparse_kernels.bsr_linear.default``), with the extension loaded and every Python
+    registration made (on the first call; later calls cost a flag test). Raises the one-line
     :class:`~sparse_kernels.extension.ExtensionNotBuiltError` without the build."""
     if not _ready:
         _register_once()
-    return torch.ops.sparse_kernels
+    return _ops
 
 
 def _register_once() -> bool:
@@ -68,6 +74,8 @@ def _register_once() -> bool:
             _libraries.append(library)
             if process_wide is not None:
                 _libraries.append(process_wide)
+            for name in extension.OPS:
+                setattr(_ops, name, getattr(torch.ops.sparse_kernels, name))
             _ready = True
     return True
 

@@ -20,7 +20,10 @@ import sparse_kernels as sk
 assert not {"sparse_kernels._C", "triton", "torch._dynamo"} & set(sys.modules), sorted(sys.modules)
 assert not hasattr(torch.ops.sparse_kernels, "bsr_linear")  # no op defined before the first call
 ops = sk.registry.ops()
-assert ops is torch.ops.sparse_kernels and "sparse_kernels._C" in sys.modules
+assert "sparse_kernels._C" in sys.modules
+defined = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("sparse_kernels::")}
+assert defined == set(sk.extension.OPS), defined  # every op of csrc/ops.cpp, reachable through ops()
+assert all(getattr(ops, name) is getattr(torch.ops.sparse_kernels, name) for name in defined)
 for op in ("bsr_linear", "bsr_conv2d_grad_weight", "prune_and_regrow"):
     dump = torch._C._dispatch_dump(f"sparse_kernels::{op}")
     cuda = [line for line in dump.splitlines() if line.startswith("CUDA:")]
