@@ -70,7 +70,7 @@ def capture(model: str, sparsity: float, args: argparse.Namespace):
 
 
 def measure_layer(module, x, grad, repeats: int) -> Dict[str, float]:
-    ops = torch.ops.sparse_kernels
+    ops = sk.registry.ops()
     values, index = module.values.detach(), module._index()
     dense = module.to_dense().detach()
     if isinstance(module, sk.BlockSparseConv2d):

@@ -8,9 +8,9 @@ A UNet-like model: 100 layers whose block grids cycle through 16x16 ... 128x128 
 update drops ``drop_fraction`` of every layer's blocks, regrows as many among the inactive
 ones (the RigL paper's rule; ``--exact-k``: among the blocks dead before) and zeroes the
 reused slots of the values and both states. Methods:
-  compiled            masks.prune_and_regrow: every layer in one call (one CUDA launch)
+  compiled            sk.prune_and_regrow: every layer in one call (one CUDA launch)
   compiled_per_layer  the same op called once per layer
-  reference           masks.prune_and_regrow_reference (pure torch, host syncs)
+  reference           sparse_kernels.masks.prune_and_regrow_reference (pure torch, host syncs)
 Targets: on a GPU a whole-model update under 2 ms and >= 10x faster than the reference;
 on a CPU the compiled op >= 5x faster than the reference.
 """
@@ -23,7 +23,8 @@ from typing import Dict, List
 import torch
 
 import sparse_kernels as sk
-from sparse_kernels import LayerUpdate, masks
+from sparse_kernels import LayerUpdate
+from sparse_kernels.masks import prune_and_regrow_reference
 
 from .common import (
     add_output_arguments,
@@ -65,9 +66,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     updates = build_model(args.layers, args.density, args.block, args.drop_fraction, device)
     regrow = not args.exact_k
     methods = {
-        "compiled": lambda: masks.prune_and_regrow(updates, regrow),
-        "compiled_per_layer": lambda: [masks.prune_and_regrow([u], regrow) for u in updates],
-        "reference": lambda: masks.prune_and_regrow_reference(updates, regrow),
+        "compiled": lambda: sk.prune_and_regrow(updates, regrow),
+        "compiled_per_layer": lambda: [sk.prune_and_regrow([u], regrow) for u in updates],
+        "reference": lambda: prune_and_regrow_reference(updates, regrow),
     }
     if not sk.extension.has_compiled_kernel("prune_and_regrow", device.type):
         print(f"note: no compiled prune_and_regrow for {device.type}; 'compiled' runs the reference")

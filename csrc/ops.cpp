@@ -152,7 +152,7 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t f
 
 // The schemas of every op, in one place. Kernels: cpu/*.cpp (CPU), cuda/masks.cu (CUDA mask
 // ops), autograd.cpp (Autograd and Autocast); the Triton kernels (CUDA) and the fake kernels
-// are registered from Python (sparse_kernels/ops/).
+// are registered from Python, in one place (sparse_kernels/registry.py).
 TORCH_LIBRARY(sparse_kernels, m) {
   m.def("build_index(Tensor row_idx, Tensor col_idx, int num_rows, int num_cols) -> (Tensor, Tensor, Tensor, Tensor)");
   // Per layer: drops the k live blocks with the smallest drop score, grows the k with the
@@ -167,6 +167,9 @@ TORCH_LIBRARY(sparse_kernels, m) {
   m.def("block_norms(Tensor weight, int block_out, int block_in) -> Tensor");
   m.def("build_info() -> str", &build_info);
   m.def("cpu_isa() -> str", &cpu::selected_isa);
+  // Whether the compiled CPU kernels take (dtype, block_out x block_in); the rest runs on their
+  // masked-dense reference path. Python's capability rule for the CPU asks this.
+  m.def("cpu_kernels_take(ScalarType dtype, int block_out, int block_in) -> bool", &cpu::kernels_take);
 
   // y = x @ W.T + bias for x [..., in]; W [out, in] block-sparse (values [nnz, bo, bi]).
   m.def(

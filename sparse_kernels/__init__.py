@@ -7,11 +7,21 @@
     y = sk.bsr_linear(x, values, layout, bias)      # x @ to_dense(values, layout).T + bias
     layer = sk.BlockSparseLinear(1024, 1024, block_size=32, density=0.25)
     conv = sk.BlockSparseConv2d(128, 128, 3, padding=1, block_size=32, density=0.25)
+
+Importing the package loads no compiled code and registers nothing: the compiled extension
+(:mod:`sparse_kernels.extension`) is loaded, and the Python kernels registered
+(:mod:`sparse_kernels.registry`), on the first op call. The layout and the Triton kernels
+(``sparse_kernels.<op>.triton_kernels``) work without the build.
 """
-from . import backend, extension, masks
-from .backend import select_backend
+from . import capability, extension, masks, registry, testing
+from .capability import select_backend
+from .conv2d.op import bsr_conv2d
+from .conv2d.reference import bsr_conv2d_reference
 from .layout import BlockSparseLayout, from_dense, to_dense
-from .masks import LayerUpdate, block_norms, prune_and_regrow
+from .linear.op import bsr_linear
+from .linear.reference import bsr_linear_reference
+from .masks.op import block_norms, prune_and_regrow
+from .masks.update import LayerUpdate
 from .nn import (
     BlockSparseConv2d,
     BlockSparseLinear,
@@ -20,10 +30,9 @@ from .nn import (
     largest_blocks_mask,
     random_blocks_mask,
 )
-from .ops.conv2d import bsr_conv2d
-from .ops.linear import bsr_linear
-from .reference import bsr_conv2d_reference, bsr_linear_reference
 from .shapes import BlockSize, normalize_block_size
+
+__version__ = "0.1.0"
 
 __all__ = [
     "BlockSize",
@@ -32,13 +41,13 @@ __all__ = [
     "BlockSparseLinear",
     "BlockSparseModule",
     "LayerUpdate",
-    "backend",
     "block_norms",
     "blocks_for_density",
     "bsr_conv2d",
     "bsr_conv2d_reference",
     "bsr_linear",
     "bsr_linear_reference",
+    "capability",
     "extension",
     "from_dense",
     "largest_blocks_mask",
@@ -46,9 +55,8 @@ __all__ = [
     "normalize_block_size",
     "prune_and_regrow",
     "random_blocks_mask",
+    "registry",
     "select_backend",
+    "testing",
     "to_dense",
 ]
-__version__ = "0.1.0"
-
-backend._install_requested()

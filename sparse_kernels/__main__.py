@@ -1,23 +1,28 @@
 """``python -m sparse_kernels info``: what was built, the versions, and the device."""
 import argparse
 import platform
+import sys
 
 import torch
 
-import sparse_kernels
-from sparse_kernels import extension
-from sparse_kernels.backend import requested_backend, triton_installed
+from sparse_kernels import extension, registry
+from sparse_kernels.capability import requested_backend, select_backend, triton_installed
 
 
 _KEYS = ("CPU", "CUDA", "Autograd", "AutocastCPU", "AutocastCUDA", "Meta")
 
 
 def info() -> None:
-    print(f"sparse_kernels {sparse_kernels.__version__}")
+    # The package root, which Python ran before this module (``-m`` runs a package's __init__
+    # first): its version is read off it rather than imported, as a submodule must not import
+    # its own package root.
+    version = sys.modules["sparse_kernels"].__version__
+    print(f"sparse_kernels {version}")
     built = extension.build_info()
     details = ", ".join(f"{key} {value}" for key, value in built.items() if key != "devices")
     print(f"compiled extension: built for {built['devices']} ({details})")
     print(f"CPU kernels: instruction set {extension.cpu_isa()} (SPARSE_KERNELS_CPU_ISA=generic|avx2|avx512 forces one)")
+    registry.ops()  # the Python registrations too, so that the table below shows them
     print("kernels per dispatch key (compiled, or registered from Python):")
     for op in extension.MASK_OPS + extension.KERNEL_OPS:
         name = f"sparse_kernels::{op}"
@@ -33,7 +38,7 @@ def info() -> None:
     else:
         print(f"device: CPU only ({platform.machine()}, {torch.get_num_threads()} threads)")
     print(f"SPARSE_KERNELS_BACKEND: {requested_backend()}; fp32 block-32 ops on CPU run on: "
-          f"{sparse_kernels.select_backend(torch.device('cpu'), torch.float32, (32, 32))}")
+          f"{select_backend(torch.device('cpu'), torch.float32, (32, 32))}")
 
 
 def main(argv=None) -> None:

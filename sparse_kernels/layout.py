@@ -14,7 +14,9 @@ Two index structures, rebuilt whenever the slots' coordinates change:
   so values are never transposed in memory.
 
 Both are built by :func:`build_index`: a counting sort on the layout's device, in the
-compiled extension (no host synchronisation on a GPU).
+compiled extension (no host synchronisation on a GPU), or in plain torch
+(:func:`build_index_reference`, same result) where the build has no kernel for the device or
+there is no build: the layout needs nothing compiled.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import extension  # noqa: F401  (defines torch.ops.sparse_kernels)
+from . import extension
 from .shapes import BlockSize, normalize_block_size
 
 INDEX_DTYPE = torch.int32
@@ -41,12 +43,14 @@ def build_index(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Inde
         ``(row_ptr [R + 1], row_slots [nnz], col_ptr [C + 1], col_slots [nnz])``, int32:
         block-row ``r`` owns ``row_slots[row_ptr[r]:row_ptr[r + 1]]`` (ascending column),
         block-column ``c`` owns ``col_slots[col_ptr[c]:col_ptr[c + 1]]`` (ascending row).
+    The compiled op ``sparse_kernels::build_index`` where the build has a kernel for the
+    device (:func:`~sparse_kernels.extension.has_compiled_kernel`: a choice read off the
+    build, whatever is registered), else :func:`build_index_reference`.
     """
-    return tuple(
-        torch.ops.sparse_kernels.build_index(
-            row_idx.to(INDEX_DTYPE).contiguous(), col_idx.to(INDEX_DTYPE).contiguous(), grid[0], grid[1]
-        )
-    )
+    row_idx, col_idx = row_idx.to(INDEX_DTYPE).contiguous(), col_idx.to(INDEX_DTYPE).contiguous()
+    if not extension.has_compiled_kernel("build_index", row_idx.device.type):
+        return build_index_reference(row_idx, col_idx, grid)
+    return tuple(torch.ops.sparse_kernels.build_index(row_idx, col_idx, grid[0], grid[1]))
 
 
 def build_index_reference(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int]) -> Index:
@@ -60,12 +64,6 @@ def build_index_reference(row_idx: Tensor, col_idx: Tensor, grid: Tuple[int, int
     row_ptr = torch.searchsorted(rows[row_slots], torch.arange(num_rows + 1, device=device))
     col_ptr = torch.searchsorted(cols[col_slots], torch.arange(num_cols + 1, device=device))
     return tuple(t.to(INDEX_DTYPE) for t in (row_ptr, row_slots, col_ptr, col_slots))
-
-
-@torch.library.register_fake("sparse_kernels::build_index")
-def _(row_idx, col_idx, num_rows, num_cols):
-    nnz = row_idx.shape[0]
-    return row_idx.new_empty(num_rows + 1), row_idx.new_empty(nnz), row_idx.new_empty(num_cols + 1), row_idx.new_empty(nnz)
 
 
 # --------------------------------------------------------------------------- layout

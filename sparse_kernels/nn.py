@@ -6,9 +6,11 @@ optimizer state hold live blocks only. The layout lives in buffers: ``row_idx`` 
 structures derived from them are rebuilt on load and never saved.
 
 ``forward`` calls the op straight through torch's dispatcher with the module's tensors (the
-kernels check them), so a layer costs about what ``nn.Linear`` / ``nn.Conv2d`` cost besides
+kernels check them), reached through :func:`sparse_kernels.registry.ops` (a flag test once the
+kernels are registered), so a layer costs about what ``nn.Linear`` / ``nn.Conv2d`` cost besides
 its kernels; :func:`~sparse_kernels.bsr_linear` and :func:`~sparse_kernels.bsr_conv2d` are
-the checked functional forms.
+the checked functional forms. Building a module needs no compiled code (the layout falls back
+to plain torch); its first forward does.
 """
 from __future__ import annotations
 
@@ -20,15 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import BlockSparseLayout, build_index, from_dense, to_dense
-from .masks import block_norms
-from .ops import conv2d as _conv2d  # noqa: F401  (registers the conv2d kernels)
-from .ops import linear as _linear  # noqa: F401  (registers the linear kernels)
+from .masks.op import block_norms
+from .registry import ops
 from .shapes import BlockSize, explicit_padding, normalize_block_size
 
 _DERIVED_INDEX = ("row_ptr", "row_slots", "col_ptr", "col_slots")
 _INDEX = ("row_idx", "col_idx") + _DERIVED_INDEX
-_linear_op = torch.ops.sparse_kernels.bsr_linear.default
-_conv_op = torch.ops.sparse_kernels.bsr_conv2d.default
 
 
 def blocks_for_density(density: float, total_blocks: int) -> int:
@@ -250,7 +249,7 @@ class BlockSparseLinear(BlockSparseModule):
         parameters = self._parameters
         if self.masked_dense:
             return F.linear(x, self.to_dense(), parameters.get("bias"))
-        return _linear_op(x, parameters["values"], parameters.get("bias"), *self._index())
+        return ops().bsr_linear.default(x, parameters["values"], parameters.get("bias"), *self._index())
 
     def dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """The gradient of the whole dense weight ``[out, in]`` (fp32) for one call with input
@@ -377,8 +376,9 @@ class BlockSparseConv2d(BlockSparseModule):
                 weight = weight.contiguous(memory_format=torch.channels_last)
             return F.conv2d(x, weight, parameters.get("bias"), self.stride, self._explicit_padding(), self.dilation)
         unbatched = x.dim() == 3
-        y = _conv_op(x.unsqueeze(0) if unbatched else x, parameters["values"], parameters.get("bias"), *self._index(),
-                     self.stride, self._explicit_padding(), self.dilation, self.channels_last)
+        y = ops().bsr_conv2d.default(x.unsqueeze(0) if unbatched else x, parameters["values"], parameters.get("bias"),
+                                     *self._index(), self.stride, self._explicit_padding(), self.dilation,
+                                     self.channels_last)
         return y.squeeze(0) if unbatched else y
 
     def dense_weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_kernels as sk
-from sparse_kernels.backend import triton_interpreting
+from sparse_kernels.capability import triton_interpreting
 
 # Largest error allowed, as a fraction of the largest magnitude of the fp64 truth. The
 # kernels accumulate in fp32; these bound the rounding of inputs and outputs per dtype.
@@ -23,7 +23,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 class BackendSwitch:
     """``switch(backend, device)`` runs the rest of a test on ``backend``'s kernels for tensors
     on ``device``: ``compiled`` (the C++ kernels, CPU's default), ``triton`` (CUDA's default;
-    on CPU the interpreter, through :func:`sparse_kernels.backend.override`) or ``reference``.
+    on CPU the interpreter, through :func:`sparse_kernels.testing.override`) or ``reference``.
     Skips Triton on CPU when not interpreting and the C++ kernels on CUDA. The ``use_backend``
     fixture (conftest) hands one out and restores the defaults after the test."""
 
@@ -36,7 +36,7 @@ class BackendSwitch:
         if backend == "compiled" and device != "cpu":
             pytest.skip("the compiled kernels run on CPU tensors")
         if backend == "reference" or (backend == "triton" and device == "cpu"):
-            self.stack.enter_context(sk.backend.override(backend))
+            self.stack.enter_context(sk.testing.override(backend))
 
 
 def naive_dense_weight(values: torch.Tensor, row_idx, col_idx, grid) -> torch.Tensor:

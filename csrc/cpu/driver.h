@@ -29,10 +29,8 @@ namespace cpu {
 // forces one (an error if the CPU lacks it). Read at every call.
 const Isa& select_isa();
 
-// Whether the compiled kernels take this case (fp32, fp16 or bf16, computed in fp32; block sides
-// multiples of 16). The rest runs on the masked-dense reference path: the live blocks scattered
-// into a dense weight, and ATen's dense op.
-bool kernels_take(at::ScalarType dtype, int64_t bo, int64_t bi);
+// kernels_take(dtype, bo, bi), whether the compiled kernels take a case, is declared in ops.h: it is
+// also the op sparse_kernels::cpu_kernels_take, which Python asks (sparse_kernels.capability).
 // values [nnz, bo, bi, *taps] -> the dense weight [rows * bo, cols * bi, *taps], zeros at dead blocks.
 at::Tensor dense_weight(const at::Tensor& values, const LayoutShape& shape, const at::Tensor& row_idx,
                         const at::Tensor& col_idx);

@@ -36,8 +36,8 @@ except ImportError as error:  # pragma: no cover - other Triton versions
     print(f"unknown Triton compile API ({triton.__version__}): {error}")
     sys.exit(3)
 
-import sparse_kernels.triton.conv2d as conv2d_kernels  # noqa: E402
-import sparse_kernels.triton.linear as kernels  # noqa: E402
+import sparse_kernels.conv2d.triton_kernels as conv2d_kernels  # noqa: E402
+import sparse_kernels.linear.triton_kernels as kernels  # noqa: E402
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block on A100 / H100

@@ -43,7 +43,7 @@ def test_channels_last_in_channels_last_out(backend, device, use_backend):
 def test_grad_weight_split_over_pixel_chunks(monkeypatch, use_backend):
     """The split grad-weight (fp32 partial sums per pixel chunk) against the truth."""
     use_backend("triton", "cpu")
-    import sparse_kernels.triton.conv2d as conv2d_kernels
+    import sparse_kernels.conv2d.triton_kernels as conv2d_kernels
 
     monkeypatch.setattr(conv2d_kernels, "reduction_splits", lambda *args: 3)
     run_conv_case((3, 16, 16, (15, 15), 3, 1, 1, 1, 16, "full", False), torch.float32, "cpu")
@@ -114,7 +114,7 @@ def test_opcheck(backend, device, use_backend):
     bias = torch.randn(32, device=device, requires_grad=True)
     conv = ([2, 1], [1, 1], [1, 2])
     grad_out = torch.randn(2, 32, 3, 4, device=device)
-    ops = torch.ops.sparse_kernels
+    ops = sk.registry.ops()
     torch.library.opcheck(ops.bsr_conv2d.default, (x, values, bias, *index, *conv))
     torch.library.opcheck(ops.bsr_conv2d.default, (x, values, bias, *index, *conv, True))
     torch.library.opcheck(ops.bsr_conv2d.default, (x.contiguous(memory_format=torch.channels_last), values, None, *index, *conv))
@@ -142,7 +142,7 @@ def test_ops_refuse_mismatched_channels_when_called_directly(backend, use_backen
     index = layout.tensors()
     values = torch.randn(6, 16, 16, 3, 3)
     conv = ([1, 1], [1, 1], [1, 1])
-    ops = torch.ops.sparse_kernels
+    ops = sk.registry.ops()
     with pytest.raises(ValueError, match=r"x (?=.*1, 32, 5, 5)(?=.*48)"):
         ops.bsr_conv2d(torch.randn(1, 32, 5, 5), values, None, *index, *conv)
     with pytest.raises(ValueError, match=r"grad_out (?=.*1, 48, 5, 5)(?=.*32)"):
@@ -159,7 +159,7 @@ def test_channels_last_flag_gives_channels_last_outputs(backend, kernel, use_bac
     values = torch.randn(3, 16, 16, kernel, kernel, requires_grad=True)
     x = torch.randn(2, 32, 5, 6, requires_grad=True)
     conv = ([1, 1], [kernel // 2] * 2, [1, 1])
-    y = torch.ops.sparse_kernels.bsr_conv2d(x, values, None, *layout.tensors(), *conv, True)
+    y = sk.registry.ops().bsr_conv2d(x, values, None, *layout.tensors(), *conv, True)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     expected = F.conv2d(x, sk.to_dense(values, layout), None, *conv)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)

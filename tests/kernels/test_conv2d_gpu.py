@@ -29,7 +29,7 @@ def test_triton_conv_on_gpu_matches_masked_dense(case, dtype, channels_last, mon
 
 
 def test_fp32_conv_uses_tf32_where_cudnn_does(monkeypatch):
-    from sparse_kernels.triton.common import precision_and_upcast
+    from sparse_kernels.triton_common import precision_and_upcast
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert precision_and_upcast(torch.float32, conv=True)[0] == "tf32"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import sparse_kernels as sk
 from sparse_kernels import extension
 
-ops = torch.ops.sparse_kernels
+ops = sk.registry.ops()
 
 
 def _isas():

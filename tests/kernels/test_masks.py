@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparse_kernels as sk
-from sparse_kernels import extension, masks
+from sparse_kernels import extension
 from sparse_kernels.layout import build_index_reference
-from sparse_kernels.masks import LayerUpdate
+from sparse_kernels.masks import LayerUpdate, block_norms_reference, prune_and_regrow_reference
 
 
 def random_layer(grid, nnz, generator, device="cpu"):
@@ -102,8 +102,8 @@ def update_by_definition(update, regrow_dropped):
 def test_compiled_prune_and_regrow_equals_reference(specs, seed, regrow_dropped):
     updates = make_updates(specs, torch.Generator().manual_seed(seed))
     reference = clone_updates(updates)
-    moved = masks.prune_and_regrow(updates, regrow_dropped=regrow_dropped)
-    expected = masks.prune_and_regrow_reference(reference, regrow_dropped=regrow_dropped)
+    moved = sk.prune_and_regrow(updates, regrow_dropped=regrow_dropped)
+    expected = prune_and_regrow_reference(reference, regrow_dropped=regrow_dropped)
     assert moved.tolist() == expected.tolist()
     assert_same_updates(updates, reference)
 
@@ -115,7 +115,7 @@ def test_prune_and_regrow_follows_its_definition(specs, seed, regrow_dropped):
     kept slots unchanged (a regrown block keeps its values) and the reused slots zeroed."""
     updates = make_updates(specs, torch.Generator().manual_seed(seed))
     before = clone_updates(updates)
-    moved = masks.prune_and_regrow(updates, regrow_dropped=regrow_dropped).tolist()
+    moved = sk.prune_and_regrow(updates, regrow_dropped=regrow_dropped).tolist()
     for update, old, count in zip(updates, before, moved):
         after, new = update_by_definition(old, regrow_dropped)
         cols = update.layout.grid[1]
@@ -132,7 +132,7 @@ def test_prune_and_regrow_follows_its_definition(specs, seed, regrow_dropped):
 def test_compiled_build_index_equals_reference(grid, density, seed):
     nnz = round(density * grid[0] * grid[1])
     layout = random_layer(grid, nnz, torch.Generator().manual_seed(seed))
-    compiled = torch.ops.sparse_kernels.build_index(layout.row_idx, layout.col_idx, *grid)
+    compiled = sk.registry.ops().build_index(layout.row_idx, layout.col_idx, *grid)
     for got, expected in zip(compiled, build_index_reference(layout.row_idx, layout.col_idx, grid)):
         assert torch.equal(got, expected)
 
@@ -141,8 +141,8 @@ def test_compiled_build_index_equals_reference(grid, density, seed):
 @pytest.mark.parametrize("shape, block", [((64, 96), (16, 32)), ((32, 48, 3, 3), (16, 16)), ((7, 5), (7, 1))])
 def test_compiled_block_norms_equals_reference(shape, block, dtype):
     weight = torch.randn(shape).to(dtype)
-    compiled = masks.block_norms(weight, block)
-    expected = masks.block_norms_reference(weight, block)
+    compiled = sk.block_norms(weight, block)
+    expected = block_norms_reference(weight, block)
     assert compiled.dtype == torch.float32 and compiled.shape == expected.shape
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
 
@@ -158,7 +158,7 @@ def test_a_dropped_block_with_a_top_grow_score_is_regrown_in_place(backend, use_
     values = torch.arange(1.0, 4.0).reshape(3, 1).repeat(1, 5)
     drop = torch.tensor([0.1, 0.2, 0.9])  # k = 2 drops (0,0) and (0,2)
     grow = torch.tensor([[8.0, 7.0, math.inf], [6.0, 0.0, 5.0]])  # (0,0) is the best; (0,2) not finite
-    moved = masks.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [values])])
+    moved = sk.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [values])])
     # Grown: (0,0) again (8) and (0,1) (7). (0,0) keeps slot 0 and its values; (0,1) takes
     # the freed slot 1, zeroed: one block moved, two were dropped.
     assert moved.tolist() == [1]
@@ -167,11 +167,11 @@ def test_a_dropped_block_with_a_top_grow_score_is_regrown_in_place(backend, use_
     # A just-dropped block with a non-finite score ranks after every finite one: with no dead
     # block to grow, the dropped blocks come back and nothing moves.
     full = sk.BlockSparseLayout.from_indices(torch.tensor([0, 1]), torch.tensor([0, 0]), (2, 1), 4)
-    moved = masks.prune_and_regrow([LayerUpdate(full, torch.zeros(2), torch.tensor([math.nan, 1.0]), 2, [])])
+    moved = sk.prune_and_regrow([LayerUpdate(full, torch.zeros(2), torch.tensor([math.nan, 1.0]), 2, [])])
     assert moved.tolist() == [0] and full.row_idx.tolist() == [0, 1]
     # Growing only among blocks dead before the update, (0,0) cannot come back.
     layout = sk.BlockSparseLayout.from_indices(torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), (2, 3), 4)
-    moved = masks.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [])], regrow_dropped=False)
+    moved = sk.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [])], regrow_dropped=False)
     assert moved.tolist() == [2]
     assert layout.row_idx.tolist() == [0, 1, 1] and layout.col_idx.tolist() == [1, 0, 1]
 
@@ -185,14 +185,14 @@ def test_prune_and_regrow_picks_the_documented_blocks(backend, use_backend):
     values = torch.arange(1.0, 4.0).reshape(3, 1).repeat(1, 5)
     drop = torch.tensor([1.0, 1.0, 0.5])  # slot 2 first, then the tie: (0,0) before (0,2)
     grow = torch.tensor([[9.0, 7.0, 9.0], [7.0, 9.0, math.nan]])  # dead: (0,1)=7 (1,0)=7 (1,2)=nan
-    moved = masks.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [values])], regrow_dropped=False)
+    moved = sk.prune_and_regrow([LayerUpdate(layout, drop, grow, 2, [values])], regrow_dropped=False)
     assert moved.tolist() == [2]
     # Dropped slots 0 and 2 (ascending) take grown blocks (0,1) and (1,0) (ascending flat).
     assert layout.row_idx.tolist() == [0, 0, 1] and layout.col_idx.tolist() == [1, 2, 0]
     assert values[:, 0].tolist() == [0.0, 2.0, 0.0]
     # k = 3 is capped at the two growable dead blocks (0,0) and (1,1); (1,2) has a nan score.
     # All drop scores tie: the lowest flat blocks (0,1) and (0,2), in slots 0 and 1, go.
-    moved = masks.prune_and_regrow([LayerUpdate(layout, torch.zeros(3), grow, 3, [values])], regrow_dropped=False)
+    moved = sk.prune_and_regrow([LayerUpdate(layout, torch.zeros(3), grow, 3, [values])], regrow_dropped=False)
     assert moved.tolist() == [2]
     assert layout.row_idx.tolist() == [0, 1, 1] and layout.col_idx.tolist() == [0, 1, 0]
 
@@ -209,7 +209,7 @@ def test_many_updates_keep_the_invariants(regrow_dropped):
             u.k = int(torch.randint(0, nnz + 1, (1,), generator=generator))
             u.drop_scores = random_scores(nnz, kind, generator)
             u.grow_scores = random_scores(grid[0] * grid[1], kind, generator)
-        moved = masks.prune_and_regrow(updates, regrow_dropped=regrow_dropped)
+        moved = sk.prune_and_regrow(updates, regrow_dropped=regrow_dropped)
         for (grid, nnz, _, _), u, (rows, cols, tensors), m in zip(specs, updates, before, moved.tolist()):
             layout = u.layout
             assert layout.nnz == nnz
@@ -229,7 +229,7 @@ def test_many_updates_keep_the_invariants(regrow_dropped):
 def test_index_of_a_module_follows_an_update():
     layer = sk.BlockSparseLinear(64, 64, block_size=16, density=0.5)
     layout = layer.layout
-    masks.prune_and_regrow([LayerUpdate(layout, torch.rand(layer.nnz), torch.rand(4, 4), 3, [layer.values])])
+    sk.prune_and_regrow([LayerUpdate(layout, torch.rand(layer.nnz), torch.rand(4, 4), 3, [layer.values])])
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
     assert torch.equal(layer.row_idx, layout.row_idx)  # the module's buffers were updated in place
@@ -239,17 +239,17 @@ def test_index_of_a_module_follows_an_update():
 def test_opcheck():
     generator = torch.Generator().manual_seed(0)
     layout = random_layer((6, 5), 12, generator)
-    torch.library.opcheck(torch.ops.sparse_kernels.build_index.default, (layout.row_idx, layout.col_idx, 6, 5))
-    torch.library.opcheck(torch.ops.sparse_kernels.block_norms.default, (torch.randn(12, 10, 3, 3), 4, 2))
+    torch.library.opcheck(sk.registry.ops().build_index.default, (layout.row_idx, layout.col_idx, 6, 5))
+    torch.library.opcheck(sk.registry.ops().block_norms.default, (torch.randn(12, 10, 3, 3), 4, 2))
     (u,) = make_updates([((6, 5), 12, 3, "ties")], generator)
     index = [[t] for t in u.layout.tensors()]
     torch.library.opcheck(
-        torch.ops.sparse_kernels.prune_and_regrow.default,
+        sk.registry.ops().prune_and_regrow.default,
         (*index, [u.drop_scores], [u.grow_scores.reshape(-1)], [6], [5], [3], list(u.zero), [0, 0]),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
     torch.library.opcheck(
-        torch.ops.sparse_kernels.prune_and_regrow.default,
+        sk.registry.ops().prune_and_regrow.default,
         (*index, [u.drop_scores], [u.grow_scores.reshape(-1)], [6], [5], [3], list(u.zero), [0, 0], False),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
@@ -262,22 +262,31 @@ def test_a_cuda_build_registers_every_op_for_cuda():
     for op in extension.MASK_OPS:
         assert extension.has_compiled_kernel(op, "cuda"), f"{op} has no compiled CUDA kernel"
     assert extension.build_info()["devices"] == "cpu,cuda"
+    sk.registry.ops()  # with every Python registration made, the CUDA kernels are still the C++ ones
+    for op in extension.MASK_OPS:
+        dump = torch._C._dispatch_dump(f"sparse_kernels::{op}")
+        cuda_lines = [line for line in dump.splitlines() if line.startswith("CUDA:")]
+        assert cuda_lines and "python" not in cuda_lines[0].lower() and ".cu:" in cuda_lines[0], dump
 
 
 def test_a_missing_extension_is_refused_with_the_fix():
-    """The ops live in the compiled extension: importing the package without it says so and
-    how to rebuild, rather than failing later on a missing op."""
+    """The ops live in the compiled extension: without it the package still imports, and the
+    first op call says so, and how to build it, in one line (not a missing-op error later)."""
     code = (
         "import sys, torch\n"
         "sys.modules['sparse_kernels._C'] = None\n"
+        "import sparse_kernels as sk\n"
+        "layout = sk.BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), 16)\n"
         "try:\n"
-        "    import sparse_kernels\n"
+        "    sk.bsr_linear(torch.randn(2, 16), torch.randn(1, 16, 16), layout)\n"
         "except ImportError as error:\n"
-        "    print(error)\n"
+        "    print(type(error).__name__, error, sep=': ')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "sparse_kernels._C does not load" in result.stdout, result.stderr
-    assert "pip install --no-build-isolation" in result.stdout
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("ExtensionNotBuiltError: sparse_kernels: the compiled extension sparse_kernels._C")
+    assert "pip install --no-build-isolation" in line
 
 
 # --------------------------------------------------------------------------- bad input
@@ -302,11 +311,11 @@ def _one_update(**changes):
 )
 def test_bad_updates_are_refused(changes, error, match):
     with pytest.raises(error, match=match):
-        masks.prune_and_regrow([_one_update(**changes)])
+        sk.prune_and_regrow([_one_update(**changes)])
 
 
 def test_the_compiled_op_checks_its_lists():
-    ops = torch.ops.sparse_kernels
+    ops = sk.registry.ops()
     empty = [[] for _ in range(6)]
     with pytest.raises(ValueError, match="no layers"):  # once a segfault (zero_layer out of range)
         ops.prune_and_regrow(*empty, [], [], [], [], [], [torch.zeros(2)], [1000])
@@ -329,11 +338,11 @@ def test_cuda_equals_cpu_bit_for_bit(seed, regrow_dropped):
     cpu = make_updates(specs, generator)
     cuda = [LayerUpdate(sk.BlockSparseLayout(u.layout.grid, u.layout.block_size, *(t.cuda() for t in u.layout.tensors())),
                         u.drop_scores.cuda(), u.grow_scores.cuda(), u.k, [t.cuda() for t in u.zero]) for u in cpu]
-    assert (masks.prune_and_regrow(cuda, regrow_dropped).tolist()
-            == masks.prune_and_regrow(cpu, regrow_dropped).tolist())
+    assert (sk.prune_and_regrow(cuda, regrow_dropped).tolist()
+            == sk.prune_and_regrow(cpu, regrow_dropped).tolist())
     assert_same_updates(cuda, cpu)
     for u in cuda:
-        rebuilt = torch.ops.sparse_kernels.build_index(u.layout.row_idx, u.layout.col_idx, *u.layout.grid)
+        rebuilt = sk.registry.ops().build_index(u.layout.row_idx, u.layout.col_idx, *u.layout.grid)
         for got, expected in zip(rebuilt, build_index_reference(u.layout.row_idx.cpu(), u.layout.col_idx.cpu(), u.layout.grid)):
             assert torch.equal(got.cpu(), expected)
 
@@ -341,5 +350,5 @@ def test_cuda_equals_cpu_bit_for_bit(seed, regrow_dropped):
 @pytest.mark.gpu
 def test_cuda_block_norms():
     weight = torch.randn(256, 128, 3, 3, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(masks.block_norms(weight, (32, 32)).cpu(), masks.block_norms_reference(weight.cpu(), (32, 32)),
+    torch.testing.assert_close(sk.block_norms(weight, (32, 32)).cpu(), block_norms_reference(weight.cpu(), (32, 32)),
                                rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
+from ..triton_common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
 
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
@@ -115,7 +115,7 @@ def _bsr_sdd_kernel(
     Axis 0 of the grid runs over (slot, tile): one program computes a ``TILE_O x TILE_I`` tile
     of one slot, in row-sorted slot order (``row_slots``) so that programs running together
     read the same columns of ``dy`` from L2, whatever order mask updates left the slots in.
-    Axis 1 runs over chunks of ``CHUNK`` rows (:func:`~.common.reduction_splits`: at low
+    Axis 1 runs over chunks of ``CHUNK`` rows (:func:`~sparse_kernels.triton_common.reduction_splits`: at low
     density there are few slots, and without the split a few hundred programs would leave
     most SMs idle); the launcher adds the chunks' sums in a fixed order.
 

@@ -1,4 +1,5 @@
-"""``bsr_linear``: the public op, and the kernels of the linear ops registered from Python.
+"""The kernels of the linear ops that Python registers: fake, Triton (CUDA) and reference kernels,
+each with its op's signature, and :func:`register`, which :mod:`sparse_kernels.registry` calls.
 
 The ops (schemas in csrc/ops.cpp, routed by torch's dispatcher):
 
@@ -8,65 +9,40 @@ The ops (schemas in csrc/ops.cpp, routed by torch's dispatcher):
 * ``sparse_kernels::bsr_linear_grad_weight`` dW = (dy.T @ x) at live blocks
 
 each taking the layout as its six index tensors (``layout.tensors()``). Kernels: C++ for CPU
-(csrc/cpu/linear.cpp); registered here: Triton for CUDA (the reference where Triton cannot
-take a case), the fake kernels for ``torch.compile``, and the pure-torch references by name
-for :func:`sparse_kernels.backend.override`.
+(csrc/cpu/linear.cpp); here: Triton for CUDA (the reference where Triton cannot take a case),
+the fake kernels for ``torch.compile``, and the pure-torch references by name
+(:data:`REFERENCE_KERNELS`, for the reference override).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 from torch import Tensor
 
-from ..layout import BlockSparseLayout, check_values
-from ..reference import (
-    bsr_linear_grad_input_reference,
-    bsr_linear_grad_weight_reference,
-    bsr_linear_reference,
-)
-from .common import check_activation, check_bias, check_features, layout_of, triton_takes
-
-_ops = torch.ops.sparse_kernels
-
-
-# --------------------------------------------------------------------------- public op
-def bsr_linear(x: Tensor, values: Tensor, layout: BlockSparseLayout, bias: Optional[Tensor] = None) -> Tensor:
-    """Block-sparse linear: ``y = x @ to_dense(values, layout).T + bias``.
-
-    Args:
-        x: ``[..., in]`` with ``in == layout.shape[1]``; fp32, fp16 or bf16 (fp64 runs on
-            the reference path).
-        values: ``[nnz, bo, bi]``, the live blocks, same dtype and device as ``x``.
-        layout: the :class:`BlockSparseLayout` of the weight ``[out, in]``.
-        bias: ``[out]`` or ``None``.
-    Returns:
-        ``y: [..., out]``, differentiable in ``x``, ``values`` and ``bias``. Kernels
-        accumulate in fp32. Under ``torch.autocast`` the operands run in its dtype.
-    """
-    check_values(values, layout)
-    check_activation("x", x, values)
-    out_features, in_features = layout.shape
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have shape [..., {in_features}], got {tuple(x.shape)}")
-    check_bias(bias, out_features, x)
-    return _ops.bsr_linear.default(x, values, bias, *layout.tensors())
+from ..capability import triton_takes
+from ..checks import check_features, layout_of
+from .reference import bsr_linear_grad_input_reference, bsr_linear_grad_weight_reference, bsr_linear_reference
 
 
 # --------------------------------------------------------------------------- fake kernels
-@torch.library.register_fake("sparse_kernels::bsr_linear")
-def _(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+def _forward_fake(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
     return x.new_empty(*x.shape[:-1], (row_ptr.shape[0] - 1) * values.shape[1])
 
 
-@torch.library.register_fake("sparse_kernels::bsr_linear_grad_input")
-def _(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
+def _grad_input_fake(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
     return grad_out.new_empty(*grad_out.shape[:-1], (col_ptr.shape[0] - 1) * values.shape[2])
 
 
-@torch.library.register_fake("sparse_kernels::bsr_linear_grad_weight")
-def _(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_out, block_in):
+def _grad_weight_fake(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_out, block_in):
     return x.new_empty(row_idx.shape[0], block_out, block_in)
+
+
+FAKE_KERNELS: Dict[str, Callable] = {
+    "bsr_linear": _forward_fake,
+    "bsr_linear_grad_input": _grad_input_fake,
+    "bsr_linear_grad_weight": _grad_weight_fake,
+}
 
 
 # --------------------------------------------------------------------------- reference kernels
@@ -98,9 +74,11 @@ REFERENCE_KERNELS: Dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------- Triton kernels
-def triton_kernels(strict: bool) -> Dict[str, Callable]:
-    """The Triton kernels of the three ops, by name. Cases Triton cannot take (fp64, block
-    sides that are not powers of two >= 16) run on the references, or raise if ``strict``."""
+def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
+    """The Triton kernels of the three ops with the ops' signatures, by name: adapters over the
+    launchers of :mod:`.triton_kernels` (imported on first call: triton loads only when a Triton
+    kernel runs). Cases Triton cannot take (fp64, block sides that are not powers of two >= 16)
+    run on the references, or raise if ``strict``."""
 
     def takes(op: str, t: Tensor, block_size) -> bool:
         return triton_takes(op, t, block_size, strict=strict)
@@ -109,7 +87,7 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_linear", "x", x, (col_ptr.shape[0] - 1) * values.shape[2])
         if not takes("bsr_linear", x, values.shape[1:3]):
             return _forward_reference(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
-        from ..triton import linear as kernels
+        from . import triton_kernels as kernels
 
         y = kernels.bsr_linear_fwd(x.reshape(-1, x.shape[-1]), values, row_ptr, row_slots, col_idx, bias)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -118,7 +96,7 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_linear_grad_input", "grad_out", grad_out, (row_ptr.shape[0] - 1) * values.shape[1])
         if not takes("bsr_linear_grad_input", grad_out, values.shape[1:3]):
             return _grad_input_reference(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
-        from ..triton import linear as kernels
+        from . import triton_kernels as kernels
 
         dx = kernels.bsr_linear_grad_input(grad_out.reshape(-1, grad_out.shape[-1]), values, col_ptr, col_slots,
                                            row_idx)
@@ -130,7 +108,7 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         if not takes("bsr_linear_grad_weight", x, (block_out, block_in)):
             return _grad_weight_reference(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
                                           block_out, block_in)
-        from ..triton import linear as kernels
+        from . import triton_kernels as kernels
 
         return kernels.bsr_linear_grad_weight(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]),
                                               row_idx, col_idx, row_slots, (block_out, block_in))
@@ -138,5 +116,11 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
     return {"bsr_linear": forward, "bsr_linear_grad_input": grad_input, "bsr_linear_grad_weight": grad_weight}
 
 
-for _name, _kernel in triton_kernels(strict=False).items():
-    torch.library.register_kernel(f"sparse_kernels::{_name}", "cuda", _kernel)
+# --------------------------------------------------------------------------- registration
+def register(library: torch.library.Library) -> None:
+    """Registers, in ``library``: the fake kernels of the three ops, and their Triton kernels for
+    CUDA (falling back to the references). Called once, by :mod:`sparse_kernels.registry`."""
+    for name, kernel in FAKE_KERNELS.items():
+        torch.library.register_fake(f"sparse_kernels::{name}", kernel, lib=library)
+    for name, kernel in triton_op_kernels(strict=False).items():
+        torch.library.register_kernel(f"sparse_kernels::{name}", "cuda", kernel, lib=library)

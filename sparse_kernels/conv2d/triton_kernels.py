@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..shapes import conv_output_size
-from .common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
+from ..triton_common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
 
 Pair = Tuple[int, int]
 

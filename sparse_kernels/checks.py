@@ -1,5 +1,5 @@
-"""What the op families share: the public functions' checks, and the adapters that give the
-pure-torch references and the Triton launchers the ops' signatures.
+"""Argument checks the ops share, and the helpers that give the pure-torch references and the
+Triton launchers the ops' signatures (``layout_of``, ``memory_format``).
 
 The checks raise ``TypeError`` / ``ValueError`` naming the bad shape, dtype or device. Dtypes
 are checked by the kernels themselves, after ``torch.autocast`` has cast the operands.
@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from ..backend import triton_unsupported_reason
-from ..layout import BlockSparseLayout
+from .layout import BlockSparseLayout
 
 
 def layout_of(block_size: Sequence[int], index: Sequence[Tensor]) -> BlockSparseLayout:
@@ -60,12 +59,3 @@ def check_bias(bias: Optional[Tensor], features: int, x: Tensor) -> None:
     if bias.device != x.device:
         raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 
-
-def triton_takes(op: str, t: Tensor, block_size: Sequence[int], *, strict: bool) -> bool:
-    """Whether the Triton kernels take ``op`` on ``t``'s device and dtype with ``block_size``;
-    where they cannot, ``ValueError`` if ``strict`` (the Triton override) or ``False`` (the
-    CUDA kernels then run the reference)."""
-    reason = triton_unsupported_reason(t.device, t.dtype, tuple(block_size))
-    if reason is not None and strict:
-        raise ValueError(f"{op}: the Triton kernels cannot run this: {reason}")
-    return reason is None

@@ -1,4 +1,5 @@
-"""``bsr_conv2d``: the public op, and the kernels of the conv2d ops registered from Python.
+"""The kernels of the conv2d ops that Python registers: fake, Triton (CUDA) and reference kernels,
+each with its op's signature, and :func:`register`, which :mod:`sparse_kernels.registry` calls.
 
 The ops (schemas in csrc/ops.cpp, routed by torch's dispatcher):
 
@@ -11,85 +12,21 @@ A weight ``[Cout, Cin, kh, kw]`` is block-sparse over channel blocks: the layout
 ``[Cout / bo, Cin / bi]`` and a live block holds all taps, ``values [nnz, bo, bi, kh, kw]``.
 Outputs are channels-last when the input is (or, for the forward, when ``channels_last`` is
 set, as ``F.conv2d`` gives for a channels-last weight), contiguous otherwise. Kernels: C++ for
-CPU (csrc/cpu/conv2d.cpp); registered here: Triton for CUDA (1x1 convolutions on the linear
-kernels; the reference where Triton cannot take a case), the fake kernels, and the pure-torch
-references by name for :func:`sparse_kernels.backend.override`.
+CPU (csrc/cpu/conv2d.cpp); here: Triton for CUDA (1x1 convolutions on the linear kernels; the
+reference where Triton cannot take a case), the fake kernels, and the pure-torch references by
+name (:data:`REFERENCE_KERNELS`, for the reference override).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict
 
 import torch
 from torch import Tensor
 
-from ..layout import BlockSparseLayout, check_values
-from ..reference import (
-    bsr_conv2d_grad_input_reference,
-    bsr_conv2d_grad_weight_reference,
-    bsr_conv2d_reference,
-)
-from ..shapes import IntPair, conv_output_size, explicit_padding, int_pair
-from .common import check_activation, check_bias, check_features, layout_of, memory_format, triton_takes
-
-_ops = torch.ops.sparse_kernels
-
-
-# --------------------------------------------------------------------------- public op
-def bsr_conv2d(
-    x: Tensor,
-    values: Tensor,
-    layout: BlockSparseLayout,
-    bias: Optional[Tensor] = None,
-    stride: IntPair = 1,
-    padding: Union[IntPair, str] = 0,
-    dilation: IntPair = 1,
-    groups: int = 1,
-) -> Tensor:
-    """Block-sparse conv2d: ``F.conv2d(x, to_dense(values, layout), bias, stride, padding, dilation)``.
-
-    Args:
-        x: ``[N, Cin, H, W]`` (or unbatched ``[Cin, H, W]``), ``Cin == layout.shape[1]``.
-        values: ``[nnz, bo, bi, kh, kw]``, the live channel blocks with all their taps.
-        layout: the :class:`BlockSparseLayout` over channel blocks ``[Cout / bo, Cin / bi]``.
-        bias: ``[Cout]`` or ``None``.
-        stride, dilation: int or pair, >= 1. padding: int or pair >= 0, ``"valid"``, or
-            ``"same"`` (stride 1, even total padding only).
-        groups: must be 1; grouped convolutions are refused.
-    Returns:
-        ``[N, Cout, OH, OW]`` (or ``[Cout, OH, OW]``), differentiable in ``x``, ``values``
-        and ``bias``; channels-last when ``x`` is. Under ``torch.autocast`` the operands
-        run in its dtype.
-    """
-    if groups != 1:
-        raise ValueError(f"bsr_conv2d supports groups=1 only, got groups={groups!r}")
-    if isinstance(values, Tensor) and values.dim() != 5:
-        raise ValueError(f"values must be [nnz, bo, bi, kh, kw], got shape {tuple(values.shape)}")
-    check_values(values, layout, taps=2)
-    check_activation("x", x, values)
-    unbatched = x.dim() == 3
-    if unbatched:
-        x = x.unsqueeze(0)
-    out_channels, in_channels = layout.shape
-    if x.dim() != 4:
-        raise ValueError(f"x must be [N, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"x has {x.shape[1]} channels but the layout covers {in_channels} "
-            f"({layout.grid[1]} blocks of {layout.block_size[1]}); x has shape {tuple(x.shape)}"
-        )
-    kernel = (values.shape[3], values.shape[4])
-    stride = int_pair("stride", stride, 1)
-    dilation = int_pair("dilation", dilation, 1)
-    padding = explicit_padding(padding, kernel, stride, dilation)
-    out_hw = [conv_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2)]
-    if min(out_hw) <= 0:
-        raise ValueError(
-            f"input of spatial size {tuple(x.shape[2:])} is too small for kernel {kernel} with "
-            f"padding {padding} and dilation {dilation}"
-        )
-    check_bias(bias, out_channels, x)
-    y = _ops.bsr_conv2d.default(x, values, bias, *layout.tensors(), stride, padding, dilation)
-    return y.squeeze(0) if unbatched else y
+from ..capability import triton_takes
+from ..checks import check_features, layout_of, memory_format
+from ..shapes import conv_output_size
+from .reference import bsr_conv2d_grad_input_reference, bsr_conv2d_grad_weight_reference, bsr_conv2d_reference
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -97,9 +34,8 @@ def _output_format(x: Tensor, channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else memory_format(x)
 
 
-@torch.library.register_fake("sparse_kernels::bsr_conv2d")
-def _(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, stride, padding, dilation,
-      channels_last=False):
+def _forward_fake(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, stride, padding,
+                  dilation, channels_last=False):
     kh, kw = values.shape[3], values.shape[4]
     out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
@@ -107,17 +43,23 @@ def _(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
     return x.new_empty(x.shape[0], out_channels, out_h, out_w).contiguous(memory_format=_output_format(x, channels_last))
 
 
-@torch.library.register_fake("sparse_kernels::bsr_conv2d_grad_input")
-def _(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, input_size, stride, padding,
-      dilation):
+def _grad_input_fake(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, input_size, stride,
+                     padding, dilation):
     in_channels = (col_ptr.shape[0] - 1) * values.shape[2]
     dx = grad_out.new_empty(grad_out.shape[0], in_channels, *input_size)
     return dx.contiguous(memory_format=memory_format(grad_out))
 
 
-@torch.library.register_fake("sparse_kernels::bsr_conv2d_grad_weight")
-def _(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_shape, stride, padding, dilation):
+def _grad_weight_fake(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_shape, stride,
+                      padding, dilation):
     return x.new_empty(row_idx.shape[0], *block_shape)
+
+
+FAKE_KERNELS: Dict[str, Callable] = {
+    "bsr_conv2d": _forward_fake,
+    "bsr_conv2d_grad_input": _grad_input_fake,
+    "bsr_conv2d_grad_weight": _grad_weight_fake,
+}
 
 
 # --------------------------------------------------------------------------- reference kernels
@@ -170,9 +112,12 @@ def _image(rows: Tensor, like: Tensor) -> Tensor:
     return rows.view(like.shape[0], like.shape[2], like.shape[3], -1).permute(0, 3, 1, 2)
 
 
-def triton_kernels(strict: bool) -> Dict[str, Callable]:
-    """The Triton kernels of the three ops, by name. Cases Triton cannot take (fp64, block
-    sides that are not powers of two >= 16) run on the references, or raise if ``strict``."""
+def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
+    """The Triton kernels of the three ops with the ops' signatures, by name: adapters over the
+    launchers of :mod:`.triton_kernels` (1x1 convolutions without stride or padding over those
+    of :mod:`sparse_kernels.linear.triton_kernels`), imported on first call. Cases Triton cannot
+    take (fp64, block sides that are not powers of two >= 16) run on the references, or raise if
+    ``strict``."""
 
     def takes(op: str, t: Tensor, block_size) -> bool:
         return triton_takes(op, t, block_size, strict=strict)
@@ -183,7 +128,8 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_conv2d", "x", x, (col_ptr.shape[0] - 1) * values.shape[2], dim=1)
         if not takes("bsr_conv2d", x, values.shape[1:3]):
             return _forward_reference(x, values, bias, *index, stride, padding, dilation, channels_last)
-        from ..triton import conv2d, linear
+        from ..linear import triton_kernels as linear
+        from . import triton_kernels as conv2d
 
         if _pointwise(values.shape[3:], stride, padding):
             rows = linear.bsr_linear_fwd(_pixels(x), values.reshape(values.shape[:3]), row_ptr, row_slots, col_idx,
@@ -199,7 +145,8 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_conv2d_grad_input", "grad_out", grad_out, (row_ptr.shape[0] - 1) * values.shape[1], dim=1)
         if not takes("bsr_conv2d_grad_input", grad_out, values.shape[1:3]):
             return _grad_input_reference(grad_out, values, *index, input_size, stride, padding, dilation)
-        from ..triton import conv2d, linear
+        from ..linear import triton_kernels as linear
+        from . import triton_kernels as conv2d
 
         if _pointwise(values.shape[3:], stride, padding):
             dx = _image(linear.bsr_linear_grad_input(_pixels(grad_out), values.reshape(values.shape[:3]), col_ptr,
@@ -216,7 +163,8 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
         check_features("bsr_conv2d_grad_weight", "x", x, (col_ptr.shape[0] - 1) * block_shape[1], dim=1)
         if not takes("bsr_conv2d_grad_weight", x, block_shape[:2]):
             return _grad_weight_reference(grad_out, x, *index, block_shape, stride, padding, dilation)
-        from ..triton import conv2d, linear
+        from ..linear import triton_kernels as linear
+        from . import triton_kernels as conv2d
 
         if _pointwise(block_shape[2:], stride, padding):
             dw = linear.bsr_linear_grad_weight(_pixels(grad_out), _pixels(x), row_idx, col_idx, row_slots,
@@ -228,5 +176,11 @@ def triton_kernels(strict: bool) -> Dict[str, Callable]:
     return {"bsr_conv2d": forward, "bsr_conv2d_grad_input": grad_input, "bsr_conv2d_grad_weight": grad_weight}
 
 
-for _name, _kernel in triton_kernels(strict=False).items():
-    torch.library.register_kernel(f"sparse_kernels::{_name}", "cuda", _kernel)
+# --------------------------------------------------------------------------- registration
+def register(library: torch.library.Library) -> None:
+    """Registers, in ``library``: the fake kernels of the three ops, and their Triton kernels for
+    CUDA (falling back to the references). Called once, by :mod:`sparse_kernels.registry`."""
+    for name, kernel in FAKE_KERNELS.items():
+        torch.library.register_fake(f"sparse_kernels::{name}", kernel, lib=library)
+    for name, kernel in triton_op_kernels(strict=False).items():
+        torch.library.register_kernel(f"sparse_kernels::{name}", "cuda", kernel, lib=library)

@@ -1,4 +1,6 @@
-"""Helpers shared by the Triton launchers: autotune configs, operand checks, precision."""
+"""Helpers shared by the Triton launchers (``<op>/triton_kernels.py``): autotune configs, operand
+checks (the Triton rule itself is :func:`sparse_kernels.capability.triton_unsupported_reason`),
+precision. Imports triton: only the launchers import this module."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +10,7 @@ from typing import Tuple
 import torch
 import triton
 
-from ..backend import triton_interpreting, triton_unsupported_reason
+from .capability import triton_interpreting, triton_unsupported_reason
 
 # Read once: triton itself decides at import whether it interprets.
 _INTERPRET = triton_interpreting()

@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers, one file per op family."""
