@@ -25,7 +25,7 @@ the paper). ``history`` records both counts per layer: ``dropped`` and ``moved``
 
 Newly grown blocks start at zero, and so does their state in the optimizer (every state tensor
 of the values' shape, e.g. Adam's ``exp_avg`` and ``exp_avg_sq``) and in an EMA of the
-model when one is given. Updates run through :func:`sparse_kernels.masks.prune_and_regrow`
+model when one is given. Updates run through :func:`sparse_kernels.prune_and_regrow`
 (the compiled op, one call for all layers). A step whose gradients are not finite (an AMP
 overflow) skips its update with a warning.
 """
