@@ -6,10 +6,12 @@ by :func:`ops` on its first call (the first op call of the process), in this ord
 
 1. load ``sparse_kernels._C`` (:func:`sparse_kernels.extension.load`: without the build, the
    one-line :class:`~sparse_kernels.extension.ExtensionNotBuiltError`, and nothing registered);
-2. each op folder's ``register(library)``, into one library fragment kept for the process:
-   ``linear`` and ``conv2d``: the fake kernels (``torch.compile``, ``opcheck``) and the Triton
-   kernels for CUDA; ``masks``: the fake kernels, and the references as CUDA kernels where the
-   build has no CUDA (read off :func:`~sparse_kernels.extension.build_info`, not the dispatcher);
+2. each op folder's kernels (its ``kernels.py`` says what they are; this module alone calls
+   ``torch.library``), into one library fragment kept for the process: the fake kernels
+   (``FAKE_KERNELS``: ``torch.compile``, ``opcheck``) and what CUDA tensors run
+   (``cuda_kernels()``): ``linear`` and ``conv2d``: the Triton kernels; ``masks``: the
+   references, for the ops the build has no CUDA kernel for (read off
+   :func:`~sparse_kernels.extension.build_info`, not the dispatcher);
 3. the process-wide choice ``SPARSE_KERNELS_BACKEND=reference|triton``
    (:func:`~sparse_kernels.capability.requested_backend`, read once, here): the same kernels as
    :func:`sparse_kernels.testing.override` installs, in a second fragment, for good.
@@ -66,7 +68,10 @@ def _register_once() -> bool:
             library = torch.library.Library("sparse_kernels", "IMPL")
             try:
                 for folder in OP_FOLDERS:
-                    folder.register(library)
+                    for name, kernel in folder.FAKE_KERNELS.items():
+                        torch.library.register_fake(f"sparse_kernels::{name}", kernel, lib=library)
+                    for name, kernel in folder.cuda_kernels().items():
+                        torch.library.register_kernel(f"sparse_kernels::{name}", "cuda", kernel, lib=library)
                 process_wide = _process_wide_override()
             except BaseException:
                 library._destroy()

@@ -14,6 +14,18 @@ from .records import time_ms
 LINEAR_TARGET = 0.03  # fwd+bwd time / dense <= 1.2 * density + 0.03 (the kernels' issue)
 
 
+def random_layout(grid, density, block, device):
+    """``(mask, layout)``: about ``density`` of the blocks of ``grid``, at random, never none."""
+    import torch
+
+    import sparse_kernels as sk
+
+    mask = torch.rand(grid) < density
+    mask.view(-1)[0] = True
+    mask = mask.to(device)
+    return mask, sk.BlockSparseLayout.from_block_mask(mask, block)
+
+
 def stage_headline(record) -> None:
     import torch
     import torch.nn.functional as F
@@ -33,10 +45,7 @@ def stage_headline(record) -> None:
     dense_ms = time_ms(lambda: (x @ dense.T, dy @ dense, dy.T @ x), device)
     record(kind="timing", family="linear", what="dense fwd+bwd (cuBLAS)", ms=dense_ms, shape=[rows_m, size, size])
     for density in (1.0, 0.5, 0.25, 0.1):
-        mask = torch.rand(grid) < density
-        mask.view(-1)[0] = True
-        mask = mask.to(device)
-        layout = sk.BlockSparseLayout.from_block_mask(mask, block)
+        mask, layout = random_layout(grid, density, block, device)
         row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = layout.tensors()
         actual = mask.float().mean().item()
         values = torch.randn(int(mask.sum()), *block, device=device, dtype=dtype)
@@ -84,10 +93,7 @@ def stage_headline(record) -> None:
         cgrid = (channels // cblock[0], channels // cblock[1])
         conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))
         for density in (1.0, 0.5, 0.25, 0.1):
-            mask = torch.rand(cgrid) < density
-            mask.view(-1)[0] = True
-            mask = mask.to(device)
-            layout = sk.BlockSparseLayout.from_block_mask(mask, cblock)
+            mask, layout = random_layout(cgrid, density, cblock, device)
             row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots = layout.tensors()
             values = torch.randn(int(mask.sum()), *cblock, 3, 3, device=device, dtype=dtype)
             kernels = {

@@ -1,5 +1,5 @@
 """The kernels of the conv2d ops that Python registers: fake, Triton (CUDA) and reference kernels,
-each with its op's signature, and :func:`register`, which :mod:`sparse_kernels.registry` calls.
+each with its op's signature, and :func:`cuda_kernels`; :mod:`sparse_kernels.registry` registers them.
 
 The ops (schemas in csrc/ops.cpp, routed by torch's dispatcher):
 
@@ -176,11 +176,7 @@ def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
     return {"bsr_conv2d": forward, "bsr_conv2d_grad_input": grad_input, "bsr_conv2d_grad_weight": grad_weight}
 
 
-# --------------------------------------------------------------------------- registration
-def register(library: torch.library.Library) -> None:
-    """Registers, in ``library``: the fake kernels of the three ops, and their Triton kernels for
-    CUDA (falling back to the references). Called once, by :mod:`sparse_kernels.registry`."""
-    for name, kernel in FAKE_KERNELS.items():
-        torch.library.register_fake(f"sparse_kernels::{name}", kernel, lib=library)
-    for name, kernel in triton_op_kernels(strict=False).items():
-        torch.library.register_kernel(f"sparse_kernels::{name}", "cuda", kernel, lib=library)
+# --------------------------------------------------------------------------- what CUDA runs
+def cuda_kernels() -> Dict[str, Callable]:
+    """What CUDA tensors run, by op: the Triton kernels (the references where Triton cannot take a case)."""
+    return triton_op_kernels(strict=False)

@@ -21,8 +21,9 @@ The files:
   oracle of every test; imports only the layout.
 * ``triton_kernels.py``: the Triton kernels and launchers; imports triton (and nothing that
   needs the compiled extension), so it runs under ``TRITON_INTERPRET=1`` on any machine.
-* ``kernels.py``: what Python registers for the ops, and ``register(library)``, which
-  :mod:`sparse_kernels.registry` calls (the only place that does).
+* ``kernels.py``: what Python registers for the ops (``FAKE_KERNELS``, ``REFERENCE_KERNELS``,
+  ``cuda_kernels()``: the Triton kernels); :mod:`sparse_kernels.registry` registers them (the
+  only place that does).
 * ``op.py``: :func:`bsr_linear`, exported by the package root (``sparse_kernels.bsr_linear``).
 
 This ``__init__`` exports only the references: the registry imports ``kernels.py``, which runs

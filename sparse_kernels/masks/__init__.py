@@ -23,7 +23,7 @@ The files, from the bottom up:
 * ``update.py``: :class:`LayerUpdate`, one layer's part of an update;
 * ``reference.py``: :func:`prune_and_regrow_reference`, :func:`block_norms_reference`, pure torch;
 * ``kernels.py``: the fake kernels, the references with the ops' signatures, and
-  ``register(library)``, which :mod:`sparse_kernels.registry` calls;
+  ``cuda_kernels()``, which :mod:`sparse_kernels.registry` registers;
 * ``op.py``: the public ``prune_and_regrow`` and ``block_norms`` (checks, then the op through
   :func:`sparse_kernels.registry.ops`); the package root exports them.
 

@@ -1,5 +1,5 @@
 """The kernels of the mask ops that Python registers: fake kernels, the references with the
-ops' signatures, and :func:`register`, which :mod:`sparse_kernels.registry` calls.
+ops' signatures, and :func:`cuda_kernels`; :mod:`sparse_kernels.registry` registers them.
 
 The ops (schemas in csrc/ops.cpp): ``build_index`` (the layout's index, see
 :func:`sparse_kernels.layout.build_index`), ``prune_and_regrow`` and ``block_norms``. Their
@@ -72,13 +72,9 @@ REFERENCE_KERNELS: Dict[str, Callable] = {
 }
 
 
-# --------------------------------------------------------------------------- registration
-def register(library: torch.library.Library) -> None:
-    """Registers, in ``library``: the fake kernels of the three ops, and their references as the
-    CUDA kernels where the build has none (:func:`sparse_kernels.extension.has_compiled_kernel`,
-    read off the build, not off the dispatcher). Called once, by :mod:`sparse_kernels.registry`."""
-    for name, kernel in FAKE_KERNELS.items():
-        torch.library.register_fake(f"sparse_kernels::{name}", kernel, lib=library)
-    for name, kernel in REFERENCE_KERNELS.items():
-        if not extension.has_compiled_kernel(name, "cuda"):
-            torch.library.register_kernel(f"sparse_kernels::{name}", "cuda", kernel, lib=library)
+# --------------------------------------------------------------------------- what CUDA runs
+def cuda_kernels() -> Dict[str, Callable]:
+    """What CUDA tensors run, by op, besides the compiled kernels: the references of the ops the
+    build has no CUDA kernel for (:func:`sparse_kernels.extension.has_compiled_kernel`, read off
+    the build, not off the dispatcher)."""
+    return {name: kernel for name, kernel in REFERENCE_KERNELS.items() if not extension.has_compiled_kernel(name, "cuda")}
