@@ -59,7 +59,7 @@ bench: $(STAMP)
 
 ## gpu-check: on a CUDA machine without a package registry, one time-boxed pass (GPU_CHECK_SECONDS,
 ## default 450, build included): stages in priority order, results appended to
-## $(GPU_CHECK_OUT)/gpu-check-<date>-<gpu>.jsonl as they come (see benchmarks/gpu_check.py).
+## $(GPU_CHECK_OUT)/gpu-check-<date>-<gpu>.jsonl as they come (see benchmarks/gpu_check/).
 ## GPU_CHECK_DRY_RUN=1 runs it on the CPU with tiny sizes (the test suite does).
 GPU_PYTHON ?= python3
 GPU_CHECK_OUT ?= benchmarks/results

@@ -9,10 +9,20 @@ disk; ``sd.densify`` turns it back into a plain diffusers model; ``sd.export_run
 trained run (opened with ``sparse_diffusion.run.load_run``) as a diffusers folder. README.md's
 library section is a complete, tested example.
 """
-from .algorithms import DynamicSparsity, MagRan, RigL, Static, assert_masks_synced, mask_fingerprint
-from .channels_last import channels_last
-from .export import export_run, load_pretrained, save_pretrained
-from .sparsify import LayerReport, SparsityReport, densify, layer_densities, sparsify
+from importlib.util import find_spec
+
+# The training layer needs what the `diffusion` extra installs (sparse_kernels alone does not).
+DEPENDENCIES = {"diffusers": "diffusers", "safetensors": "safetensors", "tqdm": "tqdm", "yaml": "pyyaml",
+                "PIL": "pillow", "matplotlib": "matplotlib"}
+_missing = [package for module, package in DEPENDENCIES.items() if find_spec(module) is None]
+if _missing:
+    raise ImportError(f"sparse_diffusion needs {', '.join(_missing)}: install the training layer with "
+                      "`pip install --no-build-isolation \"sparse-diffusion[diffusion]\"` (sparse_kernels alone works without)")
+
+from .algorithms import DynamicSparsity  # noqa: E402, MagRan, RigL, Static, assert_masks_synced, mask_fingerprint
+from .channels_last import channels_last  # noqa: E402
+from .export import export_run, load_pretrained, save_pretrained  # noqa: E402
+from .sparsify import LayerReport, SparsityReport, densify, layer_densities, sparsify  # noqa: E402
 
 __all__ = [
     "DynamicSparsity",

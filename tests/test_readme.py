@@ -28,3 +28,25 @@ def test_the_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     for index, block in enumerate(python_blocks(README.read_text())):
         exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
     assert (tmp_path / "unet-dense" / "config.json").is_file()
+
+
+def anchors(text: str):
+    """GitHub's anchors of a Markdown file's headings."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```$", "", text, flags=re.S | re.M), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", [README] + sorted((README.parent / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_every_relative_link_leads_somewhere(page):
+    """Links between the README, docs/ and the committed results name files (and headings) that exist."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
+            broken.append(target)
+    assert broken == []
