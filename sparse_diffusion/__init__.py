@@ -19,7 +19,7 @@ if _missing:
     raise ImportError(f"sparse_diffusion needs {', '.join(_missing)}: install the training layer with "
                       "`pip install --no-build-isolation \"sparse-diffusion[diffusion]\"` (sparse_kernels alone works without)")
 
-from .algorithms import DynamicSparsity  # noqa: E402, MagRan, RigL, Static, assert_masks_synced, mask_fingerprint
+from .algorithms import DynamicSparsity, MagRan, RigL, Static, assert_masks_synced, mask_fingerprint  # noqa: E402
 from .channels_last import channels_last  # noqa: E402
 from .export import export_run, load_pretrained, save_pretrained  # noqa: E402
 from .sparsify import LayerReport, SparsityReport, densify, layer_densities, sparsify  # noqa: E402

@@ -42,3 +42,11 @@ def test_without_the_diffusion_extra_the_training_layer_says_what_to_install():
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: sparse_diffusion needs diffusers") and "sparse-diffusion[diffusion]" in last
+
+
+def test_every_public_name_is_there():
+    import sparse_diffusion
+
+    for package in (sparse_kernels, sparse_diffusion):
+        missing = [name for name in package.__all__ if not hasattr(package, name)]
+        assert missing == [], f"{package.__name__}.__all__ names what it lacks: {missing}"
