@@ -8,6 +8,9 @@ only ever sees settings and states of this version. The rules:
   before they existed, except ``regrow_dropped``: before it, RigL and MagRan grew only among
   the blocks dead before an update, so an older ``rigl`` / ``magran`` run has it off. A
   checkpoint's algorithm state of that time lacks it too and takes its run's value.
+* Until the last step's evaluation was part of the checkpoint, it was written only to
+  ``metrics.json``: a run trained longer lost that point. The points of ``metrics.json``'s curve
+  at steps the checkpoint has reached but lacks are put back (:func:`migrate_checkpoint`).
 * ``checkpoint.pt`` (:data:`LEGACY_CHECKPOINT`): the torch.save pickles written before
   checkpoint version 2. They are never unpickled (unpickling can run code):
   :func:`refuse_legacy_checkpoint` says so in one line.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
 from .checkpoint import load_state
 from .config import TrainConfig
@@ -35,15 +38,29 @@ def migrate_config(saved: Dict) -> Dict:
     return {**saved, **missing}
 
 
-def migrate_checkpoint(state: Dict) -> Dict:
-    """A training checkpoint's state with its ``config`` migrated (:func:`migrate_config`) and
-    its algorithm's saved configuration given the run's ``regrow_dropped`` where it lacks it."""
+def migrate_checkpoint(state: Dict, metrics: Optional[Dict] = None) -> Dict:
+    """A training checkpoint's state with its ``config`` migrated (:func:`migrate_config`), its
+    algorithm's saved configuration given the run's ``regrow_dropped`` where it lacks it, and
+    the evaluations of ``metrics`` (the run's ``metrics.json``) it should hold and lacks."""
     config = migrate_config(state["config"])
     algo = state.get("algo")
     saved = algo.get("config") if isinstance(algo, dict) else None
     if saved is not None and "regrow_dropped" not in saved:
         algo = {**algo, "config": {**saved, "regrow_dropped": config["regrow_dropped"]}}
-    return {**state, "config": config, "algo": algo}
+    return {**state, "config": config, "algo": algo, "curve": _curve_with_final_points(state, metrics)}
+
+
+def _curve_with_final_points(state: Dict, metrics: Optional[Dict]) -> List[Dict]:
+    """The checkpoint's curve, with the points of ``metrics["curve"]`` at steps it has reached
+    (up to its ``step``) but does not hold, in step order."""
+    curve = list(state.get("curve", []))
+    points = metrics.get("curve") if isinstance(metrics, dict) else None
+    if not isinstance(points, list):
+        return curve
+    held = {point["step"] for point in curve}
+    lost = [point for point in points if isinstance(point, dict) and isinstance(point.get("step"), int)
+            and point["step"] <= state["step"] and point["step"] not in held]
+    return sorted(curve + lost, key=lambda point: point["step"]) if lost else curve
 
 
 def refuse_legacy_checkpoint(folder: Path) -> None:

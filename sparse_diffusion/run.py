@@ -122,7 +122,7 @@ class Run:
         missing = CHECKPOINT_KEYS - set(state)
         if missing:
             raise CheckpointError(f"{path} lacks {sorted(missing)}: it is not a training checkpoint")
-        state = migrate_checkpoint(state)
+        state = migrate_checkpoint(state, self.read_metrics())
         saved = state["config"]
         mismatched = {k: (saved.get(k), getattr(self.config, k)) for k in IDENTITY
                       if saved.get(k) != getattr(self.config, k)}
@@ -147,6 +147,19 @@ class Run:
 
     def write_metrics(self, results: Dict) -> None:
         self.metrics_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    def read_metrics(self) -> Optional[Dict]:
+        """``metrics.json`` as written at the end of the last training (or by ``evaluate``), or
+        None where there is none; a file that is not a JSON object is a one-line ``ValueError``."""
+        if not self.metrics_path.is_file():
+            return None
+        try:
+            metrics = json.loads(self.metrics_path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{self.metrics_path} is not valid JSON ({error}): move it aside to go on") from None
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{self.metrics_path} is not a JSON object: move it aside to go on")
+        return metrics
 
     def write_summary(self, text: str, path: Optional[Path] = None) -> Path:
         """``summary.md`` (or ``path``)."""

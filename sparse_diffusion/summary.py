@@ -54,9 +54,18 @@ def training_results(state: TrainState, dist: Distributed = SINGLE) -> Dict:
     return results
 
 
+# What a curve point holds besides the metrics of its evaluation.
+POINT_KEYS = ("step", "wall_clock_s", "load_1min")
+
+
 def curve_point(state: TrainState, metrics: Dict) -> Dict:
     """One point of the FID-vs-steps / -wall-clock curve: now, and the metrics just computed."""
     return {"step": state.step, "wall_clock_s": state.elapsed, "load_1min": os.getloadavg()[0], **metrics}
+
+
+def point_metrics(point: Dict) -> Dict:
+    """The metrics of a curve point (what :func:`curve_point` was given)."""
+    return {key: value for key, value in point.items() if key not in POINT_KEYS}
 
 
 def machine_load(state: TrainState, dist: Distributed = SINGLE) -> Dict:

@@ -34,7 +34,7 @@ from .distributed import SINGLE, Distributed, from_environment
 from .run import CHECKPOINT, Run
 from .sampling import evaluate, save_samples
 from .state import TrainState, check_precision
-from .summary import curve_point, loss_label, machine_load, mean_finite, training_results, write_results
+from .summary import curve_point, loss_label, machine_load, mean_finite, point_metrics, training_results, write_results
 from .tasks import draw_batch
 
 # A run whose loss stays non-finite this many steps in a row has diverged and stops.
@@ -124,8 +124,10 @@ class Trainer:
                 state.elapsed = time.perf_counter() - start
                 if state.step % LOAD_EVERY == 0:
                     state.max_load = max(state.max_load, os.getloadavg()[0])
-                if config.eval_every and state.step % config.eval_every == 0 and state.step < config.steps:
-                    paused = time.perf_counter()  # before the checkpoint, which then holds the point
+                if config.eval_every and (state.step % config.eval_every == 0 or state.step == config.steps):
+                    # before the checkpoint, which then holds the point (the last step's too, so that
+                    # a run trained longer later keeps it)
+                    paused = time.perf_counter()
                     state.curve.append(curve_point(state, evaluate(state, config.eval_samples, self.dist)))
                     start += time.perf_counter() - paused  # evaluation is not training time
                 with self.phase("io"):
@@ -201,9 +203,16 @@ class Trainer:
         config, state = self.config, self.state
         results = training_results(state, self.dist)
         if config.eval_samples:
-            results["metrics"] = evaluate(state, config.eval_samples, self.dist)
+            last = state.curve[-1] if state.curve else None
+            if config.eval_every and last is not None and last["step"] == state.step:
+                results["metrics"] = point_metrics(last)  # evaluated at the last step of the loop
+            else:
+                results["metrics"] = evaluate(state, config.eval_samples, self.dist)
+                if config.eval_every:  # a run the loop had nothing left to train: the point is kept too
+                    state.curve.append(curve_point(state, results["metrics"]))
+                    self.save_checkpoint()
             if config.eval_every:
-                results["curve"] = state.curve + [curve_point(state, results["metrics"])]
+                results["curve"] = list(state.curve)
         results["timing"] = machine_load(state, self.dist)
         if self.dist.is_main:
             write_results(self.run, state, results)

@@ -66,3 +66,29 @@ def test_a_legacy_pickle_checkpoint_is_refused_unread(tmp_path):
     (tmp_path / LEGACY_CHECKPOINT).write_bytes(b"PK\x03\x04 a zip, as torch.save writes")
     with pytest.raises(CheckpointError, match="pickle"):
         refuse_legacy_checkpoint(tmp_path)
+
+
+def test_a_run_whose_last_evaluation_is_only_in_metrics_json_keeps_it_when_trained_longer(tmp_path, monkeypatch):
+    """Before the last step's evaluation was part of the checkpoint, only metrics.json had it:
+    a resume puts it back in the curve, and the longer run keeps every point."""
+    import dataclasses
+
+    import sparse_diffusion.train as train_module
+    from sparse_diffusion.train import Trainer
+
+    monkeypatch.setattr(train_module, "evaluate", lambda state, n, dist: {"fid": 100.0 / state.step})
+    config = tiny(tmp_path / "run", method="static", steps=4, eval_every=2, eval_samples=8)
+    first = Trainer(config).train()["curve"]
+    state = load_state(tmp_path / "run" / CHECKPOINT)
+    state["curve"] = state["curve"][:-1]  # as an older version saved it
+    save_state(state, tmp_path / "run" / CHECKPOINT)
+    longer = Trainer(dataclasses.replace(config, steps=6), resume=True).train()["curve"]
+    assert [p["step"] for p in longer] == [2, 4, 6] and longer[:2] == first
+
+
+def test_a_curve_is_merged_by_step_and_only_up_to_the_checkpoint():
+    state = {"config": {"method": "dense"}, "algo": None, "step": 4, "curve": [{"step": 2, "fid": 9.0}]}
+    metrics = {"curve": [{"step": 2, "fid": 1.0}, {"step": 4, "fid": 8.0}, {"step": 6, "fid": 7.0}]}
+    assert migrate_checkpoint(state, metrics)["curve"] == [{"step": 2, "fid": 9.0}, {"step": 4, "fid": 8.0}]
+    assert migrate_checkpoint(state, None)["curve"] == state["curve"]
+    assert migrate_checkpoint(state, {"curve": "damaged"})["curve"] == state["curve"]

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -173,6 +174,46 @@ def test_a_resume_with_another_world_size_continues_the_same_run(tmp_path):
                     exact=False)
     changes = json.loads((tmp_path / "split" / "config.json").read_text())["changes"]
     assert changes == [{"step": 3, "changed": {"world_size": [1, 2]}}]
+
+
+def _extending_worker(rank, port, config_fields, resume):
+    """A 2-rank run whose evaluations are fast fakes with a collective in them (as generating the
+    samples on every rank is): a rank that evaluates alone would hang the other."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import sparse_diffusion.train as train_module
+    from sparse_diffusion.config import TrainConfig
+
+    def evaluate(state, num_samples, distributed):
+        dist.barrier()
+        return {"fid": 100.0 / state.step} if rank == 0 else {}
+
+    train_module.evaluate = evaluate
+    train_module.train(TrainConfig(**config_fields), resume=resume)
+
+
+def test_a_two_rank_run_trained_longer_keeps_every_evaluation(tmp_path):
+    import dataclasses
+
+    config = tiny(tmp_path / "run", **{**SETTINGS, "steps": 4, "eval_every": 2, "eval_samples": 8})
+    for fields, resume in ((config, False), (dataclasses.replace(config, steps=8), True)):
+        context = mp.start_processes(_extending_worker, args=(free_port(), dataclasses.asdict(fields), resume),
+                                     nprocs=2, start_method="spawn", join=False)
+        deadline = time.monotonic() + 300
+        while not context.join(timeout=max(deadline - time.monotonic(), 0)):  # True once every rank is done
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail("the ranks did not finish: one waits in a collective the other never entered")
+        if fields.steps == 4:
+            first = json.loads((tmp_path / "run" / "metrics.json").read_text())["curve"]
+    curve = json.loads((tmp_path / "run" / "metrics.json").read_text())["curve"]
+    assert [p["step"] for p in first] == [2, 4]
+    assert [p["step"] for p in curve] == [2, 4, 6, 8] and curve[:2] == first
+    assert [p["fid"] for p in curve] == [50.0, 25.0, 100.0 / 6, 12.5]
 
 
 # --------------------------------------------------------------------------- refusals

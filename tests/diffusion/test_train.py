@@ -143,6 +143,33 @@ def test_evaluations_during_training_make_a_curve_that_survives_a_crash(tmp_path
     assert timing["max_load_1min"] >= 0 and timing["clean"] == (timing["max_load_1min"] <= timing["cpu_threads"] + 0.75)
 
 
+def fake_evaluations(monkeypatch):
+    """The loop's evaluations, recorded and fast: FID 100 / step. Returns the steps evaluated."""
+    steps = []
+
+    def evaluate(state, num_samples, dist):
+        steps.append(state.step)
+        return {"fid": 100.0 / state.step, "num_samples": num_samples}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    return steps
+
+
+def test_training_a_finished_run_longer_keeps_every_evaluation(tmp_path, monkeypatch):
+    """Two evaluation intervals, then --resume with twice the steps: the curve holds all four
+    points, the first two unchanged; the last step is evaluated once and kept in the checkpoint."""
+    import dataclasses
+
+    evaluated = fake_evaluations(monkeypatch)
+    config = tiny(tmp_path / "run", method="rigl", steps=4, eval_every=2, eval_samples=8)
+    first = Trainer(config).train()["curve"]
+    assert [p["step"] for p in first] == [2, 4] and evaluated == [2, 4]
+    longer = Trainer(dataclasses.replace(config, steps=8), resume=True).train()["curve"]
+    assert [p["step"] for p in longer] == [2, 4, 6, 8] and longer[:2] == first and evaluated == [2, 4, 6, 8]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["curve"] == longer
+    assert Trainer(dataclasses.replace(config, steps=8), resume=True).train()["curve"] == longer  # nothing to do
+
+
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
