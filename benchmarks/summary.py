@@ -54,7 +54,8 @@ def train_loop(path: Path, record: Dict) -> List[str]:
              f"{r['speedup_vs_dense']:.2f}x", f"{r['parameters']:,}"] + [fmt(r.get(key), ".0f") for key in extra]
             for r in rows]
     parameters = record["parameters"]
-    note = (f"batch {parameters.get('batch_size')}, blocks of {parameters.get('block_size')}, "
+    blocks = parameters.get("block_sizes", [parameters.get("block_size")])
+    note = (f"batch {parameters.get('batch_size')}, blocks of {', '.join(map(str, blocks))}, "
             f"{parameters.get('rounds')} rounds of {parameters.get('steps')} steps, median per step")
     return heading(path, record) + [note, ""] + table(header, body, right_from=2)
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_loop --out-dir benchmarks/results            # demo, small, chirodiff
     python -m benchmarks.train_loop --models demo --rounds 5 --steps 4      # a quick look
+    python -m benchmarks.train_loop --models demo --block-sizes 16 16x1 1   # block shapes side by side
 
 Every run is a :class:`sparse_diffusion.train.Trainer` (the loop behind ``sparse-diffusion
 train``: data, forward, backward, fused AdamW, RigL/Static mask updates, foreach EMA), with the
@@ -39,6 +40,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from sparse_diffusion.config import block_shape
+
 from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
 
 MODELS = {
@@ -55,17 +58,25 @@ TARGETS = {("demo", 0.5): 1.25, ("demo", 0.75): 1.7, ("demo", 0.9): 1.9, ("small
 PHASES = ("data", "forward", "backward", "optimizer", "mask_update", "ema")
 
 
+def run_name(method: str, sparsity: float, block, args: argparse.Namespace) -> str:
+    """``rigl-75``, or ``rigl-75-b16x1`` when the runs compare block shapes."""
+    name = f"{method}-{int(round(sparsity * 100))}"
+    return f"{name}-b{block}" if len(args.block_sizes) > 1 else name
+
+
 def build_runs(model: str, args: argparse.Namespace, folder: str) -> Dict[str, object]:
-    """The trainers of one model: dense, then each method at each sparsity."""
+    """The trainers of one model: dense, then each method at each sparsity and block shape."""
     from sparse_diffusion.train import TrainConfig, Trainer
 
-    base = dict(MODELS[model], steps=100_000, batch_size=args.batch_size, block_size=args.block_size,
-                update_interval=args.update_interval, checkpoint_every=args.checkpoint_every, seed=0)
+    base = dict(MODELS[model], steps=100_000, batch_size=args.batch_size, update_interval=args.update_interval,
+                checkpoint_every=args.checkpoint_every, seed=0)
     runs = {"dense": Trainer(TrainConfig(out=f"{folder}/{model}-dense", method="dense", **base))}
     for sparsity in args.sparsities:
-        for method in args.methods:
-            name = f"{method}-{int(round(sparsity * 100))}"
-            runs[name] = Trainer(TrainConfig(out=f"{folder}/{model}-{name}", method=method, sparsity=sparsity, **base))
+        for block in args.block_sizes:
+            for method in args.methods:
+                name = run_name(method, sparsity, block, args)
+                runs[name] = Trainer(TrainConfig(out=f"{folder}/{model}-{name}", method=method, sparsity=sparsity,
+                                                 block_size=block, **base))
     return runs
 
 
@@ -104,6 +115,8 @@ def interleave(runs: Dict[str, object], rounds: int, steps: int, warmup: int, la
         report = state.report
         row = {
             "run": name, "method": trainer.config.method,
+            "block_size": trainer.config.block_size if report else None,
+            "nominal_sparsity": trainer.config.sparsity if report else 0.0,
             "sparsity": report.global_sparsity if report else 0.0,
             "ms_per_step": step_ms + io_ms, "train_step_ms": step_ms,
             "min_ms": min(per_round[name]), "max_ms": max(per_round[name]),
@@ -127,7 +140,7 @@ def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dic
     dense = rows[0]["ms_per_step"]
     for row in rows:
         row["speedup_vs_dense"] = dense / row["ms_per_step"]
-        target = TARGETS.get((model, _nominal(row["run"])))
+        target = TARGETS.get((model, row["nominal_sparsity"]))
         if target is not None and row["method"] == "rigl":
             row["target"] = target
             row["meets_target"] = row["speedup_vs_dense"] >= target
@@ -147,9 +160,9 @@ def peak_memory(model: str, args: argparse.Namespace, runs: List[Dict[str, objec
         for row in order:
             with tempfile.TemporaryDirectory() as folder:
                 config = TrainConfig(
-                    **MODELS[model], out=f"{folder}/run", method=row["method"], sparsity=_nominal(row["run"]),
+                    **MODELS[model], out=f"{folder}/run", method=row["method"], sparsity=row["nominal_sparsity"],
                     steps=args.memory_steps, update_interval=max(1, args.memory_steps // 2),
-                    batch_size=args.batch_size, block_size=args.block_size, checkpoint_every=0, sample_steps=2,
+                    batch_size=args.batch_size, block_size=row["block_size"] or 16, checkpoint_every=0, sample_steps=2,
                     seed=0, device="cuda" if torch.cuda.is_available() else "cpu")
                 command = train_command(config, resume=False, program=[sys.executable, "-m", "sparse_diffusion"])
                 results = _train_alone(command, Path(folder) / "run" / "metrics.json", args.threads)
@@ -174,10 +187,6 @@ def _train_alone(command: List[str], metrics: Path, threads: int) -> Dict:
         tail = done.stderr.strip().splitlines()[-3:]
         raise RuntimeError(f"exit code {done.returncode} from {' '.join(command)}: {' | '.join(tail)}")
     return json.loads(metrics.read_text())
-
-
-def _nominal(run: str):
-    return int(run.rsplit("-", 1)[1]) / 100 if "-" in run else 0.0
 
 
 def _page_faults() -> int:
@@ -216,7 +225,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=["static", "rigl", "magran"], default=["static", "rigl"])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-sizes", "--block-size", nargs="+", type=block_shape, default=[16],
+                        help="block shapes, interleaved in one process: N (N x N) or BOxBI such as 16x1; 1 = unstructured")
     parser.add_argument("--update-interval", type=int, default=100)
     parser.add_argument("--checkpoint-every", type=int, default=500, help="the trainer's default")
     parser.add_argument("--rounds", type=int, default=10)
@@ -234,9 +244,10 @@ def main(argv=None) -> Dict[str, object]:
     payload = run(args)
     env = payload["environment"]
     print(f"\ntraining loop on {env['cpu']} ({env['torch_threads']} threads, {env.get('cpu_isa')}), torch {env['torch']}, "
-          f"batch {args.batch_size}, blocks of {args.block_size}, {args.rounds} rounds x {args.steps} steps")
+          f"batch {args.batch_size}, blocks of {', '.join(map(str, args.block_sizes))}, {args.rounds} rounds x "
+          f"{args.steps} steps")
     print_table(payload["rows"], [
-        "model", "run", "sparsity", "ms_per_step", "min_ms", "max_ms", "speedup_vs_dense", "target", "meets_target",
+        "model", "run", "block_size", "sparsity", "ms_per_step", "min_ms", "max_ms", "speedup_vs_dense", "target", "meets_target",
         "forward_ms", "backward_ms", "optimizer_ms", "mask_update_ms", "ema_ms", "io_ms_per_step", "page_faults_per_step",
         "peak_rss_mb", "peak_cuda_mb",
     ])

@@ -45,11 +45,25 @@ def _flag_options(field: dataclasses.Field) -> dict:
     kind = setting_type(field)
     if kind is bool:
         options["action"] = argparse.BooleanOptionalAction
+    elif "parse" in field.metadata:
+        options["type"] = _argument_type(kind)
     elif kind is not str:
         options["type"] = kind
     if "choices" in field.metadata:
         options["choices"] = field.metadata["choices"]
     return options
+
+
+def _argument_type(parse):
+    """``parse`` as an argparse type: its ``ValueError`` becomes argparse's one-line error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -37,12 +38,44 @@ PLACE = ("out", "device", "data_dir", "autoencoder", "dist_backend")
 AUTOENCODER_COPY = "autoencoder"
 
 
-def setting(default: Any, help: str, choices: Optional[Sequence] = None) -> Any:
+def setting(default: Any, help: str, choices: Optional[Sequence] = None, parse: Optional[Callable] = None) -> Any:
     """A :class:`TrainConfig` field: its default, the help of its ``train`` flag and, for a
     setting with a fixed set of values, those values (the flag's choices, checked by
-    :meth:`TrainConfig.validate`). The flag is generated from it (``sparse_diffusion.cli``)."""
-    metadata = {"help": help, **({"choices": tuple(choices)} if choices is not None else {})}
+    :meth:`TrainConfig.validate`); ``parse`` turns the flag's text into the value where the
+    annotation's type cannot (:func:`block_shape`). The flag is generated from it (``sparse_diffusion.cli``)."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices is not None else {}),
+                **({"parse": parse} if parse is not None else {})}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+# A block size as a run's settings keep it: an int for square blocks (16 is 16x16), "BOxBI" for
+# the others ("16x1": 16 output channels x 1 input channel, a vector block).
+BlockShape = Union[int, str]
+
+
+def block_shape(value: Any) -> BlockShape:
+    """``value`` (an int, ``"16"``, ``"16x1"``, ``"16x16"`` or a pair) as a :data:`BlockShape`:
+    square blocks as their side, others as ``"BOxBI"``; a ``ValueError`` naming it otherwise."""
+    pair = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+)\s*(?:x\s*(\d+)\s*)?", value)):
+        pair = (int(match.group(1)), int(match.group(2) or match.group(1)))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        pair = tuple(value)
+    if pair is None or min(pair) < 1:
+        raise ValueError(f"--block-size must be a positive size, N (square) or BOxBI such as 16x1, got {value!r}")
+    return pair[0] if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+def block_pair(shape: BlockShape) -> Tuple[int, int]:
+    """A :data:`BlockShape` as ``(bo, bi)``: ``16 -> (16, 16)``, ``"16x1" -> (16, 1)``."""
+    shape = block_shape(shape)
+    if isinstance(shape, int):
+        return (shape, shape)
+    bo, bi = shape.split("x")
+    return (int(bo), int(bi))
 
 
 def flag(name: str) -> str:
@@ -50,9 +83,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def setting_type(field: dataclasses.Field) -> type:
-    """The type of a :class:`TrainConfig` field's values: int, float, str or bool (``Optional[X]``
-    is X; its default None leaves the setting to the run)."""
+def setting_type(field: dataclasses.Field) -> Callable:
+    """How a :class:`TrainConfig` field's flag text becomes its value: its ``parse`` function, or
+    the annotation's int, float, str or bool (``Optional[X]`` is X; its default None leaves the
+    setting to the run)."""
+    if "parse" in field.metadata:
+        return field.metadata["parse"]
     kind = typing.get_type_hints(TrainConfig)[field.name]
     if typing.get_origin(kind) is typing.Union:
         (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
@@ -71,7 +107,9 @@ class TrainConfig:
     method: str = setting("dense", "dense (no sparsity), static (a fixed mask), rigl (drop the smallest blocks, grow "
                           "by gradient) or magran (drop the smallest, grow at random)", choices=sorted(METHODS))
     sparsity: float = setting(0.5, "fraction of weights removed (sparsified layers)")
-    block_size: int = setting(32, "1 = unstructured (masked reference path)")
+    block_size: BlockShape = setting(32, "the blocks the weights are cut into: N (N x N), or BOxBI such as 16x1 "
+                                     "(16 output channels x 1 input channel, with all of a convolution's taps); "
+                                     "1 = unstructured (masked reference path)", parse=block_shape)
     distribution: str = setting("erk", "how the density is spread over the layers: uniform, er or erk (RigL's)",
                                 choices=DISTRIBUTIONS)
     drop_fraction: float = setting(0.3, "the paper's prune-and-regrowth ratio")
@@ -112,6 +150,9 @@ class TrainConfig:
                           "takes cuda:LOCAL_RANK")
     dist_backend: Optional[str] = setting(None, "under torchrun: the process group's backend (default: nccl with a "
                                           "GPU per rank, else gloo)", choices=BACKENDS)
+
+    def __post_init__(self) -> None:
+        self.block_size = block_shape(self.block_size)  # one spelling per shape: 16, never "16x16"
 
     def validate(self) -> None:
         for field in dataclasses.fields(self):

@@ -21,7 +21,7 @@ from torch import nn
 
 from .channels_last import channels_last
 from .checkpoint import CheckpointError
-from .config import METHODS, TrainConfig
+from .config import METHODS, TrainConfig, block_pair
 from .sparsify import SparsityReport, sparsify
 from .tasks import build_task
 
@@ -42,7 +42,7 @@ class TrainState:
         self.task, self.dataset = build_task(build_config, device)
         self.report: Optional[SparsityReport] = None
         if config.method != "dense":
-            self.report = sparsify(self.denoiser, config.sparsity, block_size=config.block_size,
+            self.report = sparsify(self.denoiser, config.sparsity, block_size=block_pair(config.block_size),
                                    distribution=config.distribution)
         self.task.to(device)
         if config.model != "chirodiff":

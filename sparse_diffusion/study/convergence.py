@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .plots import block_plot, curve_plots
-from .results import differing_in, label, mean_std
+from .results import block_order, block_text, differing_in, label, mean_std
 from .tables import fid_text, fmt
 
 # Budgets of the equal-wall-clock comparison, as fractions of dense's training wall-clock, and
@@ -41,7 +41,7 @@ def _against_dense(row: Dict, dense: Dict) -> str:
 
 
 def _where(row: Dict) -> str:
-    return f"| {label(row)} | {row['sparsity']:g} | {fmt(row['block'], 'd')} |"
+    return f"| {label(row)} | {row['sparsity']:g} | {block_text(row['block'])} |"
 
 
 def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: str = "") -> str:
@@ -86,7 +86,7 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
                 fid, _ = mean_std([_fid_by(c, budget) for c in r["curves"]])
                 at_budget.append(fmt(fid, ".1f"))
                 if fid is not None and fid < best[i][0]:
-                    best[i] = (fid, f"{label(r)} at sparsity {r['sparsity']:g}, block {fmt(r['block'], 'd')}")
+                    best[i] = (fid, f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])}")
             lines.append(f"{_where(r)} " + " | ".join(at_budget) + " |")
         parts.append("At equal training wall-clock (the last evaluation by each budget, mean over seeds; budgets are "
                      f"{', '.join(f'{f:g}' for f in BUDGETS)} x dense's):\n\n" + "\n".join(lines) + "\n")
@@ -105,7 +105,7 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
         parts.append(f"Time to quality: target FID {target:.1f} (dense's final FID {dense['fid']:.1f} + 10%), at the "
                      "first evaluation at or below it (resolved to the evaluation interval):\n\n"
                      + "\n".join(lines) + "\n")
-    blocks = sorted({r["block"] for r in curved if r["block"] is not None})
+    blocks = sorted({r["block"] for r in curved if r["block"] is not None}, key=block_order)
     parts.extend(_pivot(curved, "block", "Block size at equal target sparsity (final FID, the sparsity reached in "
                         "brackets; block 1 is unstructured)", {b: f"block {b}" for b in blocks}))
     parts.extend(_pivot([r for r in curved if r["method"] in ("rigl", "magran")], "exact_k",
@@ -127,13 +127,14 @@ def _fid_in(row: Dict, column: str) -> str:
 def _pivot(rows: List[Dict], column: str, title: str, names: Dict) -> List[str]:
     """A table of final FIDs with one column per value of ``column`` (headed ``names[value]``),
     one row per group of cells that differ in ``column`` alone and have more than one value of it."""
-    values = sorted({r[column] for r in rows if r[column] is not None})
+    values = sorted({r[column] for r in rows if r[column] is not None}, key=block_order if column == "block" else None)
     shown = [k for k in ("block", "drop") if k != column]
+    text = {"block": block_text, "drop": lambda drop: fmt(drop, "g")}
     lines = []
     for by in differing_in(rows, column):
         first = next(iter(by.values()))
         method = first["method"] if column == "exact_k" else label(first)
-        lines.append(f"| {method} | {first['sparsity']:g} | " + " | ".join(fmt(first[k], "g") for k in shown)
+        lines.append(f"| {method} | {first['sparsity']:g} | " + " | ".join(text[k](first[k]) for k in shown)
                      + " | " + " | ".join("-" if v not in by else _fid_in(by[v], column) for v in values) + " |")
     if not lines:
         return []

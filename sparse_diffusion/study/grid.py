@@ -9,7 +9,7 @@ more studies (a model on a dataset), each crossed with the grid's axes::
       method: [dense, static, rigl, magran]
       sparsity: [0.5, 0.75]
       drop_fraction: [0.05, 0.3]            # RigL and MagRan only
-      block_size: [1, 16, 32]               # 1 = unstructured (masked reference path)
+      block_size: [1, 16x1, 16, 32]         # 1 = unstructured (masked reference path), 16x1 = vector blocks
       seed: [0, 1]
     studies:
       - name: fashion-ldm
@@ -29,7 +29,7 @@ import itertools
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..config import METHODS, TrainConfig
+from ..config import METHODS, BlockShape, TrainConfig, block_shape
 
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")
 AXIS_DEFAULTS = {"method": ["dense"], "sparsity": [0.5], "drop_fraction": [0.3], "block_size": [32], "seed": [0]}
@@ -89,7 +89,7 @@ def load_grid(path: str) -> Dict:
     return grid
 
 
-def run_name(method: str, sparsity: float, block: int, drop: Optional[float], seed: int) -> str:
+def run_name(method: str, sparsity: float, block: Optional[BlockShape], drop: Optional[float], seed: int) -> str:
     if method == "dense":
         return f"dense-seed{seed}"
     drop_part = f"-d{drop:g}" if drop is not None else ""
@@ -120,6 +120,8 @@ def expand(grid: Dict, root: Optional[str] = None) -> List[RunSpec]:
                 sparsity, drop, block = 0.0, None, None
             elif method == "static":
                 drop = None
+            if block is not None:
+                block = block_shape(block)  # "16x16" is 16, one name per shape
             key = (method, sparsity, drop, block, seed)
             if key in seen:
                 continue

@@ -8,7 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .results import differing_in, label, line_name, main_block
+from .results import block_order, block_weights, differing_in, label, line_name, main_block
+
+# The block axis: weights per block and kernel tap, so that unstructured (1), vector blocks (16x1: 16)
+# and square blocks (16: 256, 32: 1024) share one scale; its ticks name the blocks.
+BLOCK_AXIS = "block (log of weights per block; 1 = unstructured)"
+
+
+def block_axis(ax, blocks) -> None:
+    """A log2 axis of weights per block, a tick named after each block shape of ``blocks``."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([block_weights(b) for b in blocks], [str(b) for b in blocks])
+    ax.minorticks_off()
+    ax.set_xlabel(BLOCK_AXIS)
 
 
 def _pyplot():
@@ -28,7 +40,7 @@ def study_plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     sparse = [r for r in rows if r["method"] != "dense"]
     dense = [r for r in rows if r["method"] == "dense"]
-    blocks = sorted({r["block"] for r in sparse})
+    blocks = sorted({r["block"] for r in sparse}, key=block_order)
     paths = []
     if not sparse:
         return paths
@@ -36,8 +48,10 @@ def study_plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
     top_sparsity = max(r["sparsity"] for r in sparse)
 
     def lines(ax, selected, x_key):
+        x_of = (lambda r: block_weights(r["block"])) if x_key == "block" else (lambda r: r[x_key])
         for name in dict.fromkeys(line_name(r) for r in selected):
-            points = sorted((r[x_key], r) for r in selected if line_name(r) == name and r["fid"] is not None)
+            points = sorted(((x_of(r), r) for r in selected if line_name(r) == name and r["fid"] is not None),
+                            key=lambda point: point[0])
             if points:
                 ax.errorbar([p[0] for p in points], [p[1]["fid"] for p in points],
                             yerr=[p[1]["fid_std"] for p in points], marker="o", capsize=3, label=name)
@@ -57,8 +71,8 @@ def study_plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
         figure, ax = plt.subplots(figsize=(6, 4))
         lines(ax, [r for r in sparse if r["sparsity"] == top_sparsity], "block")
         dense_line(ax)
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="block size (1 = unstructured)", ylabel="FID (lower is better)",
+        block_axis(ax, blocks)
+        ax.set(ylabel="FID (lower is better)",
                title=f"{study}: FID vs block size (sparsity {top_sparsity:g})")
         legend(ax)
         paths.append(save_figure(figure, folder / f"{study}-fid-vs-block.png"))
@@ -117,14 +131,15 @@ def block_plot(rows: List[Dict], folder: Path, name: str) -> List[Path]:
     figure, axes = plt.subplots(1, len(sparsities), figsize=(4 * len(sparsities), 3.6), squeeze=False, sharey=True)
     for ax, sparsity in zip(axes[0], sparsities):
         for by in groups:
-            points = sorted((b, r) for b, r in by.items() if r["sparsity"] == sparsity and r["fid"] is not None)
+            points = sorted(((block_weights(b), r) for b, r in by.items() if r["sparsity"] == sparsity
+                             and r["fid"] is not None), key=lambda point: point[0])
             if points:
                 ax.errorbar([b for b, _ in points], [r["fid"] for _, r in points], yerr=[r["fid_std"] for _, r in points],
                             marker="o", capsize=3, label=line_name(points[0][1]))
         if dense is not None:
             ax.axhline(dense["fid"], color="black", linestyle="--", label=label(dense))
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="block size (1 = unstructured)", title=f"target sparsity {sparsity:g}")
+        block_axis(ax, sorted({b for by in groups for b in by}, key=block_order))
+        ax.set(title=f"target sparsity {sparsity:g}")
         legend(ax)
     axes[0][0].set_ylabel("final FID (lower is better)")
     return [save_figure(figure, folder / f"{name}-final-fid-vs-block.png")]

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..config import TrainConfig
+from ..config import BlockShape, TrainConfig, block_pair
 from ..migrations import migrate_config
 from .grid import RunSpec
 
@@ -160,7 +160,7 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
         })
     dense = [r for r in rows if r["method"] == "dense"]
     _speedups(rows, dense[0]["s_per_step"] if dense else None)
-    rows.sort(key=lambda r: (METHOD_ORDER.index(r["method"]), r["exact_k"], r["sparsity"], r["block"] or 0,
+    rows.sort(key=lambda r: (METHOD_ORDER.index(r["method"]), r["exact_k"], r["sparsity"], block_order(r["block"]),
                              r["drop"] or 0))
     return rows
 
@@ -171,11 +171,29 @@ def _speedups(rows: List[Dict], dense_step: Optional[float]) -> None:
         row["speedup"] = dense_step / row["s_per_step"] if dense_step and row["s_per_step"] else None
 
 
-def main_block(rows: List[Dict]) -> Optional[int]:
+def block_weights(block: Optional[BlockShape]) -> int:
+    """Weights per block (per kernel tap): 1 unstructured, 16 for 16x1, 256 for 16 (16x16); 0 for
+    a dense row. The block axis of tables and plots is ordered by it."""
+    if block is None:
+        return 0
+    bo, bi = block_pair(block)
+    return bo * bi
+
+
+def block_order(block: Optional[BlockShape]) -> Tuple[int, str]:
+    return (block_weights(block), str(block))
+
+
+def block_text(block: Optional[BlockShape]) -> str:
+    """``16``, ``16x1``, or ``-`` for a dense row."""
+    return "-" if block is None else str(block)
+
+
+def main_block(rows: List[Dict]) -> Optional[BlockShape]:
     """The block size the headline and the FID-vs-sparsity plot show: the largest of those
     with the most runs."""
     blocks = [r["block"] for r in rows if r["method"] != "dense"]
-    return max(set(blocks), key=lambda b: (blocks.count(b), b)) if blocks else None
+    return max(set(blocks), key=lambda b: (blocks.count(b), block_order(b))) if blocks else None
 
 
 def line_name(row: Dict) -> str:

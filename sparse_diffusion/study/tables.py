@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
-from .results import label, line_name, main_block
+from .results import block_text, label, line_name, main_block
 
 
 def fmt(value, spec: str = ".3g") -> str:
@@ -30,7 +30,7 @@ def markdown_table(rows: List[Dict]) -> str:
     for r in rows:
         fid = fid_text(r)
         lines.append(
-            f"| {label(r)} | {r['sparsity']:.2f} ({r['actual_sparsity']:.2f}) | {fmt(r['block'], 'd')} | {fmt(r['drop'], 'g')} | "
+            f"| {label(r)} | {r['sparsity']:.2f} ({r['actual_sparsity']:.2f}) | {block_text(r['block'])} | {fmt(r['drop'], 'g')} | "
             f"{r['seeds']} | {fid} | {r['parameters']:,} | {r['flops'] / 1e6:.1f} | {fmt(r['s_per_step'], '.3f')} | "
             f"{fmt(r['speedup'], '.2f')} | {fmt(r['state_mb'], '.2f')} |"
         )

@@ -17,19 +17,21 @@ CURVES = {
     "rigl exact-k": [[(500, 40, 90), (1000, 80, 70)], [(500, 42, 92), (1000, 84, 72)]],
     "rigl block 1": [[(500, 50, 80), (1000, 100, 48)], [(500, 52, 82), (1000, 104, 50)]],
     "rigl block 32": [[(500, 30, 88), (1000, 60, 60)], [(500, 32, 90), (1000, 64, 62)]],
+    "rigl block 16x1": [[(500, 45, 82), (1000, 90, 49)], [(500, 46, 84), (1000, 92, 51)]],
 }
 
 
 def _grid(tmp_path, blocks=False):
     """Dense and RigL at 50%, blocks of 16, and RigL exact-k in a study of its own; with
-    ``blocks``, a third study of RigL at blocks of 1 and 32."""
+    ``blocks`` (True: 1 and 32), a third study of RigL at those block sizes."""
     grid = {
         "out": str(tmp_path / "runs"),
         "defaults": {"model": "pixel", "steps": 1000, "eval_samples": 1000, "eval_every": 500, "block_size": 16},
         "grid": {"sparsity": [0.5], "seed": [0, 1]},
         "studies": [{"name": "main", "grid": {"method": ["dense", "rigl"]}},
                     {"name": "exact", "regrow_dropped": False, "grid": {"method": ["rigl"]}}]
-        + ([{"name": "blocks", "grid": {"method": ["rigl"], "block_size": [1, 32]}}] if blocks else []),
+        + ([{"name": "blocks", "grid": {"method": ["rigl"], "block_size": [1, 32] if blocks is True else blocks}}]
+           if blocks else []),
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -104,6 +106,19 @@ def test_block_sizes_and_growth_rules_compare_cells_that_differ_in_that_alone(tm
     assert "| rigl | 0.5 | 16 | 0.3 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in rules and "| rigl | 0.5 | 32 |" not in rules
     plot = "runs-final-fid-vs-block.png"
     assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
+
+
+def test_vector_blocks_take_their_place_between_unstructured_and_square_blocks(tmp_path):
+    """``block_size: 16x1`` in a grid: its runs are named b16x1, and the report orders block
+    shapes by weights per block (1, 16x1 = 16, 16x16 = 256, 32x32 = 1024)."""
+    text, _, runs = _report(tmp_path, blocks=[32, "16x1", 1])
+    assert {run.name for run in runs if run.study == "blocks"} == {
+        f"rigl-s0.5-b{block}-d0.3-seed{seed}" for block in ("1", "16x1", "32") for seed in (0, 1)}
+    blocks = text[text.index("Block size at equal target sparsity"):text.index("Growth rule")]
+    assert "| method | sparsity | drop | block 1 | block 16x1 | block 16 | block 32 |" in blocks
+    assert "| rigl | 0.5 | 0.3 | 49.0 ± 1.4 (0.50) | 50.0 ± 1.4 (0.50) | 53.0 ± 1.4 (0.50) | 61.0 ± 1.4 (0.50) |" in blocks
+    assert "| rigl | 0.5 | 16x1 | 2 | 50.0 ± 1.4 |" in text
+    assert (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").stat().st_size > 0
 
 
 def _timing_file(path, seconds_per_step):

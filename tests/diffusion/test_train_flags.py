@@ -33,6 +33,12 @@ def test_every_setting_is_a_train_flag_with_its_help_and_default(field):
     else:
         assert action.default == field.default and not action.required
     kind = setting_type(field)
+    if "parse" in field.metadata:  # its own parser (a block shape): argparse gets it, errors in one line
+        assert kind is field.metadata["parse"] and callable(action.type)
+        assert action.type(str(field.default)) == field.default
+        with pytest.raises(argparse.ArgumentTypeError):
+            action.type("not a value")
+        return
     assert kind in (int, float, str, bool)
     if kind is bool:
         assert isinstance(action, argparse.BooleanOptionalAction)
@@ -94,3 +100,22 @@ def test_a_runs_command_line_trains_exactly_that_run():
     assert words[:2] == ["sparse-diffusion", "train"]
     args = cli.build_parser().parse_args(words[1:])
     assert TrainConfig(**{f.name: getattr(args, f.name) for f in FIELDS}) == config and args.resume
+
+
+@pytest.mark.parametrize("text, value, pair", [("16", 16, (16, 16)), ("16x16", 16, (16, 16)), ("16x1", "16x1", (16, 1)),
+                                               (" 8 x 1 ", "8x1", (8, 1)), ("1", 1, (1, 1))])
+def test_block_shapes_are_typed_as_users_type_them(text, value, pair):
+    from sparse_diffusion.config import block_pair
+
+    args = cli.build_parser().parse_args(["train", "--block-size", text, "--out", "run"])
+    assert args.block_size == value and block_pair(value) == pair
+    assert TrainConfig(block_size=text).block_size == value == TrainConfig(block_size=pair).block_size
+
+
+@pytest.mark.parametrize("bad", ["0", "16x0", "x1", "16x1x1", "-4", "sixteen"])
+def test_a_bad_block_shape_is_a_one_line_error(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--block-size", bad, "--out", "run"])
+    assert "--block-size must be a positive size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--block-size"):
+        TrainConfig(block_size=bad)
