@@ -386,3 +386,23 @@ def test_load_pretrained_names_the_file_of_an_inconsistent_folder(tmp_path):
         with pytest.raises(ValueError) as error:
             sd.load_pretrained(tmp_path / "unet")
         assert file_name in str(error.value) and "\n" not in str(error.value), change
+
+
+def test_vector_blocks_save_load_and_densify_exactly(tmp_path):
+    """A UNet with (16, 1) blocks: the sparse form round-trips (masks and outputs), densify is exact."""
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 16, 1, 10)
+    report = sd.sparsify(unet, 0.75, block_size=(16, 1))
+    assert report.block_size == (16, 1) and report.sparse_layers
+    with torch.no_grad():
+        expected = unet(**X).sample
+    sd.save_pretrained(unet, tmp_path / "unet")
+    described = json.loads((tmp_path / "unet" / "block_sparse_layers.json").read_text())
+    assert {tuple(layer["block_size"]) for layer in described["layers"]} == {(16, 1)}
+    loaded = sd.load_pretrained(tmp_path / "unet")
+    with torch.no_grad():
+        assert torch.equal(loaded(**X).sample, expected)
+    sd.densify(unet)
+    assert not any(isinstance(m, sk.BlockSparseModule) for m in unet.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**X).sample, expected, rtol=1e-5, atol=1e-5)
