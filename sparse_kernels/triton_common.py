@@ -123,13 +123,13 @@ def k_major(x: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def vector_step(pairs: int, groups: int) -> int:
+def vector_step(pairs: int, groups: int, most: int = 64) -> int:
     """How many (live block, tap) pairs of one group a vector-block kernel takes per step (its
     ``BLOCK_K`` or ``BLOCK_S``): the next power of two of the mean per group (``pairs / groups``),
-    from 16 (the smallest tensor-core reduction of 16-bit types) to 64, so that a group's last,
-    partly masked step wastes little when groups have few live blocks."""
+    from 16 (the smallest tensor-core reduction of 16-bit types) to ``most``, so that a group's
+    last, partly masked step wastes little when groups have few live blocks."""
     mean = -(-pairs // max(groups, 1))
-    return min(64, max(16, triton.next_power_of_2(max(mean, 1))))
+    return min(most, max(16, triton.next_power_of_2(max(mean, 1))))
 
 
 def on_device(t: torch.Tensor):

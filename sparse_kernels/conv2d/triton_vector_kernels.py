@@ -24,7 +24,9 @@ runs start at any pixel (a tap shifts them by one) and image borders mask single
 gathered tile is copied element by element, not in 16-byte pieces: for 16-bit types it is
 loaded into registers, not with ``cp.async`` (tests/kernels/compile_kernels_aot.py records it).
 ``dy`` is read channels-last (a group's ``bo`` channels contiguous per pixel), values as
-``[nnz, kh * kw, bo]`` (a tap's ``bo`` weights contiguous).
+``[nnz, kh * kw, bo]`` (a tap's ``bo`` weights contiguous). Since the gathered tile passes
+through registers, its steps take at most 32 pairs (:data:`GATHER_STEP`) and the configs keep it
+to 16 elements a thread: 64 (a step of 64 pairs at 128 rows on 4 warps) spill on sm_90.
 """
 from __future__ import annotations
 
@@ -39,11 +41,13 @@ from ..triton_common import VECTOR_GRAD_INPUT_CHANNELS as GRAD_INPUT_CHANNELS
 from ..triton_common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits, vector_step
 
 Pair = Tuple[int, int]
+# The most (block, tap) pairs a step of the gathering kernels (forward, grad-weight) takes.
+GATHER_STEP = 32
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
-    configs=autotune_configs([(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]),
+    configs=autotune_configs([(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 8, 4)]),
     key=["M_BUCKET", "NNZ_BUCKET", "BLOCK_OUT", "BLOCK_K", "KH", "KW", "HAS_BIAS", "PRECISION"],
 )
 @triton.jit
@@ -53,7 +57,6 @@ def _bsr_conv2d_vector_fwd_kernel(
     M, M_BUCKET, NNZ_BUCKET, NUM_GROUPS,
     OUT_H, OUT_W, IN_H, IN_W,
     stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_vs, stride_vt, stride_vo,
     stride_on, stride_oc, stride_oh, stride_ow,
     pad_h, pad_w, dil_h, dil_w,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -63,7 +66,7 @@ def _bsr_conv2d_vector_fwd_kernel(
     """out[n, group channels, h, w] = sum over the group's live (channel, tap) pairs of
     x[n, channel, h*STRIDE_H - pad_h + r*dil_h, w*STRIDE_W - pad_w + t*dil_w] * values[slot, tap] (+ bias).
 
-    x: [N, C, IN_H, IN_W] (NCHW strides); values: [nnz, KH*KW, BLOCK_OUT]; out: [N, R*BLOCK_OUT,
+    x: [N, C, IN_H, IN_W] (NCHW strides); values: [nnz, KH*KW, BLOCK_OUT], contiguous; out: [N, R*BLOCK_OUT,
     OUT_H, OUT_W] (channels-last strides); M = N * OUT_H * OUT_W. Group ``r`` owns the slots
     ``row_slots[row_ptr[r]:row_ptr[r + 1]]``, slot ``s`` reads channel ``col_idx[s]``. One program
     computes a ``BLOCK_M x BLOCK_OUT`` tile; ``M_BUCKET`` and ``NNZ_BUCKET`` are autotune keys only.
@@ -80,7 +83,9 @@ def _bsr_conv2d_vector_fwd_kernel(
     out_w = pixel % OUT_W
     base_h = out_h * STRIDE_H - pad_h
     base_w = out_w * STRIDE_W - pad_w
-    x_images = x_ptr + image.to(tl.int64) * stride_xn
+    # A gathered element's address is (pixel part) + (pair part): separable, fewer registers.
+    x_pixels = (x_ptr + image.to(tl.int64) * stride_xn + base_h.to(tl.int64) * stride_xh
+                + base_w.to(tl.int64) * stride_xw)
     offs_n = tl.arange(0, BLOCK_OUT)
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -94,17 +99,17 @@ def _bsr_conv2d_vector_fwd_kernel(
         live = pair < end
         tap = pair % TAPS
         slot = tl.load(row_slots_ptr + pair // TAPS, mask=live, other=0).to(tl.int64)
-        channel = tl.load(col_idx_ptr + slot, mask=live, other=0).to(tl.int64)
-        in_h = base_h[:, None] + (tap // KW * dil_h)[None, :]
-        in_w = base_w[:, None] + (tap % KW * dil_w)[None, :]
-        valid = m_mask[:, None] & live[None, :] & (in_h >= 0) & (in_h < IN_H) & (in_w >= 0) & (in_w < IN_W)
-        a = tl.load(
-            x_images[:, None] + channel[None, :] * stride_xc + in_h.to(tl.int64) * stride_xh
-            + in_w.to(tl.int64) * stride_xw,
-            mask=valid, other=0.0,
-        )
+        channel = tl.load(col_idx_ptr + slot, mask=live, other=0)
+        shift_h = tap // KW * dil_h
+        shift_w = tap % KW * dil_w
+        pair_offsets = channel.to(tl.int64) * stride_xc + shift_h * stride_xh + shift_w * stride_xw
+        # 0 <= in_h < IN_H as one unsigned comparison (a negative in_h wraps to a large one)
+        in_h = (base_h[:, None] + shift_h[None, :]).to(tl.uint32)
+        in_w = (base_w[:, None] + shift_w[None, :]).to(tl.uint32)
+        valid = m_mask[:, None] & live[None, :] & (in_h < IN_H) & (in_w < IN_W)
+        a = tl.load(x_pixels[:, None] + pair_offsets[None, :], mask=valid, other=0.0)
         b = tl.load(
-            values_ptr + slot[:, None] * stride_vs + tap[:, None] * stride_vt + offs_n[None, :] * stride_vo,
+            values_ptr + (slot * TAPS + tap)[:, None] * BLOCK_OUT + offs_n[None, :],
             mask=live[:, None], other=0.0,
         )
         if UPCAST:
@@ -131,7 +136,6 @@ def _bsr_conv2d_vector_grad_input_kernel(
     M, M_BUCKET, NNZ_BUCKET, NUM_CHANNELS, NUM_C_TILES,
     OUT_H, OUT_W, SRC_H, SRC_W,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
-    stride_vs, stride_vt, stride_vo,
     stride_on, stride_oc, stride_oh, stride_ow,
     pad_h, pad_w, dil_h, dil_w,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -142,7 +146,7 @@ def _bsr_conv2d_vector_grad_input_kernel(
     dy[n, g channels, (h + pad_h - r*dil_h) / STRIDE_H, (w + pad_w - t*dil_w) / STRIDE_W] @ values[slot, tap],
     where both divide exactly: the input gradient.
 
-    dy: [N, R*BLOCK_OUT, SRC_H, SRC_W] (channels-last strides); values: [nnz, KH*KW, BLOCK_OUT];
+    dy: [N, R*BLOCK_OUT, SRC_H, SRC_W] (channels-last strides); values: [nnz, KH*KW, BLOCK_OUT], contiguous;
     out: [N, C, OUT_H, OUT_W] (channels-last strides); M = N * OUT_H * OUT_W. The ``BLOCK_C``
     channels of a program own ``col_slots[col_ptr[c0]:col_ptr[c0 + BLOCK_C]]``; each step is one
     (block, tap) pair: the ``[BLOCK_M, bo]`` tile of ``dy`` (contiguous per pixel) against a
@@ -187,7 +191,7 @@ def _bsr_conv2d_vector_grad_input_kernel(
         dy_pixels = dy_images + src_h.to(tl.int64) * stride_dyh + src_w.to(tl.int64) * stride_dyw
         a = tl.load(dy_pixels[:, None] + (group * BLOCK_OUT + offs_o)[None, :] * stride_dyc,
                     mask=valid[:, None] & o_mask[None, :], other=0.0)
-        b = tl.load(values_ptr + slot * stride_vs + tap * stride_vt + offs_o[:, None] * stride_vo + offs_c[None, :] * 0,
+        b = tl.load(values_ptr + (slot * TAPS + tap) * BLOCK_OUT + offs_o[:, None] + offs_c[None, :] * 0,
                     mask=o_mask[:, None] & (offs_c == column)[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -237,9 +241,10 @@ def _bsr_conv2d_vector_grad_weight_kernel(
     tap = pair % TAPS
     slot = tl.load(row_slots_ptr + pair // TAPS, mask=live, other=0).to(tl.int64)
     channel = tl.load(col_idx_ptr + slot, mask=live, other=0).to(tl.int64)
-    shift_h = (tap // KW * dil_h - pad_h)[:, None]
-    shift_w = (tap % KW * dil_w - pad_w)[:, None]
-    x_channels = x_ptr + channel[:, None] * stride_xc
+    shift_h = tap // KW * dil_h - pad_h
+    shift_w = tap % KW * dil_w - pad_w
+    # A gathered element's address is (pair part) + (pixel part): separable, fewer registers.
+    x_pairs = x_ptr + channel * stride_xc + shift_h.to(tl.int64) * stride_xh + shift_w.to(tl.int64) * stride_xw
     offs_o = tl.arange(0, BLOCK_OUT)
 
     m_start = split * CHUNK
@@ -253,12 +258,13 @@ def _bsr_conv2d_vector_grad_weight_kernel(
         pixel = offs_m % (OUT_H * OUT_W)
         out_h = pixel // OUT_W
         out_w = pixel % OUT_W
-        in_h = (out_h * STRIDE_H)[None, :] + shift_h
-        in_w = (out_w * STRIDE_W)[None, :] + shift_w
-        valid = live[:, None] & m_mask[None, :] & (in_h >= 0) & (in_h < IN_H) & (in_w >= 0) & (in_w < IN_W)
+        # 0 <= in_h < IN_H as one unsigned comparison (a negative in_h wraps to a large one)
+        in_h = (shift_h[:, None] + (out_h * STRIDE_H)[None, :]).to(tl.uint32)
+        in_w = (shift_w[:, None] + (out_w * STRIDE_W)[None, :]).to(tl.uint32)
+        valid = live[:, None] & m_mask[None, :] & (in_h < IN_H) & (in_w < IN_W)
+        pixel_offsets = image * stride_xn + (out_h * STRIDE_H).to(tl.int64) * stride_xh + (out_w * STRIDE_W).to(tl.int64) * stride_xw
         # x tile [BLOCK_S, BLOCK_M]: each pair's channel at its shifted pixels
-        a = tl.load(x_channels + (image * stride_xn)[None, :] + in_h.to(tl.int64) * stride_xh
-                    + in_w.to(tl.int64) * stride_xw, mask=valid, other=0.0)
+        a = tl.load(x_pairs[:, None] + pixel_offsets[None, :], mask=valid, other=0.0)
         dy_pixels = dy_ptr + image * stride_dyn + out_h.to(tl.int64) * stride_dyh + out_w.to(tl.int64) * stride_dyw
         b = tl.load(dy_pixels[:, None] + (group * BLOCK_OUT + offs_o)[None, :] * stride_dyc, mask=m_mask[:, None],
                     other=0.0)
@@ -327,10 +333,10 @@ def bsr_conv2d_vector_fwd(
             row_ptr, row_slots, col_idx,
             M, triton.next_power_of_2(M), triton.next_power_of_2(values.shape[0]), groups,
             out_h, out_w, x.shape[2], x.shape[3],
-            *x.stride(), *weights.stride(), *out.stride(),
+            *x.stride(), *out.stride(),
             *padding, *dilation,
             STRIDE_H=stride[0], STRIDE_W=stride[1], KH=kh, KW=kw, HAS_BIAS=bias is not None,
-            BLOCK_OUT=bo, BLOCK_K=vector_step(values.shape[0] * kh * kw, groups),
+            BLOCK_OUT=bo, BLOCK_K=vector_step(values.shape[0] * kh * kw, groups, GATHER_STEP),
             UPCAST=upcast, PRECISION=precision,
         )
     return out
@@ -376,7 +382,7 @@ def bsr_conv2d_vector_grad_input(
             col_ptr, col_slots, row_idx, col_idx,
             M, triton.next_power_of_2(M), triton.next_power_of_2(values.shape[0]), channels, tiles,
             input_hw[0], input_hw[1], grad_out.shape[2], grad_out.shape[3],
-            *grad_out.stride(), *weights.stride(), *out.stride(),
+            *grad_out.stride(), *out.stride(),
             *padding, *dilation,
             STRIDE_H=stride[0], STRIDE_W=stride[1], KH=kh, KW=kw,
             BLOCK_OUT=bo, BLOCK_RED=max(bo, 16), BLOCK_C=GRAD_INPUT_CHANNELS,
@@ -412,7 +418,7 @@ def bsr_conv2d_vector_grad_weight(
         return x.new_zeros(nnz, bo, 1, kh, kw)
     x = x.contiguous()  # NCHW: the K-major layout the gather reads
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    block_s = vector_step(nnz * taps, groups)
+    block_s = vector_step(nnz * taps, groups, GATHER_STEP)
     chunks_per_group = triton.cdiv(x.shape[1] * taps, block_s)
     splits = reduction_splits(triton.cdiv(nnz * taps, block_s), M, x.device)
     chunk = triton.cdiv(triton.cdiv(M, splits), 256) * 256  # a multiple of every BLOCK_M

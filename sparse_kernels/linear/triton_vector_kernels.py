@@ -52,7 +52,6 @@ def _bsr_vector_fwd_kernel(
     row_ptr_ptr, row_slots_ptr, col_idx_ptr,
     M, M_BUCKET, NNZ_BUCKET, NUM_GROUPS,
     stride_xc, stride_xm,
-    stride_vs, stride_vo,
     stride_om, stride_on,
     HAS_BIAS: tl.constexpr, BLOCK_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -61,7 +60,7 @@ def _bsr_vector_fwd_kernel(
     """out = x @ W.T (+ bias), ``W`` of vector blocks ``(BLOCK_OUT, 1)``.
 
     xt: [C, M_pad], the K-major copy of x [M, C] (M_pad >= every row tile, zero-padded);
-    values: [nnz, BLOCK_OUT] (a slot's ``bo`` weights); out: [M, R * BLOCK_OUT]; bias: [R * BLOCK_OUT].
+    values: [nnz, BLOCK_OUT], contiguous (a slot's ``bo`` weights); out: [M, R * BLOCK_OUT]; bias: [R * BLOCK_OUT].
     Group ``r`` owns the slots ``row_slots[row_ptr[r]:row_ptr[r + 1]]``; slot ``s`` reads input
     channel ``col_idx[s]``. One program computes a ``BLOCK_M x BLOCK_OUT`` tile of ``out``; a
     group with no live channel still writes its tile (zeros, or the bias).
@@ -96,7 +95,7 @@ def _bsr_vector_fwd_kernel(
         slot = tl.load(row_slots_ptr + position, mask=live, other=0).to(tl.int64)
         channel = tl.load(col_idx_ptr + slot, mask=live, other=0).to(tl.int64)
         a = tl.load(xt_rows + channel[None, :] * stride_xc, mask=live[None, :], other=0.0)
-        b = tl.load(values_ptr + slot[:, None] * stride_vs + offs_n[None, :] * stride_vo, mask=live[:, None], other=0.0)
+        b = tl.load(values_ptr + slot[:, None] * BLOCK_OUT + offs_n[None, :], mask=live[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -119,14 +118,13 @@ def _bsr_vector_grad_input_kernel(
     col_ptr_ptr, col_slots_ptr, row_idx_ptr, col_idx_ptr,
     M, M_BUCKET, NNZ_BUCKET, NUM_CHANNELS, NUM_C_TILES,
     stride_dym, stride_dyn,
-    stride_vs, stride_vo,
     stride_om, stride_oc,
     BLOCK_OUT: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out = dy @ W, ``W`` of vector blocks ``(BLOCK_OUT, 1)``: the input gradient.
 
-    dy: [M, R * BLOCK_OUT]; values: [nnz, BLOCK_OUT]; out: [M, C]. Input channel ``c`` owns the
+    dy: [M, R * BLOCK_OUT]; values: [nnz, BLOCK_OUT], contiguous; out: [M, C]. Input channel ``c`` owns the
     slots ``col_slots[col_ptr[c]:col_ptr[c + 1]]``, so the ``BLOCK_C`` channels of a program own
     one contiguous run of them. One program computes a ``BLOCK_M x BLOCK_C`` tile of ``out``.
 
@@ -161,7 +159,7 @@ def _bsr_vector_grad_input_kernel(
         a = tl.load(dy_rows + (group * BLOCK_OUT + offs_o)[None, :] * stride_dyn,
                     mask=m_mask[:, None] & o_mask[None, :], other=0.0)
         # values[slot] in the block's column, zeros in the others: [BLOCK_RED, BLOCK_C]
-        b = tl.load(values_ptr + slot * stride_vs + offs_o[:, None] * stride_vo + offs_c[None, :] * 0,
+        b = tl.load(values_ptr + slot * BLOCK_OUT + offs_o[:, None] + offs_c[None, :] * 0,
                     mask=o_mask[:, None] & (offs_c == column)[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -276,7 +274,6 @@ def bsr_linear_vector_fwd(
             row_ptr, row_slots, col_idx,
             M, triton.next_power_of_2(M), triton.next_power_of_2(weights.shape[0]), groups,
             xt.stride(0), xt.stride(1),
-            weights.stride(0), weights.stride(1),
             out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, BLOCK_OUT=block_out, BLOCK_K=vector_step(weights.shape[0], groups),
             UPCAST=upcast, PRECISION=precision,
@@ -316,7 +313,6 @@ def bsr_linear_vector_grad_input(
             col_ptr, col_slots, row_idx, col_idx,
             M, triton.next_power_of_2(M), triton.next_power_of_2(weights.shape[0]), channels, tiles,
             grad_out.stride(0), grad_out.stride(1),
-            weights.stride(0), weights.stride(1),
             out.stride(0), out.stride(1),
             BLOCK_OUT=block_out, BLOCK_RED=max(block_out, 16), BLOCK_C=GRAD_INPUT_CHANNELS,
             UPCAST=upcast, PRECISION=precision,

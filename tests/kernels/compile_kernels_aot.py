@@ -41,9 +41,13 @@ import sparse_kernels.linear.triton_kernels as kernels  # noqa: E402
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block on A100 / H100
-POINTERS = ("a_ptr", "src_ptr", "values_ptr", "bias_ptr", "out_ptr", "dy_ptr", "x_ptr")
+POINTERS = ("a_ptr", "src_ptr", "values_ptr", "bias_ptr", "out_ptr", "dy_ptr", "x_ptr", "xt_ptr")
 FP32_POINTERS = ("partial_ptr",)
-INDEX_POINTERS = ("block_ptr_ptr", "block_slots_ptr", "slot_block_idx_ptr", "row_slots_ptr", "row_idx_ptr", "col_idx_ptr")
+INDEX_POINTERS = ("block_ptr_ptr", "block_slots_ptr", "slot_block_idx_ptr", "row_slots_ptr", "row_idx_ptr", "col_idx_ptr",
+                  "row_ptr_ptr", "col_ptr_ptr", "col_slots_ptr")
+# Integer arguments the launchers always pass as multiples of 16 (Triton then specialises them so):
+# the grad-weight kernels' row chunk, a multiple of 256.
+MULTIPLES_OF_16 = ("CHUNK",)
 # Unit strides as launches specialise them: linear operands are row-major, conv operands
 # channels-last, values [nnz, bo, bi] (conv: tap-major [nnz, kh, kw, bo, bi]) contiguous, so
 # the forward reads them with unit stride along the reduction (stride_vk) and grad-input,
@@ -75,7 +79,7 @@ def compile_kernel(kernel, dtype, constexprs, config, capability, units):
             signature[name] = "*fp32"
         else:
             signature[name] = "*i32" if name in INDEX_POINTERS else "i32"
-        if name in POINTERS + FP32_POINTERS + INDEX_POINTERS or name.startswith("stride"):
+        if name in POINTERS + FP32_POINTERS + INDEX_POINTERS + MULTIPLES_OF_16 or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
