@@ -125,8 +125,9 @@ def _bsr_conv2d_vector_fwd_kernel(
              mask=m_mask[:, None])
 
 
+# Four warps, for the reason in sparse_kernels/linear/triton_vector_kernels.py.
 @triton.autotune(
-    configs=autotune_configs([(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]),
+    configs=autotune_configs([(64, 4, 3), (128, 4, 3), (128, 4, 4), (256, 4, 3)]),
     key=["M_BUCKET", "NNZ_BUCKET", "BLOCK_OUT", "KH", "KW", "PRECISION"],
 )
 @triton.jit
@@ -148,12 +149,18 @@ def _bsr_conv2d_vector_grad_input_kernel(
 
     dy: [N, R*BLOCK_OUT, SRC_H, SRC_W] (channels-last strides); values: [nnz, KH*KW, BLOCK_OUT], contiguous;
     out: [N, C, OUT_H, OUT_W] (channels-last strides); M = N * OUT_H * OUT_W. The ``BLOCK_C``
-    channels of a program own ``col_slots[col_ptr[c0]:col_ptr[c0 + BLOCK_C]]``; each step is one
-    (block, tap) pair: the ``[BLOCK_M, bo]`` tile of ``dy`` (contiguous per pixel) against a
-    ``[BLOCK_RED, BLOCK_C]`` weight tile holding the pair's ``bo`` weights in the block's column and
-    zeros elsewhere. ``BLOCK_RED`` is ``bo`` rounded up to 16 (its extra rows load zeros).
+    channels of a program own ``col_slots[col_ptr[c0]:col_ptr[c0 + BLOCK_C]]``; each step takes one
+    tap of ``BLOCK_RED / bo`` of those blocks (one, or two at ``bo = 8``: a 16-bit dot reduces over
+    16 at least): their ``[BLOCK_M, bo]`` tiles of ``dy`` (contiguous per pixel) against a
+    ``[BLOCK_RED, BLOCK_C]`` weight tile holding each block's ``bo`` weights in its channel's
+    column and zeros elsewhere.
     """
     # Program -> (pixel tile, channel tile); consecutive programs share the pixel tile.
+    # dy's pixel strides are multiples of bo (channels-last): written so, the compiler knows that a
+    # group's bo channels start 16-byte aligned also at bo = 8 (it only learns multiples of 16).
+    stride_dyn = stride_dyn // BLOCK_OUT * BLOCK_OUT
+    stride_dyh = stride_dyh // BLOCK_OUT * BLOCK_OUT
+    stride_dyw = stride_dyw // BLOCK_OUT * BLOCK_OUT
     pid = tl.program_id(0)
     pid_m = pid // NUM_C_TILES
     c0 = (pid % NUM_C_TILES) * BLOCK_C
@@ -166,19 +173,27 @@ def _bsr_conv2d_vector_grad_input_kernel(
     base_h = out_h + pad_h
     base_w = out_w + pad_w
     dy_images = dy_ptr + image.to(tl.int64) * stride_dyn
-    offs_o = tl.arange(0, BLOCK_RED)
     offs_c = tl.arange(0, BLOCK_C)
-    o_mask = offs_o < BLOCK_OUT
+    # Reduction index k of a step -> (its block: the step's first + k // bo, output channel k % bo).
+    SLOTS: tl.constexpr = BLOCK_RED // BLOCK_OUT
+    offs_k = tl.arange(0, BLOCK_RED)
+    k_slot = offs_k // BLOCK_OUT
+    k_out = offs_k % BLOCK_OUT
 
+    # One flat loop over (tap, SLOTS of the tile's live blocks): a step's blocks share the tap, so
+    # the source pixels are computed once a step.
     TAPS: tl.constexpr = KH * KW
-    start = tl.load(col_ptr_ptr + c0) * TAPS
-    end = tl.load(col_ptr_ptr + tl.minimum(c0 + BLOCK_C, NUM_CHANNELS)) * TAPS
+    start = tl.load(col_ptr_ptr + c0)
+    end = tl.load(col_ptr_ptr + tl.minimum(c0 + BLOCK_C, NUM_CHANNELS))
+    chunks = tl.cdiv(end - start, SLOTS)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for pair in range(start, end):
-        slot = tl.load(col_slots_ptr + pair // TAPS).to(tl.int64)
-        group = tl.load(row_idx_ptr + slot).to(tl.int64)
-        column = tl.load(col_idx_ptr + slot) - c0
-        tap = pair % TAPS
+    for step in range(0, chunks * TAPS):
+        tap = step // chunks
+        position = start + (step % chunks) * SLOTS + k_slot
+        live = position < end
+        slot = tl.load(col_slots_ptr + position, mask=live, other=0).to(tl.int64)
+        group = tl.load(row_idx_ptr + slot, mask=live, other=0).to(tl.int64)
+        column = tl.load(col_idx_ptr + slot, mask=live, other=0) - c0
         # Divide non-negative numerators only: the same in C and in the interpreter.
         num_h = base_h - tap // KW * dil_h
         num_w = base_w - tap % KW * dil_w
@@ -189,10 +204,11 @@ def _bsr_conv2d_vector_grad_input_kernel(
         valid = (num_h >= 0) & (num_w >= 0) & (num_h_pos % STRIDE_H == 0) & (num_w_pos % STRIDE_W == 0)
         valid = valid & (src_h < SRC_H) & (src_w < SRC_W) & m_mask
         dy_pixels = dy_images + src_h.to(tl.int64) * stride_dyh + src_w.to(tl.int64) * stride_dyw
-        a = tl.load(dy_pixels[:, None] + (group * BLOCK_OUT + offs_o)[None, :] * stride_dyc,
-                    mask=valid[:, None] & o_mask[None, :], other=0.0)
-        b = tl.load(values_ptr + (slot * TAPS + tap) * BLOCK_OUT + offs_o[:, None] + offs_c[None, :] * 0,
-                    mask=o_mask[:, None] & (offs_c == column)[None, :], other=0.0)
+        a = tl.load(dy_pixels[:, None] + (group * BLOCK_OUT + k_out)[None, :] * stride_dyc,
+                    mask=valid[:, None] & live[None, :], other=0.0)
+        # each block's weights at this tap in its channel's column, zeros elsewhere: [BLOCK_RED, BLOCK_C]
+        b = tl.load(values_ptr + ((slot * TAPS + tap) * BLOCK_OUT + k_out)[:, None] + offs_c[None, :] * 0,
+                    mask=live[:, None] & (column[:, None] == offs_c[None, :]), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -230,6 +246,10 @@ def _bsr_conv2d_vector_grad_weight_kernel(
     ``dy`` tile; ``CHUNKS_PER_GROUP`` bounds the fullest group's chunks, and the programs past a
     group's end run no step. Axis 1 runs over chunks of ``CHUNK`` pixels.
     """
+    # dy's pixel strides are multiples of bo, as in grad-input.
+    stride_dyn = stride_dyn // BLOCK_OUT * BLOCK_OUT
+    stride_dyh = stride_dyh // BLOCK_OUT * BLOCK_OUT
+    stride_dyw = stride_dyw // BLOCK_OUT * BLOCK_OUT
     pid = tl.program_id(0)
     split = tl.program_id(1)
     group = pid // CHUNKS_PER_GROUP

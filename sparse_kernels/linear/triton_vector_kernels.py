@@ -108,8 +108,10 @@ def _bsr_vector_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
 
 
+# Four warps: the [16, 16] weight tile of a step is 2 elements a thread, copied in 4-byte pieces;
+# with eight, 1 element (2 bytes of a 16-bit type) is below cp.async's smallest copy.
 @triton.autotune(
-    configs=autotune_configs([(64, 4, 3), (128, 4, 3), (128, 8, 4), (256, 8, 3)]),
+    configs=autotune_configs([(64, 4, 3), (128, 4, 3), (128, 4, 4), (256, 4, 3)]),
     key=["M_BUCKET", "NNZ_BUCKET", "BLOCK_OUT", "BLOCK_C", "PRECISION"],
 )
 @triton.jit
@@ -135,32 +137,40 @@ def _bsr_vector_grad_input_kernel(
     times the useful work, which costs no time: a step loads one ``dy`` element per useful MAC,
     and the loop is bound by those loads (from L2) either way. A dot, rather than a reduction on
     CUDA cores, is what Triton software-pipelines. ``BLOCK_RED`` is ``bo`` rounded up to 16 (the
-    smallest reduction of a 16-bit dot; the extra rows load zeros).
+    smallest reduction of a 16-bit dot): at ``bo = 8`` a step takes two blocks.
     """
     # Program -> (row tile, channel tile); consecutive programs share the row tile of dy.
+    # dy's row stride is a multiple of bo (the launcher sees to it): written so, the compiler knows
+    # that a group's bo channels start 16-byte aligned also at bo = 8 (it only learns multiples of 16).
+    stride_dym = stride_dym // BLOCK_OUT * BLOCK_OUT
     pid = tl.program_id(0)
     pid_m = pid // NUM_C_TILES
     c0 = (pid % NUM_C_TILES) * BLOCK_C
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = tl.arange(0, BLOCK_RED)
     offs_c = tl.arange(0, BLOCK_C)
     m_mask = offs_m < M
-    o_mask = offs_o < BLOCK_OUT
     dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    # Reduction index k of a step -> (its block: the step's first + k // bo, output channel k % bo).
+    SLOTS: tl.constexpr = BLOCK_RED // BLOCK_OUT
+    offs_k = tl.arange(0, BLOCK_RED)
+    k_slot = offs_k // BLOCK_OUT
+    k_out = offs_k % BLOCK_OUT
 
-    # The live blocks of channels c0 ... c0 + BLOCK_C - 1, one per step.
+    # The live blocks of channels c0 ... c0 + BLOCK_C - 1, SLOTS per step.
     start = tl.load(col_ptr_ptr + c0)
     end = tl.load(col_ptr_ptr + tl.minimum(c0 + BLOCK_C, NUM_CHANNELS))
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for position in range(start, end):
-        slot = tl.load(col_slots_ptr + position).to(tl.int64)
-        group = tl.load(row_idx_ptr + slot).to(tl.int64)
-        column = tl.load(col_idx_ptr + slot) - c0
-        a = tl.load(dy_rows + (group * BLOCK_OUT + offs_o)[None, :] * stride_dyn,
-                    mask=m_mask[:, None] & o_mask[None, :], other=0.0)
-        # values[slot] in the block's column, zeros in the others: [BLOCK_RED, BLOCK_C]
-        b = tl.load(values_ptr + slot * BLOCK_OUT + offs_o[:, None] + offs_c[None, :] * 0,
-                    mask=o_mask[:, None] & (offs_c == column)[None, :], other=0.0)
+    for first in range(start, end, SLOTS):
+        position = first + k_slot
+        live = position < end
+        slot = tl.load(col_slots_ptr + position, mask=live, other=0).to(tl.int64)
+        group = tl.load(row_idx_ptr + slot, mask=live, other=0).to(tl.int64)
+        column = tl.load(col_idx_ptr + slot, mask=live, other=0) - c0
+        a = tl.load(dy_rows + (group * BLOCK_OUT + k_out)[None, :] * stride_dyn, mask=m_mask[:, None] & live[None, :],
+                    other=0.0)
+        # each block's values in its channel's column, zeros in the others: [BLOCK_RED, BLOCK_C]
+        b = tl.load(values_ptr + (slot * BLOCK_OUT + k_out)[:, None] + offs_c[None, :] * 0,
+                    mask=live[:, None] & (column[:, None] == offs_c[None, :]), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -198,6 +208,7 @@ def _bsr_vector_grad_weight_kernel(
     ``(BLOCK_S + bo) x BLOCK_M`` elements for ``BLOCK_S x bo x BLOCK_M`` MACs: 13 MACs per element
     at 64 slots and ``bo = 16``, the most a 16-channel group allows.
     """
+    stride_dym = stride_dym // BLOCK_OUT * BLOCK_OUT  # a multiple of bo, as in grad-input
     pid = tl.program_id(0)
     split = tl.program_id(1)
     group = pid // CHUNKS_PER_GROUP
@@ -237,6 +248,12 @@ def _vector_values(name: str, values: torch.Tensor) -> torch.Tensor:
     if values.dim() != 3 or values.shape[2] != 1:
         raise ValueError(f"{name}: vector-block values must be [nnz, bo, 1], got {tuple(values.shape)}")
     return values.reshape(values.shape[0], values.shape[1]).contiguous()
+
+
+def _rows_of_groups(grad_out: torch.Tensor, block_out: int) -> torch.Tensor:
+    """``grad_out`` with a row stride that is a multiple of ``bo`` (the kernels rely on it), copied
+    only if it has not."""
+    return grad_out if grad_out.stride(0) % block_out == 0 else grad_out.contiguous()
 
 
 def bsr_linear_vector_fwd(
@@ -300,6 +317,7 @@ def bsr_linear_vector_grad_input(
     block_out, channels = weights.shape[1], col_ptr.shape[0] - 1
     if grad_out.shape[1] % block_out:
         raise ValueError(f"{name}: grad_out of shape {tuple(grad_out.shape)} is not a whole number of {block_out}-wide groups")
+    grad_out = _rows_of_groups(grad_out, block_out)
     M = grad_out.shape[0]
     out = torch.empty(M, channels, device=grad_out.device, dtype=grad_out.dtype)
     if M == 0 or channels == 0:
@@ -342,6 +360,7 @@ def bsr_linear_vector_grad_weight(
     nnz, M, groups = row_slots.shape[0], x.shape[0], row_ptr.shape[0] - 1
     if nnz == 0 or M == 0:
         return x.new_zeros(nnz, block_out, 1)
+    grad_out = _rows_of_groups(grad_out, block_out)
     xt = k_major(x)
     block_s = vector_step(nnz, groups)
     chunks_per_group = triton.cdiv(x.shape[1], block_s)
