@@ -6,9 +6,11 @@ dispatch key. What the kernels of each key take:
 * CPU tensors: the C++ kernels (csrc/cpu); their rule is :func:`cpu_kernels_take`, which C++
   answers. They hand fp64 and block sides that are not multiples of 16 to their masked-dense
   path, in C++.
-* CUDA tensors: the Triton kernels (``<op>/triton_kernels.py``); their rule is
-  :func:`triton_unsupported_reason`. fp64 and block sides that are not powers of two >= 16
-  run on the pure-torch reference.
+* CUDA tensors: the Triton kernels (``<op>/triton_kernels.py``, and
+  ``<op>/triton_vector_kernels.py`` for vector blocks ``(bo, 1)``); their rule is
+  :func:`triton_unsupported_reason`. fp64, block sides that are not powers of two >= 16 and
+  vector blocks other than ``(bo, 1)`` with ``bo`` a power of two from 8 to 128 run on the
+  pure-torch reference.
 
 Two things put other kernels in place of those defaults (:mod:`sparse_kernels.registry`
 registers them): ``SPARSE_KERNELS_BACKEND=reference|triton`` for the whole process
@@ -57,17 +59,41 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The vector blocks (bo, 1) the Triton kernels take: bo a power of two in this range. Below 8 a
+# group's tile is narrower than a tensor-core instruction's (n8); above 128 its fp32 accumulator
+# [BLOCK_M, bo] no longer fits in registers (the square kernels tile such blocks; these do not).
+TRITON_VECTOR_BLOCK_OUT = (8, 128)
+
+
 # --------------------------------------------------------------------------- the rules
+def is_vector_block(block_size: Sequence[int]) -> bool:
+    """Whether ``(bo, bi)`` is a vector block: ``bo`` output channels x one input channel
+    (x every tap of a convolution), ``bo > 1``."""
+    return int(block_size[1]) == 1 and int(block_size[0]) > 1
+
+
 def triton_unsupported_reason(
     device: torch.device, dtype: torch.dtype, block_size: Sequence[int]
 ) -> Optional[str]:
-    """Why the Triton kernels cannot take this case, or ``None`` if they can: the Triton rule."""
+    """Why the Triton kernels cannot take this case, or ``None`` if they can: the Triton rule.
+
+    Square and rectangular blocks: power-of-two sides >= 16 (``<op>/triton_kernels.py``).
+    Vector blocks ``(bo, 1)``: ``bo`` a power of two from 8 to 128 (``<op>/triton_vector_kernels.py``,
+    which gather the input channels one by one).
+    """
     if not triton_installed():
         return "triton is not installed"
     if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
         return f"tensors on {device} need CUDA, or TRITON_INTERPRET=1 for the Triton interpreter on CPU"
     if dtype not in KERNEL_DTYPES:
         return f"dtype {dtype} is not one of fp32, fp16, bf16"
+    if is_vector_block(block_size):
+        block_out = int(block_size[0])
+        low, high = TRITON_VECTOR_BLOCK_OUT
+        if block_out < low or block_out > high or block_out & (block_out - 1):
+            return (f"vector block {tuple(block_size)}: the Triton kernels take (bo, 1) with bo a power of two "
+                    f"from {low} to {high}")
+        return None
     for side in block_size:
         if side < 16 or side & (side - 1):
             return f"block size {tuple(block_size)} has a side that is not a power of two >= 16"

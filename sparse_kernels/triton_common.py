@@ -15,6 +15,16 @@ from .capability import triton_interpreting, triton_unsupported_reason
 # Read once: triton itself decides at import whether it interprets.
 _INTERPRET = triton_interpreting()
 
+# The rows of a K-major copy (:func:`k_major`) are padded to a multiple of this, the largest
+# BLOCK_M of any config, so that the vector-block kernels load whole row tiles of it with no mask
+# along its contiguous axis (a mask that varies along it would break the 16-byte copies).
+K_MAJOR_ROW_MULTIPLE = 256
+
+# Input channels per program of the vector-block grad-input kernels: the narrowest tile of a
+# 16-bit tl.dot output that fills whole 32-byte sectors; each step's weights fill one of its
+# columns (the kernels' docstrings say why), so a wider tile would only waste more.
+VECTOR_GRAD_INPUT_CHANNELS = 16
+
 
 def autotune_configs(gpu_configs):
     """Autotune configs from ``(BLOCK_M, num_warps, num_stages)`` triples on a GPU.
@@ -99,6 +109,27 @@ def _conv_tf32_allowed() -> bool:
     if precision is not None:
         return precision == "tf32"
     return bool(torch.backends.cudnn.allow_tf32)
+
+
+def k_major(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, C] -> [C, M_pad]``: the K-major copy the vector-block kernels gather input
+    channels from (one channel's rows contiguous), rows zero-padded to ``M_pad``, the next
+    multiple of :data:`K_MAJOR_ROW_MULTIPLE`. One read and one write of ``x``."""
+    rows, channels = x.shape
+    padded = triton.cdiv(max(rows, 1), K_MAJOR_ROW_MULTIPLE) * K_MAJOR_ROW_MULTIPLE
+    copy = x.new_empty(channels, padded)
+    copy[:, :rows].copy_(x.T)
+    copy[:, rows:].zero_()
+    return copy
+
+
+def vector_step(pairs: int, groups: int, most: int = 64) -> int:
+    """How many (live block, tap) pairs of one group a vector-block kernel takes per step (its
+    ``BLOCK_K`` or ``BLOCK_S``): the next power of two of the mean per group (``pairs / groups``),
+    from 16 (the smallest tensor-core reduction of 16-bit types) to ``most``, so that a group's
+    last, partly masked step wastes little when groups have few live blocks."""
+    mean = -(-pairs // max(groups, 1))
+    return min(most, max(16, triton.next_power_of_2(max(mean, 1))))
 
 
 def on_device(t: torch.Tensor):

@@ -23,7 +23,7 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
-from ..capability import triton_takes
+from ..capability import is_vector_block, triton_takes
 from ..checks import check_features, layout_of, memory_format
 from ..shapes import conv_output_size
 from .reference import bsr_conv2d_grad_input_reference, bsr_conv2d_grad_weight_reference, bsr_conv2d_reference
@@ -114,10 +114,11 @@ def _image(rows: Tensor, like: Tensor) -> Tensor:
 
 def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
     """The Triton kernels of the three ops with the ops' signatures, by name: adapters over the
-    launchers of :mod:`.triton_kernels` (1x1 convolutions without stride or padding over those
-    of :mod:`sparse_kernels.linear.triton_kernels`), imported on first call. Cases Triton cannot
-    take (fp64, block sides that are not powers of two >= 16) run on the references, or raise if
-    ``strict``."""
+    launchers of :mod:`.triton_kernels`, and of :mod:`.triton_vector_kernels` for vector blocks
+    ``(bo, 1)`` (1x1 convolutions without stride or padding over those of
+    :mod:`sparse_kernels.linear.triton_kernels` / ``triton_vector_kernels``), imported on first
+    call. Cases Triton cannot take (:func:`~sparse_kernels.capability.triton_unsupported_reason`:
+    fp64, other block shapes) run on the references, or raise if ``strict``."""
 
     def takes(op: str, t: Tensor, block_size) -> bool:
         return triton_takes(op, t, block_size, strict=strict)
@@ -129,14 +130,17 @@ def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
         if not takes("bsr_conv2d", x, values.shape[1:3]):
             return _forward_reference(x, values, bias, *index, stride, padding, dilation, channels_last)
         from ..linear import triton_kernels as linear
+        from ..linear import triton_vector_kernels as linear_vector
         from . import triton_kernels as conv2d
+        from . import triton_vector_kernels as conv2d_vector
 
+        vector = is_vector_block(values.shape[1:3])
         if _pointwise(values.shape[3:], stride, padding):
-            rows = linear.bsr_linear_fwd(_pixels(x), values.reshape(values.shape[:3]), row_ptr, row_slots, col_idx,
-                                         bias)
-            y = _image(rows, x)
+            launch = linear_vector.bsr_linear_vector_fwd if vector else linear.bsr_linear_fwd
+            y = _image(launch(_pixels(x), values.reshape(values.shape[:3]), row_ptr, row_slots, col_idx, bias), x)
         else:
-            y = conv2d.bsr_conv2d_fwd(x, values, row_ptr, row_slots, col_idx, bias, stride, padding, dilation)
+            launch = conv2d_vector.bsr_conv2d_vector_fwd if vector else conv2d.bsr_conv2d_fwd
+            y = launch(x, values, row_ptr, row_slots, col_idx, bias, stride, padding, dilation)
         return y.contiguous(memory_format=_output_format(x, channels_last))
 
     def grad_input(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, input_size, stride,
@@ -146,11 +150,22 @@ def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
         if not takes("bsr_conv2d_grad_input", grad_out, values.shape[1:3]):
             return _grad_input_reference(grad_out, values, *index, input_size, stride, padding, dilation)
         from ..linear import triton_kernels as linear
+        from ..linear import triton_vector_kernels as linear_vector
         from . import triton_kernels as conv2d
+        from . import triton_vector_kernels as conv2d_vector
 
+        vector = is_vector_block(values.shape[1:3])
         if _pointwise(values.shape[3:], stride, padding):
-            dx = _image(linear.bsr_linear_grad_input(_pixels(grad_out), values.reshape(values.shape[:3]), col_ptr,
-                                                     col_slots, row_idx), grad_out)
+            rows, weights = _pixels(grad_out), values.reshape(values.shape[:3])
+            if vector:
+                dx_rows = linear_vector.bsr_linear_vector_grad_input(rows, weights, col_ptr, col_slots, row_idx,
+                                                                     col_idx)
+            else:
+                dx_rows = linear.bsr_linear_grad_input(rows, weights, col_ptr, col_slots, row_idx)
+            dx = _image(dx_rows, grad_out)
+        elif vector:
+            dx = conv2d_vector.bsr_conv2d_vector_grad_input(grad_out, values, col_ptr, col_slots, row_idx, col_idx,
+                                                            input_size, stride, padding, dilation)
         else:
             dx = conv2d.bsr_conv2d_grad_input(grad_out, values, col_ptr, col_slots, row_idx, input_size, stride, padding,
                                             dilation)
@@ -164,12 +179,22 @@ def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
         if not takes("bsr_conv2d_grad_weight", x, block_shape[:2]):
             return _grad_weight_reference(grad_out, x, *index, block_shape, stride, padding, dilation)
         from ..linear import triton_kernels as linear
+        from ..linear import triton_vector_kernels as linear_vector
         from . import triton_kernels as conv2d
+        from . import triton_vector_kernels as conv2d_vector
 
+        vector = is_vector_block(block_shape[:2])
         if _pointwise(block_shape[2:], stride, padding):
-            dw = linear.bsr_linear_grad_weight(_pixels(grad_out), _pixels(x), row_idx, col_idx, row_slots,
-                                               tuple(block_shape[:2]))
+            block = tuple(block_shape[:2])
+            if vector:
+                dw = linear_vector.bsr_linear_vector_grad_weight(_pixels(grad_out), _pixels(x), row_ptr, row_slots,
+                                                                 col_idx, block)
+            else:
+                dw = linear.bsr_linear_grad_weight(_pixels(grad_out), _pixels(x), row_idx, col_idx, row_slots, block)
             return dw.reshape(*dw.shape, 1, 1)
+        if vector:
+            return conv2d_vector.bsr_conv2d_vector_grad_weight(grad_out, x, row_ptr, row_slots, col_idx, block_shape,
+                                                               stride, padding, dilation)
         return conv2d.bsr_conv2d_grad_weight(grad_out, x, row_idx, col_idx, row_slots, block_shape, stride, padding,
                                            dilation)
 

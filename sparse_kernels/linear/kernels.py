@@ -20,7 +20,7 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
-from ..capability import triton_takes
+from ..capability import is_vector_block, triton_takes
 from ..checks import check_features, layout_of
 from .reference import bsr_linear_grad_input_reference, bsr_linear_grad_weight_reference, bsr_linear_reference
 
@@ -76,9 +76,10 @@ REFERENCE_KERNELS: Dict[str, Callable] = {
 # --------------------------------------------------------------------------- Triton kernels
 def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
     """The Triton kernels of the three ops with the ops' signatures, by name: adapters over the
-    launchers of :mod:`.triton_kernels` (imported on first call: triton loads only when a Triton
-    kernel runs). Cases Triton cannot take (fp64, block sides that are not powers of two >= 16)
-    run on the references, or raise if ``strict``."""
+    launchers of :mod:`.triton_kernels`, and of :mod:`.triton_vector_kernels` for vector blocks
+    ``(bo, 1)`` (imported on first call: triton loads only when a Triton kernel runs). Cases Triton
+    cannot take (:func:`~sparse_kernels.capability.triton_unsupported_reason`: fp64, other block
+    shapes) run on the references, or raise if ``strict``."""
 
     def takes(op: str, t: Tensor, block_size) -> bool:
         return triton_takes(op, t, block_size, strict=strict)
@@ -88,8 +89,10 @@ def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
         if not takes("bsr_linear", x, values.shape[1:3]):
             return _forward_reference(x, values, bias, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
         from . import triton_kernels as kernels
+        from . import triton_vector_kernels as vector
 
-        y = kernels.bsr_linear_fwd(x.reshape(-1, x.shape[-1]), values, row_ptr, row_slots, col_idx, bias)
+        launch = vector.bsr_linear_vector_fwd if is_vector_block(values.shape[1:3]) else kernels.bsr_linear_fwd
+        y = launch(x.reshape(-1, x.shape[-1]), values, row_ptr, row_slots, col_idx, bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def grad_input(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots):
@@ -97,9 +100,13 @@ def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
         if not takes("bsr_linear_grad_input", grad_out, values.shape[1:3]):
             return _grad_input_reference(grad_out, values, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots)
         from . import triton_kernels as kernels
+        from . import triton_vector_kernels as vector
 
-        dx = kernels.bsr_linear_grad_input(grad_out.reshape(-1, grad_out.shape[-1]), values, col_ptr, col_slots,
-                                           row_idx)
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        if is_vector_block(values.shape[1:3]):
+            dx = vector.bsr_linear_vector_grad_input(rows, values, col_ptr, col_slots, row_idx, col_idx)
+        else:
+            dx = kernels.bsr_linear_grad_input(rows, values, col_ptr, col_slots, row_idx)
         return dx.view(*grad_out.shape[:-1], dx.shape[-1])
 
     def grad_weight(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots, block_out, block_in):
@@ -109,9 +116,13 @@ def triton_op_kernels(strict: bool) -> Dict[str, Callable]:
             return _grad_weight_reference(grad_out, x, row_idx, col_idx, row_ptr, row_slots, col_ptr, col_slots,
                                           block_out, block_in)
         from . import triton_kernels as kernels
+        from . import triton_vector_kernels as vector
 
-        return kernels.bsr_linear_grad_weight(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]),
-                                              row_idx, col_idx, row_slots, (block_out, block_in))
+        dy_rows, x_rows = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        if is_vector_block((block_out, block_in)):
+            return vector.bsr_linear_vector_grad_weight(dy_rows, x_rows, row_ptr, row_slots, col_idx,
+                                                        (block_out, block_in))
+        return kernels.bsr_linear_grad_weight(dy_rows, x_rows, row_idx, col_idx, row_slots, (block_out, block_in))
 
     return {"bsr_linear": forward, "bsr_linear_grad_input": grad_input, "bsr_linear_grad_weight": grad_weight}
 

@@ -6,7 +6,9 @@ to GPU code, configs whose shared memory fits no card, and, for every tensor-cor
 (16-bit, tf32), a main loop that is not what the GPU needs (:func:`inspect_binary`):
 tensor-core instructions (wgmma or mma), every tile copied asynchronously
 (``cp.async``, committed in the loop, so that copies for later iterations are in flight while
-this one computes), no synchronous tile load, no register spill (``cuobjdump -res-usage``).
+this one computes), no synchronous tile load, no register spill (``cuobjdump -res-usage``);
+where a check cannot hold for a gather, :data:`CANNOT_HOLD` says why and the finding is
+recorded as waived.
 Launches are specialised as at run time: every stride that is 1 for the tensors the launchers
 pass is a constant 1 here (Triton specialises integer arguments equal to 1).
 
@@ -37,13 +39,19 @@ except ImportError as error:  # pragma: no cover - other Triton versions
     sys.exit(3)
 
 import sparse_kernels.conv2d.triton_kernels as conv2d_kernels  # noqa: E402
+import sparse_kernels.conv2d.triton_vector_kernels as conv2d_vector  # noqa: E402
 import sparse_kernels.linear.triton_kernels as kernels  # noqa: E402
+import sparse_kernels.linear.triton_vector_kernels as vector  # noqa: E402
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block on A100 / H100
-POINTERS = ("a_ptr", "src_ptr", "values_ptr", "bias_ptr", "out_ptr", "dy_ptr", "x_ptr")
+POINTERS = ("a_ptr", "src_ptr", "values_ptr", "bias_ptr", "out_ptr", "dy_ptr", "x_ptr", "xt_ptr")
 FP32_POINTERS = ("partial_ptr",)
-INDEX_POINTERS = ("block_ptr_ptr", "block_slots_ptr", "slot_block_idx_ptr", "row_slots_ptr", "row_idx_ptr", "col_idx_ptr")
+INDEX_POINTERS = ("block_ptr_ptr", "block_slots_ptr", "slot_block_idx_ptr", "row_slots_ptr", "row_idx_ptr", "col_idx_ptr",
+                  "row_ptr_ptr", "col_ptr_ptr", "col_slots_ptr")
+# Integer arguments the launchers always pass as multiples of 16 (Triton then specialises them so):
+# the grad-weight kernels' row chunk, a multiple of 256.
+MULTIPLES_OF_16 = ("CHUNK",)
 # Unit strides as launches specialise them: linear operands are row-major, conv operands
 # channels-last, values [nnz, bo, bi] (conv: tap-major [nnz, kh, kw, bo, bi]) contiguous, so
 # the forward reads them with unit stride along the reduction (stride_vk) and grad-input,
@@ -56,12 +64,48 @@ UNIT_STRIDES = {
     ("_bsr_conv2d_dsd_kernel", False): ("stride_sc", "stride_oc", "stride_vk"),
     ("_bsr_conv2d_dsd_kernel", True): ("stride_sc", "stride_oc", "stride_vn"),
     ("_bsr_conv2d_sdd_kernel", False): ("stride_dyc", "stride_xc", "stride_pi"),
+    # Vector blocks: x K-major ([C, M_pad]; conv: NCHW), dy and outputs row-major / channels-last.
+    ("_bsr_vector_fwd_kernel", False): ("stride_xm", "stride_on"),
+    ("_bsr_vector_grad_input_kernel", True): ("stride_dyn", "stride_oc"),
+    ("_bsr_vector_grad_weight_kernel", False): ("stride_dyn", "stride_xm", "stride_po"),
+    ("_bsr_conv2d_vector_fwd_kernel", False): ("stride_xw", "stride_oc"),
+    ("_bsr_conv2d_vector_grad_input_kernel", True): ("stride_dyc", "stride_oc"),
+    ("_bsr_conv2d_vector_grad_weight_kernel", False): ("stride_dyc", "stride_xw", "stride_po"),
+}
+# Strides of the vector-block kernels that are not multiples of 16 in general, so not compiled as
+# such (the square kernels' strides are multiples of their block sides, >= 16): (any input channel
+# count or image size: x NCHW, dx; with bo < 16, those over the groups' channels, R * bo).
+VECTOR_UNALIGNED = {
+    "_bsr_vector_fwd_kernel": ((), ("stride_om",)),
+    "_bsr_vector_grad_input_kernel": (("stride_om",), ("stride_dym",)),
+    "_bsr_vector_grad_weight_kernel": ((), ("stride_dym", "stride_psplit", "stride_ps")),
+    "_bsr_conv2d_vector_fwd_kernel": (("stride_xn", "stride_xc", "stride_xh"), ("stride_on", "stride_oh", "stride_ow")),
+    "_bsr_conv2d_vector_grad_input_kernel": (("stride_on", "stride_oh", "stride_ow"),
+                                             ("stride_dyn", "stride_dyh", "stride_dyw")),
+    "_bsr_conv2d_vector_grad_weight_kernel": (("stride_xn", "stride_xc", "stride_xh"),
+                                              ("stride_dyn", "stride_dyh", "stride_dyw", "stride_psplit", "stride_ps",
+                                               "stride_pt")),
 }
 
 
-def compile_kernel(kernel, dtype, constexprs, config, capability, units):
+# Checks that cannot hold for a gather, by kernel: (the problem's words, why). For 16-bit types
+# only; compile_one records such a finding under the variant's "waived" instead of failing, and the
+# JSON gives the reasons once ("cannot_hold").
+_ELEMENT_BY_ELEMENT = (
+    "the gathered tile of an NCHW activation: a (channel, tap)'s pixels are a contiguous run that starts at any "
+    "element (a tap shifts it by one) and loses single pixels at image borders, so each element is its own copy; "
+    "cp.async copies 4, 8 or 16 bytes, so 16-bit elements go through registers (fp32's 4-byte ones are copied "
+    "asynchronously: the tf32 variants pass); the weight tile is still copied asynchronously"
+)
+CANNOT_HOLD = {
+    "_bsr_conv2d_vector_fwd_kernel": ("loads tiles synchronously", _ELEMENT_BY_ELEMENT),
+    "_bsr_conv2d_vector_grad_weight_kernel": ("loads tiles synchronously", _ELEMENT_BY_ELEMENT),
+}
+
+
+def compile_kernel(kernel, dtype, constexprs, config, capability, units, unaligned=()):
     """Compiles ``kernel`` (an autotuner) as a launch with aligned tensors would, the strides
-    named in ``units`` specialised to 1."""
+    named in ``units`` specialised to 1, those in ``unaligned`` not known to be multiples of 16."""
     fn = kernel.fn
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -75,7 +119,8 @@ def compile_kernel(kernel, dtype, constexprs, config, capability, units):
             signature[name] = "*fp32"
         else:
             signature[name] = "*i32" if name in INDEX_POINTERS else "i32"
-        if name in POINTERS + FP32_POINTERS + INDEX_POINTERS or name.startswith("stride"):
+        if name in POINTERS + FP32_POINTERS + INDEX_POINTERS + MULTIPLES_OF_16 or (
+                name.startswith("stride") and name not in unaligned):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -108,6 +153,11 @@ def cases():
                 }, kernel.configs if sweep else kernel.configs[:1]
                 if capability == 90 and (block_out, block_in) in ((64, 64), (16, 128)):
                     yield from conv_cases(capability, dtype, common, block_out, block_in, sweep)
+            common = {"UPCAST": False, "PRECISION": precision}
+            for block_out in (16, 32, 8):
+                if block_out == 16 or (capability == 90 and (dtype, precision) in (("bf16", "ieee"), ("fp32", "tf32"))):
+                    sweep = capability == 90 and block_out == 16 and dtype == "bf16"
+                    yield from vector_cases(capability, dtype, {**common, "BLOCK_OUT": block_out}, sweep)
 
 
 def conv_cases(capability, dtype, common, block_out, block_in, sweep):
@@ -129,6 +179,26 @@ def conv_cases(capability, dtype, common, block_out, block_in, sweep):
         }, kernel.configs if every else kernel.configs[:1]
 
 
+def vector_cases(capability, dtype, common, sweep):
+    """The vector-block kernels for one ``bo`` (``common["BLOCK_OUT"]``): linear and 3x3 conv, each
+    product (every config when sweeping), with the largest steps the launchers take (64 pairs for
+    the linear gathers, 32 for the conv's) and grad-input's 16-channel tiles."""
+    block_out = common["BLOCK_OUT"]
+    transposed = {"BLOCK_RED": max(block_out, 16), "BLOCK_C": vector.GRAD_INPUT_CHANNELS}
+    taps = {"KH": 3, "KW": 3, "STRIDE_H": 1, "STRIDE_W": 1}
+    step = conv2d_vector.GATHER_STEP
+    for name, kernel, constexprs in (
+        ("vector-fwd", vector._bsr_vector_fwd_kernel, {"HAS_BIAS": True, "BLOCK_K": 64}),
+        ("vector-grad_input", vector._bsr_vector_grad_input_kernel, transposed),
+        ("vector-grad_weight", vector._bsr_vector_grad_weight_kernel, {"BLOCK_S": 64}),
+        ("conv-vector-fwd-3x3", conv2d_vector._bsr_conv2d_vector_fwd_kernel, {**taps, "HAS_BIAS": True, "BLOCK_K": step}),
+        ("conv-vector-grad_input-3x3", conv2d_vector._bsr_conv2d_vector_grad_input_kernel,
+         {**taps, **transposed, "STRIDE_H": 2, "STRIDE_W": 2}),  # the divisibility path
+        ("conv-vector-grad_weight-3x3", conv2d_vector._bsr_conv2d_vector_grad_weight_kernel, {**taps, "BLOCK_S": step}),
+    ):
+        yield capability, name, kernel, dtype, {**common, **constexprs}, kernel.configs if sweep else kernel.configs[:1]
+
+
 def compile_one(job):
     """Compiles and inspects one variant; returns ``(label, problems, fits in shared memory,
     record)``."""
@@ -137,13 +207,18 @@ def compile_one(job):
     config = kernel.configs[config_index]
     label = f"sm_{capability} {name} {dtype} {constexprs} {config}"
     units = UNIT_STRIDES[(kernel_name, "grad_input" in name)]
+    always, narrow = VECTOR_UNALIGNED.get(kernel_name, ((), ()))
+    unaligned = always + (narrow if constexprs.get("BLOCK_OUT", 16) < 16 else ())
     try:
-        binary = compile_kernel(kernel, dtype, constexprs, config, capability, units)
+        binary = compile_kernel(kernel, dtype, constexprs, config, capability, units, unaligned)
     except Exception as error:  # noqa: BLE001 - report every compile failure
         return label, [f"{type(error).__name__}: {str(error)[:300]}"], False, None
     record, problems = inspect_binary(binary, dtype, constexprs["PRECISION"], capability)
+    waived = [problem for problem in problems
+              if kernel_name in CANNOT_HOLD and dtype in ("bf16", "fp16") and CANNOT_HOLD[kernel_name][0] in problem]
+    problems = [problem for problem in problems if problem not in waived]
     record.update(capability=capability, kernel=name, dtype=dtype, precision=constexprs["PRECISION"],
-                  constexprs=constexprs, config=str(config))
+                  constexprs=constexprs, config=str(config), waived=waived)
     return label, problems, binary.metadata.shared <= SHARED_MEMORY_LIMIT[capability], record
 
 
@@ -223,7 +298,10 @@ def resource_usage(cubin):
 
 KERNELS = {
     k.fn.__name__: k
-    for k in (kernels._bsr_dsd_kernel, kernels._bsr_sdd_kernel, conv2d_kernels._bsr_conv2d_dsd_kernel, conv2d_kernels._bsr_conv2d_sdd_kernel)
+    for k in (kernels._bsr_dsd_kernel, kernels._bsr_sdd_kernel, conv2d_kernels._bsr_conv2d_dsd_kernel,
+              conv2d_kernels._bsr_conv2d_sdd_kernel, vector._bsr_vector_fwd_kernel, vector._bsr_vector_grad_input_kernel,
+              vector._bsr_vector_grad_weight_kernel, conv2d_vector._bsr_conv2d_vector_fwd_kernel,
+              conv2d_vector._bsr_conv2d_vector_grad_input_kernel, conv2d_vector._bsr_conv2d_vector_grad_weight_kernel)
 }
 
 
@@ -256,11 +334,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", help="write what was found, per compiled variant, to this file")
     parser.add_argument("--self-test", action="store_true", help="check that the checks catch known-bad kernels")
+    parser.add_argument("--match", default="", help="compile only the variants whose name contains this")
     args = parser.parse_args()
     if args.self_test:
         return self_test()
     jobs, groups = [], []
     for capability, name, kernel, dtype, constexprs, configs in cases():
+        if args.match not in name:
+            continue
         first = len(jobs)
         jobs += [(capability, name, kernel.fn.__name__, dtype, constexprs, i) for i in range(len(configs))]
         groups.append((f"sm_{capability} {name} {dtype} {constexprs}", first, len(jobs)))
@@ -275,7 +356,8 @@ def main() -> int:
     if args.json:
         records = [dict(record, problems=problems) for _, problems, _, record in results if record]
         with open(args.json, "w") as handle:
-            json.dump({"triton": triton.__version__, "variants": records}, handle, indent=1)
+            cannot_hold = {kernel: {"check": check, "why": why} for kernel, (check, why) in CANNOT_HOLD.items()}
+            json.dump({"triton": triton.__version__, "cannot_hold": cannot_hold, "variants": records}, handle, indent=1)
     for failure in failures:
         print("FAIL", failure)
     return 1 if failures else 0
