@@ -455,5 +455,6 @@ def bsr_conv2d_vector_grad_weight(
             STRIDE_H=stride[0], STRIDE_W=stride[1], KH=kh, KW=kw, BLOCK_OUT=bo, BLOCK_S=block_s,
             UPCAST=upcast, PRECISION=precision,
         )
-    # The chunks' sums in a fixed order (deterministic): [nnz, taps, bo] -> [nnz, bo, 1, kh, kw].
-    return partial.sum(0).transpose(1, 2).reshape(nnz, bo, 1, kh, kw).to(x.dtype)
+    # The chunks' sums in a fixed order (deterministic): [nnz, taps, bo] -> [nnz, bo, 1, kh, kw], contiguous
+    # like every grad-weight (the fake kernel's strides).
+    return partial.sum(0).transpose(1, 2).contiguous().view(nnz, bo, 1, kh, kw).to(x.dtype)
