@@ -2,14 +2,19 @@
 
     python -m benchmarks.layers --out-dir benchmarks/results               # demo and small, 50/75/90%
     python -m benchmarks.layers --models demo --sparsities 0.5
+    python -m benchmarks.layers --block-sizes 16 16x1                       # block shapes side by side
 
-For each model and sparsity, one training step of the sparsified model (ERK, blocks of 16,
+For each model, sparsity and block shape, one training step of the sparsified model (ERK,
 channels-last) records every block-sparse layer's input and output gradient; then, on those
 very tensors, it times forward, grad-input and grad-weight of the block-sparse ops, and the
 dense ops on the masked weight (``F.conv2d`` / ``F.linear`` and their backward, oneDNN/MKL,
 channels-last weight): what :attr:`sparse_kernels.BlockSparseModule.masked_dense` would run.
 ``ratio`` is sparse time / masked-dense time, and ``efficiency`` the dense time per MAC over ours
 (``density * dense / sparse``). These rows set ``sparse_diffusion.sparsify.MASKED_DENSE_FROM``.
+Block shapes are measured layer by layer in turn (interleaved), and ``per_mac`` sums each
+(model, sparsity, block shape, product) over the layers: ``sparse_per_dense_mac`` is our time
+over the masked-dense time scaled by the density (1.0 = as fast per live MAC as dense), so that
+two block shapes compare per MAC at their own densities.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import sparse_kernels as sk
+
+from sparse_diffusion.config import block_pair, block_shape
 
 from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
 from .train_loop import MODELS
@@ -37,7 +44,10 @@ def _ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def capture(model: str, sparsity: float, args: argparse.Namespace):
+PRODUCTS = ("fwd", "grad_input", "grad_weight")
+
+
+def capture(model: str, sparsity: float, block, args: argparse.Namespace):
     """A sparsified denoiser (every sparse layer on the block-sparse kernels) and, per layer,
     the input and output gradient of one training step."""
     import sparse_diffusion as sd
@@ -47,9 +57,9 @@ def capture(model: str, sparsity: float, args: argparse.Namespace):
     from sparse_diffusion.train import TrainConfig
 
     torch.manual_seed(0)
-    config = TrainConfig(**MODELS[model], batch_size=args.batch_size, block_size=args.block_size)
+    config = TrainConfig(**MODELS[model], batch_size=args.batch_size, block_size=block)
     task, dataset = build_task(config, torch.device("cpu"))
-    sd.sparsify(task.denoiser, sparsity, block_size=args.block_size, masked_dense=False)
+    sd.sparsify(task.denoiser, sparsity, block_size=block_pair(block), masked_dense=False)
     if config.model != "chirodiff":
         channels_last(task)
     tensors: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -95,12 +105,30 @@ def measure_layer(module, x, grad, repeats: int) -> Dict[str, float]:
         )
         theirs = (lambda: F.linear(x, dense), lambda: grad @ dense, lambda: grad2.T @ x2)
     row = {}
-    for name, (mine, other) in zip(("fwd", "grad_input", "grad_weight"), zip(ours, theirs)):
+    for name, (mine, other) in zip(PRODUCTS, zip(ours, theirs)):
         row[f"sparse_{name}_ms"] = _ms(mine, repeats)
         row[f"dense_{name}_ms"] = _ms(other, repeats)
-    row["sparse_ms"] = sum(row[f"sparse_{n}_ms"] for n in ("fwd", "grad_input", "grad_weight"))
-    row["dense_ms"] = sum(row[f"dense_{n}_ms"] for n in ("fwd", "grad_input", "grad_weight"))
+    row["sparse_ms"] = sum(row[f"sparse_{n}_ms"] for n in PRODUCTS)
+    row["dense_ms"] = sum(row[f"dense_{n}_ms"] for n in PRODUCTS)
     return row
+
+
+def per_mac(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Per (model, sparsity, block shape): each product's time over the layers per live MAC,
+    relative to the masked-dense time per MAC (sum of ours / sum of density x dense)."""
+    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["sparsity"], row["block_size"]), []).append(row)
+    summary = []
+    for (model, sparsity, block), members in groups.items():
+        entry = {"model": model, "sparsity": sparsity, "block_size": block, "layers": len(members)}
+        for product in PRODUCTS + ("",):
+            key = f"_{product}_ms" if product else "_ms"
+            dense = sum(r["density"] * r[f"dense{key}"] for r in members)
+            entry[f"sparse_per_dense_mac{'_' + product if product else ''}"] = (
+                sum(r[f"sparse{key}"] for r in members) / dense)
+        summary.append(entry)
+    return summary
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
@@ -108,19 +136,25 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     rows: List[Dict[str, object]] = []
     for model in args.models:
         for sparsity in args.sparsities:
-            layers, tensors = capture(model, sparsity, args)
-            for name, module in layers.items():
-                x, grad = tensors[name]["x"], tensors[name]["grad"]
-                row = {"model": model, "sparsity": sparsity, "layer": name, "kind": type(module).__name__,
-                       "x": list(x.shape), "out": module.layout.shape[0], "density": module.density,
-                       "stride": list(getattr(module, "stride", (1, 1))), "kernel": list(getattr(module, "kernel_size", (1, 1)))}
-                row.update(measure_layer(module, x, grad, args.repeats))
-                row["ratio"] = row["sparse_ms"] / row["dense_ms"]
-                row["efficiency"] = module.density * row["dense_ms"] / row["sparse_ms"]
-                rows.append(row)
-            print(f"  {model} at {sparsity}: {len(layers)} layers", flush=True)
+            captured = {block: capture(model, sparsity, block, args) for block in args.block_sizes}
+            names = list(dict.fromkeys(name for layers, _ in captured.values() for name in layers))
+            for name in names:  # the block shapes in turn, layer by layer
+                for block, (layers, tensors) in captured.items():
+                    if name not in layers:
+                        continue
+                    module, x, grad = layers[name], tensors[name]["x"], tensors[name]["grad"]
+                    row = {"model": model, "sparsity": sparsity, "block_size": block, "layer": name,
+                           "kind": type(module).__name__, "x": list(x.shape), "out": module.layout.shape[0],
+                           "density": module.density, "stride": list(getattr(module, "stride", (1, 1))),
+                           "kernel": list(getattr(module, "kernel_size", (1, 1)))}
+                    row.update(measure_layer(module, x, grad, args.repeats))
+                    row["ratio"] = row["sparse_ms"] / row["dense_ms"]
+                    row["efficiency"] = module.density * row["dense_ms"] / row["sparse_ms"]
+                    rows.append(row)
+            print(f"  {model} at {sparsity}: {len(names)} layers", flush=True)
     params = parameters_of(args)
-    return {"suite": "layers", "environment": environment(torch.device("cpu")), "parameters": params, "rows": rows}
+    return {"suite": "layers", "environment": environment(torch.device("cpu")), "parameters": params, "rows": rows,
+            "per_mac": per_mac(rows)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,7 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=["demo", "small", "chirodiff"], default=["demo", "small"])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-sizes", "--block-size", nargs="+", type=block_shape, default=[16],
+                        help="block shapes, measured in turn: N (N x N) or BOxBI such as 16x1")
     parser.add_argument("--repeats", type=int, default=5)
     add_output_arguments(parser, threads=True)
     return parser.parse_args(argv)
@@ -137,8 +172,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
     payload = run(args)
-    print_table(payload["rows"], ["model", "sparsity", "layer", "x", "out", "stride", "density", "sparse_ms",
-                                  "dense_ms", "ratio", "efficiency"])
+    print_table(payload["rows"], ["model", "sparsity", "block_size", "layer", "x", "out", "stride", "density",
+                                  "sparse_ms", "dense_ms", "ratio", "efficiency"])
+    print_table(payload["per_mac"], ["model", "sparsity", "block_size", "layers"] +
+                [f"sparse_per_dense_mac_{p}" for p in PRODUCTS] + ["sparse_per_dense_mac"])
     write_json(result_path(args.out, args.out_dir, "layers", payload["environment"]), payload)
     return payload
 
