@@ -40,6 +40,12 @@ def _against_dense(row: Dict, dense: Dict) -> str:
     return "matches" if abs(difference) <= 2 * error else ("better" if difference < 0 else "worse")
 
 
+def _minutes_to(row: Dict, fid: float) -> Tuple[Optional[float], int]:
+    """Mean training minutes of the row's seeds that reached ``fid`` (None: none did), and how many did."""
+    reached = [t for t in (_time_to(c, fid) for c in row["curves"]) if t is not None]
+    return (sum(reached) / len(reached) / 60 if reached else None), len(reached)
+
+
 def _where(row: Dict) -> str:
     return f"| {label(row)} | {row['sparsity']:g} | {block_text(row['block'])} |"
 
@@ -98,13 +104,12 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
         lines = ["| method | sparsity | block | wall-clock to target (min) | seeds that reached it |",
                  "| --- | ---: | ---: | ---: | ---: |"]
         for r in curved:
-            times = [_time_to(c, target) for c in r["curves"]]
-            reached = [t for t in times if t is not None]
-            minutes = sum(reached) / len(reached) / 60 if reached else None
-            lines.append(f"{_where(r)} {fmt(minutes, '.1f')} | {len(reached)}/{len(times)} |")
+            minutes, reached = _minutes_to(r, target)
+            lines.append(f"{_where(r)} {fmt(minutes, '.1f')} | {reached}/{len(r['curves'])} |")
         parts.append(f"Time to quality: target FID {target:.1f} (dense's final FID {dense['fid']:.1f} + 10%), at the "
                      "first evaluation at or below it (resolved to the evaluation interval):\n\n"
                      + "\n".join(lines) + "\n")
+        parts.extend(_structures(curved, dense, target))
     blocks = sorted({r["block"] for r in curved if r["block"] is not None}, key=block_order)
     parts.extend(_pivot(curved, "block", "Block size at equal target sparsity (final FID, the sparsity reached in "
                         "brackets; block 1 is unstructured)", {b: f"block {b}" for b in blocks}))
@@ -116,6 +121,37 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
     return "\n".join(parts)
 
 
+
+
+METHODS = ("static", "rigl", "magran")
+
+
+def _structures(rows: List[Dict], dense: Dict, target: float) -> List[str]:
+    """The block shapes side by side at each sparsity that has more than one (the paper's rule,
+    Static / RigL / MagRan): final FID, speed-up and minutes to ``target``, dense on top."""
+    rows = [r for r in rows if r["method"] in METHODS and not r["exact_k"]]
+    shapes: Dict[Tuple[float, object], Dict[str, Dict]] = {}
+    for r in rows:
+        shapes.setdefault((r["sparsity"], r["block"]), {})[r["method"]] = r
+    sparsities = sorted({s for s, _ in shapes if sum(key[0] == s for key in shapes) > 1})
+    if not sparsities:
+        return []
+
+    def each(by: Dict[str, Dict], text) -> str:
+        return " / ".join(text(by[m]) if m in by else "-" for m in METHODS)
+
+    dense_minutes, _ = _minutes_to(dense, target)
+    lines = ["| sparsity | block | final FID | speed-up | minutes to target |", "| ---: | ---: | ---: | ---: | ---: |",
+             f"| 0 | dense | {fmt(dense['fid'], '.1f')} | 1.00 | {fmt(dense_minutes, '.1f')} |"]
+    for sparsity in sparsities:
+        for block in sorted({b for s, b in shapes if s == sparsity}, key=block_order):
+            by = shapes[(sparsity, block)]
+            lines.append(f"| {sparsity:g} | {block_text(block)} | {each(by, lambda r: fmt(r['fid'], '.1f'))} | "
+                         f"{each(by, lambda r: fmt(r['speedup'], '.2f'))} | "
+                         f"{each(by, lambda r: fmt(_minutes_to(r, target)[0], '.1f'))} |")
+    return [f"Structures side by side (each cell Static / RigL / MagRan, mean over seeds; minutes to target FID "
+            f"{target:.1f} as above, \"-\" where no seed reached it; block 1 is unstructured):\n\n"
+            + "\n".join(lines) + "\n"]
 
 
 def _fid_in(row: Dict, column: str) -> str:

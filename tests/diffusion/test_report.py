@@ -89,7 +89,7 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
     assert "| rigl | 0.5 | 16 | 0.3 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
     for plot in ("runs-fid-vs-steps.png", "runs-fid-vs-wall-clock.png"):
         assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
-    assert "Block size at equal" not in text  # one block size
+    assert "Block size at equal" not in text and "Structures side by side" not in text  # one block size
     assert not (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").exists()
 
 
@@ -119,6 +119,14 @@ def test_vector_blocks_take_their_place_between_unstructured_and_square_blocks(t
     assert "| rigl | 0.5 | 0.3 | 49.0 ± 1.4 (0.50) | 50.0 ± 1.4 (0.50) | 53.0 ± 1.4 (0.50) | 61.0 ± 1.4 (0.50) |" in blocks
     assert "| rigl | 0.5 | 16x1 | 2 | 50.0 ± 1.4 |" in text
     assert (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").stat().st_size > 0
+    # The structures side by side (Static / RigL / MagRan; only RigL ran): final FID, speed-up
+    # (dense's 0.122 s / step over the cell's) and minutes to dense's 51 + 10% = 56.1, which blocks
+    # of 32 never reach.
+    structures = text[text.index("Structures side by side"):text.index("Block size at equal")]
+    assert "| 0 | dense | 51.0 | 1.00 | 2.0 |" in structures
+    assert structures.index("| 0.5 | 1 |") < structures.index("| 0.5 | 16x1 |") < structures.index("| 0.5 | 16 |")
+    assert "| 0.5 | 16x1 | - / 50.0 / - | - / 1.34 / - | - / 1.5 / - |" in structures
+    assert "| 0.5 | 32 | - / 61.0 / - | - / 1.97 / - | - / - / - |" in structures
 
 
 def _timing_file(path, seconds_per_step):
