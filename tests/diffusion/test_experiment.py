@@ -100,7 +100,7 @@ def test_failed_runs_are_listed_and_the_grid_goes_on(tmp_path, capsys):
     assert "todo  broken/dense-seed0" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name, runs", [("cpu-small", 40), ("paper", 1458), ("converged", 56)])
+@pytest.mark.parametrize("name, runs", [("cpu-small", 40), ("paper", 1458), ("converged", 68)])
 def test_shipped_grids_load(name, runs):
     from pathlib import Path
 
