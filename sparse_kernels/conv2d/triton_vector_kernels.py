@@ -310,17 +310,9 @@ def _check_vector(name: str, values: torch.Tensor) -> None:
         raise ValueError(f"{name}: vector-block values must be [nnz, bo, 1, kh, kw], got {tuple(values.shape)}")
 
 
-def bsr_conv2d_vector_fwd(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    row_ptr: torch.Tensor,
-    row_slots: torch.Tensor,
-    col_idx: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-) -> torch.Tensor:
+def bsr_conv2d_vector_fwd(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, row_slots: torch.Tensor,
+                          col_idx: torch.Tensor, bias: Optional[torch.Tensor], stride: Pair, padding: Pair,
+                          dilation: Pair) -> torch.Tensor:
     """``y = conv2d(x, W) + bias`` for vector blocks, through the row-sorted index.
 
     x: [N, C, H, W]; values: [nnz, bo, 1, kh, kw]; bias: [R * bo] or None.
@@ -362,18 +354,9 @@ def bsr_conv2d_vector_fwd(
     return out
 
 
-def bsr_conv2d_vector_grad_input(
-    grad_out: torch.Tensor,
-    values: torch.Tensor,
-    col_ptr: torch.Tensor,
-    col_slots: torch.Tensor,
-    row_idx: torch.Tensor,
-    col_idx: torch.Tensor,
-    input_hw: Pair,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-) -> torch.Tensor:
+def bsr_conv2d_vector_grad_input(grad_out: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor,
+                                 col_slots: torch.Tensor, row_idx: torch.Tensor, col_idx: torch.Tensor, input_hw: Pair,
+                                 stride: Pair, padding: Pair, dilation: Pair) -> torch.Tensor:
     """``dx``: the transposed convolution of ``dy`` over live vector blocks, column-sorted index.
 
     grad_out: [N, R * bo, OH, OW]; values: [nnz, bo, 1, kh, kw]; returns dx: [N, C, *input_hw],
@@ -411,17 +394,9 @@ def bsr_conv2d_vector_grad_input(
     return out
 
 
-def bsr_conv2d_vector_grad_weight(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    row_ptr: torch.Tensor,
-    row_slots: torch.Tensor,
-    col_idx: torch.Tensor,
-    block_shape: Sequence[int],
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-) -> torch.Tensor:
+def bsr_conv2d_vector_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor,
+                                  row_slots: torch.Tensor, col_idx: torch.Tensor, block_shape: Sequence[int],
+                                  stride: Pair, padding: Pair, dilation: Pair) -> torch.Tensor:
     """Weight gradient at live vector blocks: ``[nnz, bo, 1, kh, kw]`` in ``x.dtype``.
 
     grad_out: [N, R * bo, OH, OW]; x: [N, C, H, W]; block_shape: (bo, 1, kh, kw).
