@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["environment", "triton_smoke", "large", "headline", "after_build", "ddp_smoke", "gpu_tests"]
+STAGES = ["environment", "triton_smoke", "vector_smoke", "large", "headline", "after_build", "ddp_smoke", "gpu_tests"]
 
 
 def _dry_run_env():
@@ -34,7 +34,9 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     cases = [r for r in records if r["kind"] == "case"]
     assert cases and all(r["ok"] for r in cases)
     assert {r["family"] for r in cases} == {"linear", "conv2d"}
-    assert {r["op"] for r in cases if r["stage"] == "triton_smoke"} == {"fwd", "grad_input", "grad_weight"}
+    for stage in ("triton_smoke", "vector_smoke"):
+        assert {r["op"] for r in cases if r["stage"] == stage} == {"fwd", "grad_input", "grad_weight"}
+    assert {r["family"] for r in cases if r["stage"] == "vector_smoke"} == {"linear", "conv2d"}
     timings = [r for r in records if r["kind"] == "timing" and "target" in r]
     assert {r["family"] for r in timings} == {"linear", "conv2d"}
     assert "stage          status" in result.stdout  # the summary table

@@ -1,6 +1,7 @@
 """The correctness stages of ``make gpu-check``: ``triton_smoke`` (every kernel, small odd cases,
-three dtypes) and ``large`` (one case over 2^31 elements per kernel family), each against an fp64
-truth built from the layout with :func:`sparse_kernels.to_dense` / :func:`~sparse_kernels.from_dense`.
+three dtypes), ``vector_smoke`` (the kernels of vector blocks such as 16x1) and ``large`` (one case
+over 2^31 elements per kernel family), each against an fp64 truth built from the layout with
+:func:`sparse_kernels.to_dense` / :func:`~sparse_kernels.from_dense`.
 
 The Triton launchers are called directly (``sparse_kernels.<op>.triton_kernels``), one kernel
 config per case (``SPARSE_KERNELS_AUTOTUNE=0``): they need no compiled extension, so these
@@ -88,6 +89,75 @@ def _conv_case(record, dtype, generator, kernel, stride, dilation, padding, chan
     for op, (result, truth) in results.items():
         check(record, "conv2d", op, dtype, result, truth,
               case=f"{kernel[0]}x{kernel[1]} stride {stride} dilation {dilation} "
+                   f"{'channels-last' if channels_last else 'NCHW'}")
+
+
+# Vector blocks (bo, 1): (block, grid, mask, rows) for linear; (kernel, stride, dilation, padding,
+# channels-last) for conv2d at blocks of 16x1 (a 1x1 convolution runs on the linear kernels).
+VECTOR_LINEAR_CASES = [((16, 1), (3, 37), "random", 77), ((8, 1), (5, 19), "random", 33),
+                       ((32, 1), (2, 40), "random", 65), ((16, 1), (2, 20), "empty", 9), ((16, 1), (2, 20), "full", 1)]
+VECTOR_CONV_CASES = [((3, 3), 1, 1, 1, True), ((3, 3), 2, 1, 1, False), ((3, 3), 1, 2, 2, True),
+                     ((1, 1), 1, 1, 0, True)]
+
+
+def stage_vector_smoke(record) -> None:
+    """The vector-block kernels through the ops' Triton adapters, strict (a case Triton would not
+    take raises instead of running the reference)."""
+    import torch
+
+    import sparse_kernels as sk
+    from sparse_kernels.conv2d.kernels import triton_op_kernels as conv2d_kernels
+    from sparse_kernels.linear.kernels import triton_op_kernels as linear_kernels
+
+    linear, conv2d = linear_kernels(strict=True), conv2d_kernels(strict=True)
+    generator = torch.Generator().manual_seed(0)
+    for dtype in [torch.float32, torch.bfloat16] if dry_run() else [torch.bfloat16, torch.float32]:
+        for block, grid, kind, rows in VECTOR_LINEAR_CASES:
+            layout = sk.BlockSparseLayout.from_block_mask(make_mask(kind, grid, device(), generator), block)
+            index = (layout.row_idx, layout.col_idx, layout.row_ptr, layout.row_slots, layout.col_ptr, layout.col_slots)
+            values = torch.randn(layout.nnz, *block, generator=generator).to(device(), dtype)
+            x = torch.randn(rows, layout.shape[1], generator=generator).to(device(), dtype)
+            dy = torch.randn(rows, layout.shape[0], generator=generator).to(device(), dtype)
+            w = dense_truth(values, layout)
+            results = {
+                "fwd": (linear["bsr_linear"](x, values, None, *index), x.double() @ w.T),
+                "grad_input": (linear["bsr_linear_grad_input"](dy, values, *index), dy.double() @ w),
+                "grad_weight": (linear["bsr_linear_grad_weight"](dy, x, *index, *block),
+                                sk.from_dense(dy.double().T @ x.double(), layout)),
+            }
+            for op, (result, truth) in results.items():
+                check(record, "linear", op, dtype, result, truth, case=f"vector block {block} grid {grid} {kind} M={rows}")
+        for kernel, stride, dilation, padding, channels_last in VECTOR_CONV_CASES:
+            _vector_conv_case(record, conv2d, dtype, generator, kernel, stride, dilation, padding, channels_last)
+
+
+def _vector_conv_case(record, conv2d, dtype, generator, kernel, stride, dilation, padding, channels_last) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    import sparse_kernels as sk
+
+    block = (16, 1)
+    layout = sk.BlockSparseLayout.from_block_mask(make_mask("random", (3, 21), device(), generator), block)
+    index = (layout.row_idx, layout.col_idx, layout.row_ptr, layout.row_slots, layout.col_ptr, layout.col_slots)
+    values = torch.randn(layout.nnz, *block, *kernel, generator=generator).to(device(), dtype)
+    x = torch.randn(2, layout.shape[1], 9, 9, generator=generator).to(device(), dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = dense_truth(values, layout)
+    conv = ([stride] * 2, [padding] * 2, [dilation] * 2)
+    y64 = F.conv2d(x.double(), w, None, *conv)
+    dy = torch.randn(y64.shape, generator=generator).to(device(), dtype)
+    results = {
+        "fwd": (conv2d["bsr_conv2d"](x, values, None, *index, *conv), y64),
+        "grad_input": (conv2d["bsr_conv2d_grad_input"](dy, values, *index, list(x.shape[2:]), *conv),
+                       torch.nn.grad.conv2d_input(x.shape, w, dy.double(), *conv)),
+        "grad_weight": (conv2d["bsr_conv2d_grad_weight"](dy, x, *index, [*block, *kernel], *conv),
+                        sk.from_dense(torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), *conv), layout)),
+    }
+    for op, (result, truth) in results.items():
+        check(record, "conv2d", op, dtype, result, truth,
+              case=f"vector block {block} {kernel[0]}x{kernel[1]} stride {stride} dilation {dilation} "
                    f"{'channels-last' if channels_last else 'NCHW'}")
 
 

@@ -17,6 +17,7 @@ next:
    conv forward / grad-input / grad-weight in bf16, fp16 and fp32 against an fp64 truth;
    rectangular blocks, empty / one-block / full masks, M=1, a non-contiguous input, stride 2,
    dilation 2, 1x1, NCHW and channels-last;
+   ``vector_smoke``: the same for vector blocks (16x1, 8x1, 32x1) in bf16 and fp32;
 4. ``large``: one case over 2^31 elements per kernel family (forward and grad-weight),
    spot-checked against torch on slices;
 5. ``headline``: autotuned times at block 64, densities 1 / 0.5 / 0.25 / 0.1: linear
@@ -57,11 +58,12 @@ from . import correctness, headline, machine
 from .records import ROOT, Recorder, dry_run, raise_later
 
 # (name, the most seconds it may take); the GPU tests take whatever is left.
-STAGES = [("environment", 30), ("triton_smoke", 150), ("large", 60), ("headline", 150), ("after_build", 90),
-          ("ddp_smoke", 60), ("gpu_tests", None)]
+STAGES = [("environment", 30), ("triton_smoke", 150), ("vector_smoke", 60), ("large", 60), ("headline", 150),
+          ("after_build", 90), ("ddp_smoke", 60), ("gpu_tests", None)]
 STAGE_FUNCTIONS = {
     "environment": machine.stage_environment,
     "triton_smoke": correctness.stage_triton_smoke,
+    "vector_smoke": correctness.stage_vector_smoke,
     "large": correctness.stage_large,
     "headline": headline.stage_headline,
     "ddp_smoke": machine.stage_ddp_smoke,
