@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -73,6 +73,15 @@ def check_operands(
     reason = triton_unsupported_reason(dense.device, dense.dtype, tuple(block_size))
     if reason is not None:
         raise ValueError(f"{name}: {reason}")
+
+
+def checked_bias(name: str, bias: Optional[torch.Tensor], features: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``bias`` ([features] in ``dtype``, or None) as the kernels read it: with unit stride."""
+    if bias is None:
+        return None
+    if bias.shape != (features,) or bias.dtype != dtype:
+        raise ValueError(f"{name}: bias must be [{features}] {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    return bias.contiguous()
 
 
 def precision_and_upcast(dtype: torch.dtype, conv: bool = False) -> Tuple[str, bool]:

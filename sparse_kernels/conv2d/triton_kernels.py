@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ..shapes import conv_output_size
-from ..triton_common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
+from ..triton_common import (autotune_configs, check_operands, checked_bias, on_device, precision_and_upcast,
+                             reduction_splits)
 
 Pair = Tuple[int, int]
 
@@ -243,10 +244,7 @@ def _conv2d_dsd(
     if src.shape[1] % block_red:
         raise ValueError(f"{name}: input of shape {tuple(src.shape)} is not a whole number of {block_red}-channel blocks")
     out_channels = num_block_cols * block_out
-    if bias is not None:
-        if bias.shape != (out_channels,) or bias.dtype != src.dtype:
-            raise ValueError(f"{name}: bias must be [{out_channels}] {src.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-        bias = bias.contiguous()  # the kernel reads it with unit stride
+    bias = checked_bias(name, bias, out_channels, src.dtype)
     batch = src.shape[0]
     out = torch.empty(
         batch, out_channels, *out_hw, device=src.device, dtype=src.dtype, memory_format=torch.channels_last

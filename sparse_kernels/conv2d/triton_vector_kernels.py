@@ -38,7 +38,8 @@ import triton.language as tl
 
 from ..shapes import conv_output_size
 from ..triton_common import VECTOR_GRAD_INPUT_CHANNELS as GRAD_INPUT_CHANNELS
-from ..triton_common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits, vector_step
+from ..triton_common import (autotune_configs, check_operands, checked_bias, on_device, precision_and_upcast,
+                             reduction_splits, vector_step)
 
 Pair = Tuple[int, int]
 # The most (block, tap) pairs a step of the gathering kernels (forward, grad-weight) takes.
@@ -324,10 +325,7 @@ def bsr_conv2d_vector_fwd(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.
     bo, kh, kw = values.shape[1], values.shape[3], values.shape[4]
     groups = row_ptr.shape[0] - 1
     out_channels = groups * bo
-    if bias is not None:
-        if bias.shape != (out_channels,) or bias.dtype != x.dtype:
-            raise ValueError(f"{name}: bias must be [{out_channels}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-        bias = bias.contiguous()  # the kernel reads it with unit stride
+    bias = checked_bias(name, bias, out_channels, x.dtype)
     out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     out = torch.empty(x.shape[0], out_channels, out_h, out_w, device=x.device, dtype=x.dtype,

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import autotune_configs, check_operands, on_device, precision_and_upcast, reduction_splits
+from ..triton_common import (autotune_configs, check_operands, checked_bias, on_device, precision_and_upcast,
+                             reduction_splits)
 
 # --------------------------------------------------------------------------- kernels
 @triton.autotune(
@@ -209,10 +210,7 @@ def _dsd(
     if a.shape[1] % block_red:
         raise ValueError(f"{name}: input of shape {tuple(a.shape)} is not a whole number of {block_red}-wide blocks")
     out_features = num_block_cols * block_out
-    if bias is not None:
-        if bias.shape != (out_features,) or bias.dtype != a.dtype:
-            raise ValueError(f"{name}: bias must be [{out_features}] {a.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-        bias = bias.contiguous()  # the kernel reads it with unit stride
+    bias = checked_bias(name, bias, out_features, a.dtype)
     M = a.shape[0]
     out = torch.empty(M, out_features, device=a.device, dtype=a.dtype)
     if M == 0 or out_features == 0:

@@ -32,6 +32,7 @@ import triton.language as tl
 from ..triton_common import (
     autotune_configs,
     check_operands,
+    checked_bias,
     k_major,
     on_device,
     precision_and_upcast,
@@ -274,10 +275,7 @@ def bsr_linear_vector_fwd(
     weights = _vector_values(name, values)
     groups, block_out = row_ptr.shape[0] - 1, weights.shape[1]
     out_features = groups * block_out
-    if bias is not None:
-        if bias.shape != (out_features,) or bias.dtype != x.dtype:
-            raise ValueError(f"{name}: bias must be [{out_features}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-        bias = bias.contiguous()  # the kernel reads it with unit stride
+    bias = checked_bias(name, bias, out_features, x.dtype)
     M = x.shape[0]
     out = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
     if M == 0 or out_features == 0:

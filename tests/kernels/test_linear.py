@@ -259,3 +259,18 @@ def test_grad_weight_split_over_row_chunks(splits, monkeypatch, use_backend):
     truth = naive_blocks(grad_out.double().T @ x.double(), layout.row_idx, layout.col_idx, layout.block_size)
     assert_close_to_truth(first, truth, torch.float32, f"grad_weight in {splits} chunks")
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (16, 1)])
+def test_triton_launchers_refuse_a_bad_bias(block):
+    """Called directly (as gpu-check does), the launchers check the bias themselves."""
+    from sparse_kernels.linear import triton_kernels, triton_vector_kernels
+
+    layout = sk.BlockSparseLayout.from_block_mask(torch.ones(2, 3, dtype=torch.bool), block)
+    values, x = torch.randn(layout.nnz, *block), torch.randn(4, layout.shape[1])
+    index = (layout.row_ptr, layout.row_slots, layout.col_idx)
+    launch = triton_vector_kernels.bsr_linear_vector_fwd if block[1] == 1 else triton_kernels.bsr_linear_fwd
+    for bias, match in ((torch.randn(31), r"bias must be \[32\] torch.float32, got \(31,\)"),
+                        (torch.randn(32).double(), r"bias must be \[32\] torch.float32, got \(32,\) torch.float64")):
+        with pytest.raises(ValueError, match=match):
+            launch(x, values, *index, bias)
