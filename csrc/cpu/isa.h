@@ -16,15 +16,17 @@ constexpr int64_t kPanelRows = 24;
 
 // One live (block, tap) pair feeding a block of outputs: its k inputs start at
 // groups[group] + offset (row 0 of the first column; the next k / 16 - 1 columns follow,
-// column_stride floats apart), and its packed weights w are [k][n], row-major.
+// column_stride floats apart), and its packed weights w are [k][n], row-major. A pair of a
+// vector block (one input channel) has k = 1: its input is the float at groups[group] + offset
+// (a lane of a column), the next rows 16 floats on.
 struct DsdPair {
   int64_t group, offset;
   const float* w;
 };
 
 // out[r, 0:n] = bias[0:n] + sum over pairs p, kk < k of panel(p, r, kk) * p.w[kk, :] for
-// r < rows (<= kPanelRows); k and n are multiples of 16. Output rows are ldo floats apart.
-// A panel is packed in groups of columns (a tap, or a kernel row), each at its own address.
+// r < rows (<= kPanelRows); k is 1 or a multiple of 16, n a multiple of 8. Output rows are ldo
+// floats apart. A panel is packed in groups of columns (a tap, or a kernel row), each at its own address.
 struct DsdTile {
   const float* const* groups;
   int64_t column_stride;
@@ -36,13 +38,13 @@ struct DsdTile {
 };
 
 // One group of a panel to pack: for every panel row r < rows, pixels[r] points at the channels
-// of a source pixel (nullptr: zeros). Used input block j fills the k / 16 columns from
-// j * k / 16 on (columns column_rows >= rows rows high) with floats used[j] * k onwards.
+// of a source pixel (nullptr: zeros). Column j (column_rows >= rows rows high) holds the 16
+// floats used[j] * 16 onwards of each pixel, those from `channels` on read as zeros.
 struct PanelSource {
   const float* const* pixels;
   int64_t rows, column_rows;
   const int64_t* used;
-  int64_t nused, k;
+  int64_t nused, channels;
   float* panel;
 };
 
@@ -64,18 +66,62 @@ struct SddBlock {
   float* acc;
 };
 
+// ---------------------------------------------------------------------- vector blocks
+// The grad-input of vector blocks (bo output channels x 1 input channel) has one output channel
+// per block: it is computed channel-major, output pixels along the vector lanes, from planes
+// (a channel's pixels in a row, zero-padded; vector_blocks.h).
+
+// One live (block, tap) pair feeding an output channel: its k planes start at src + offset, plane
+// o at + o * plane floats, and its weights are w[0:k].
+struct ColumnPair {
+  int64_t offset;
+  const float* w;
+};
+
+// out[q] = sum over pairs p, o < k of p.w[o] * src[p.offset + o * plane + q] for q < 16 * blocks
+// (blocks <= kColumnBlocks): one output channel over 16 * blocks consecutive positions.
+constexpr int64_t kColumnBlocks = 8;
+struct ColumnTile {
+  const float* src;
+  int64_t plane;
+  const ColumnPair* pairs;
+  int64_t npairs, k;
+  float* out;
+  int64_t blocks;
+};
+
+// The grad-weight of vector blocks: items (slot, tap) of one output block share the rows of dy;
+// acc[j][0:bo] += sum over runs and their rows m of a(m)[offsets[j]] * dy(m)[0:bo] for j < items
+// (<= kSddItems); bo is a multiple of 8. Row m reads dy + run.dy + m * dy_step and a + run.a + m * a_step.
+constexpr int64_t kSddItems = 8;
+struct SddVectorTile {
+  const float* dy;
+  int64_t dy_step;
+  const float* a;
+  int64_t a_step;
+  const SddRun* runs;
+  int64_t nruns;
+  const int64_t* offsets;
+  float* const* acc;
+  int64_t items, bo;
+};
+
 struct Isa {
   const char* name;
   void (*dsd)(const DsdTile&);
   void (*sdd)(const SddBlock&);
   void (*pack)(const PanelSource&);
+  void (*column_dsd)(const ColumnTile&);
+  void (*sdd_vector)(const SddVectorTile&);
 };
 
-#define SPARSE_KERNELS_DECLARE_ISA(NAME) \
-  namespace NAME {                       \
-  void dsd(const DsdTile&);              \
-  void sdd(const SddBlock&);             \
-  void pack(const PanelSource&);         \
+#define SPARSE_KERNELS_DECLARE_ISA(NAME)     \
+  namespace NAME {                           \
+  void dsd(const DsdTile&);                  \
+  void sdd(const SddBlock&);                 \
+  void pack(const PanelSource&);             \
+  void column_dsd(const ColumnTile&);        \
+  void sdd_vector(const SddVectorTile&);     \
   }
 
 SPARSE_KERNELS_DECLARE_ISA(generic)

@@ -1,0 +1,141 @@
+// The inner loops of vector blocks (bo output channels x 1 input channel) that the square
+// kernels' loops (microkernels.h) do not cover: the channel-major grad-input and the grad-weight.
+// Included after microkernels.h by each instruction set's translation unit, under the same rules
+// (nothing included, nothing called outside it).
+#include "isa.h"
+
+namespace sparse_kernels {
+namespace cpu {
+namespace SK_ISA {
+namespace {
+
+// ------------------------------------------------------------------------ column dsd
+// Positions q0 .. q0 + NQ * SK_VW of one output channel. Each weight is broadcast once and feeds
+// NQ fused multiply-adds on consecutive positions of one plane; the k inputs of a pair alternate
+// between S sets of accumulators, so that S * NQ >= 8 chains hide the latency of the adds.
+template <int NQ, int S>
+__attribute__((always_inline)) inline void column_tile(const ColumnTile& t, int64_t q0) {
+  vec acc[S][NQ];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int q = 0; q < NQ; ++q) acc[s][q] = vec{};
+  for (int64_t p = 0; p < t.npairs; ++p) {
+    const float* a = t.src + t.pairs[p].offset + q0;
+    const float* w = t.pairs[p].w;
+    for (int64_t o = 0; o < t.k; o += 8, w += 8)
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; ++u, a += t.plane) {
+        const float weight = w[u];
+#pragma GCC unroll 8
+        for (int q = 0; q < NQ; ++q) acc[u % S][q] += weight * load(a + q * SK_VW);
+      }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < NQ; ++q) {
+    vec sum = acc[0][q];
+#pragma GCC unroll 8
+    for (int s = 1; s < S; ++s) sum += acc[s][q];
+    store(t.out + q0 + q * SK_VW, sum);
+  }
+}
+
+template <int NQ>
+void column_vectors(const ColumnTile& t, int64_t q0) {
+  constexpr int S = NQ >= 8 ? 1 : NQ >= 4 ? 2 : NQ >= 2 ? 4 : 8;
+  column_tile<NQ, S>(t, q0);
+}
+
+// ------------------------------------------------------------------------ vector sdd
+// Items j0 .. j0 + J of a tile, outputs o0 .. o0 + NV * W: every row's dy vectors feed J fused
+// multiply-adds each, one per item's broadcast input; the accumulators stay in registers across
+// all the runs.
+template <int J, int NV, int W>
+__attribute__((always_inline)) inline void sdd_vector_tile(const SddVectorTile& t, int64_t j0, int64_t o0) {
+  typedef typename Lanes<W>::type V;
+  V c[J][NV];
+  int64_t offset[J];
+#pragma GCC unroll 8
+  for (int j = 0; j < J; ++j) {
+    offset[j] = t.offsets[j0 + j];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) c[j][v] = load<W>(t.acc[j0 + j] + o0 + v * W);
+  }
+  for (int64_t run = 0; run < t.nruns; ++run) {
+    const float* dy = t.dy + t.runs[run].dy + o0;
+    const float* a = t.a + t.runs[run].a;
+    for (int64_t m = 0; m < t.runs[run].rows; ++m, dy += t.dy_step, a += t.a_step) {
+      V y[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) y[v] = load<W>(dy + v * W);
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) {
+        const float s = a[offset[j]];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[j][v] += s * y[v];
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store(t.acc[j0 + j] + o0 + v * W, c[j][v]);
+}
+
+// Up to JMAX items at a time (the broadcasts' offsets live in general registers: at most 8).
+template <int NV, int W>
+void sdd_vector_items(const SddVectorTile& t, int64_t o0) {
+  constexpr int JMAX = SK_ACC / NV < 8 ? SK_ACC / NV : 8;
+  for (int64_t j0 = 0; j0 < t.items; j0 += JMAX) {
+    const int64_t j = t.items - j0 < JMAX ? t.items - j0 : JMAX;
+    switch (j) {
+      case 1: sdd_vector_tile<1, NV, W>(t, j0, o0); break;
+      case 2: if constexpr (JMAX >= 2) sdd_vector_tile<2, NV, W>(t, j0, o0); break;
+      case 3: if constexpr (JMAX >= 3) sdd_vector_tile<3, NV, W>(t, j0, o0); break;
+      case 4: if constexpr (JMAX >= 4) sdd_vector_tile<4, NV, W>(t, j0, o0); break;
+      case 5: if constexpr (JMAX >= 5) sdd_vector_tile<5, NV, W>(t, j0, o0); break;
+      case 6: if constexpr (JMAX >= 6) sdd_vector_tile<6, NV, W>(t, j0, o0); break;
+      case 7: if constexpr (JMAX >= 7) sdd_vector_tile<7, NV, W>(t, j0, o0); break;
+      default: if constexpr (JMAX >= 8) sdd_vector_tile<8, NV, W>(t, j0, o0); break;
+    }
+  }
+}
+
+}  // namespace
+
+// One output channel over a run of positions: see ColumnTile.
+void column_dsd(const ColumnTile& t) {
+  constexpr int64_t NQ = 8;
+  const int64_t vectors = t.blocks * 16 / SK_VW;
+  int64_t q = 0;
+  for (; q + NQ <= vectors; q += NQ) column_vectors<NQ>(t, q * SK_VW);
+  switch (vectors - q) {
+    case 1: column_vectors<1>(t, q * SK_VW); break;
+    case 2: column_vectors<2>(t, q * SK_VW); break;
+    case 3: column_vectors<3>(t, q * SK_VW); break;
+    case 4: column_vectors<4>(t, q * SK_VW); break;
+    case 5: column_vectors<5>(t, q * SK_VW); break;
+    case 6: column_vectors<6>(t, q * SK_VW); break;
+    case 7: column_vectors<7>(t, q * SK_VW); break;
+    default: break;
+  }
+}
+
+// Items of one output block of vector blocks: see SddVectorTile.
+void sdd_vector(const SddVectorTile& t) {
+  if (t.bo % SK_VW != 0) {  // blocks of 8 outputs under AVX-512: half vectors
+    if constexpr (SK_VW % 2 == 0)
+      for (int64_t o0 = 0; o0 < t.bo; o0 += SK_VW / 2) sdd_vector_items<1, SK_VW / 2>(t, o0);
+    return;
+  }
+  const int64_t vectors = t.bo / SK_VW;
+  if (vectors % 2 == 0 && SK_ACC >= 12) {
+    for (int64_t o0 = 0; o0 < t.bo; o0 += 2 * SK_VW) sdd_vector_items<2, SK_VW>(t, o0);
+  } else {
+    for (int64_t o0 = 0; o0 < t.bo; o0 += SK_VW) sdd_vector_items<1, SK_VW>(t, o0);
+  }
+}
+
+}  // namespace SK_ISA
+}  // namespace cpu
+}  // namespace sparse_kernels

@@ -1,0 +1,292 @@
+// The grad-input and grad-weight drivers of vector blocks (vector_blocks.h).
+#include "vector_blocks.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace sparse_kernels {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileWidth = 16 * kColumnBlocks;  // positions per column tile
+
+// ------------------------------------------------------------------------ grad-input geometry
+// One axis of the transposed convolution: destination (dx) coordinate y = r + s * Y of phase
+// r < s reads source (dy) coordinate Y + a for each tap i with r + p - i * d = a * s. A plane
+// holds source coordinate u at u + before, and spans `extent` cells: every tap of every
+// destination coordinate reads inside.
+struct Axis {
+  int64_t stride;
+  std::vector<int64_t> count;                               // per phase: destination coordinates
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> taps;  // per phase: (tap, a)
+  int64_t before = 0, extent = 0;
+};
+
+Axis make_axis(int64_t dst, int64_t src, int64_t kernel, int64_t s, int64_t p, int64_t d) {
+  Axis axis{s, std::vector<int64_t>(s, 0), std::vector<std::vector<std::pair<int64_t, int64_t>>>(s)};
+  int64_t lo = 0, hi = src;  // source coordinates read: [lo, hi)
+  for (int64_t r = 0; r < s; ++r) {
+    axis.count[r] = r < dst ? (dst - r + s - 1) / s : 0;
+    if (axis.count[r] == 0) continue;
+    for (int64_t i = 0; i < kernel; ++i) {
+      const int64_t t = r + p - i * d;
+      if ((t % s + s) % s != 0) continue;
+      const int64_t a = t / s;  // exact
+      axis.taps[r].push_back({i, a});
+      lo = std::min(lo, a);
+      hi = std::max(hi, axis.count[r] + a);
+    }
+  }
+  axis.before = -lo;
+  axis.extent = hi - lo;
+  return axis;
+}
+
+// The planes of dy: channel o of image n at data + (n * channels + o) * plane, source pixel
+// (y, x) at (y + rows.before) * pitch + x + cols.before, zeros around.
+struct Planes {
+  Axis rows, cols;
+  int64_t pitch, plane, channels;
+  // A tap's offset in a plane, from the destination position it serves.
+  int64_t offset(int64_t a_row, int64_t a_col) const { return (a_row + rows.before) * pitch + a_col + cols.before; }
+};
+
+Planes make_planes(const ConvShape& c, int64_t channels) {
+  Planes planes{make_axis(c.in_h, c.out_h, c.kh, c.stride[0], c.padding[0], c.dilation[0]),
+                make_axis(c.in_w, c.out_w, c.kw, c.stride[1], c.padding[1], c.dilation[1]), 0, 0, channels};
+  planes.pitch = std::max<int64_t>(planes.cols.extent, 1);
+  // The farthest float a column tile reads: its last position, rounded up to a block, plus a tap's offset.
+  int64_t reach = planes.rows.extent * planes.pitch;
+  for (int64_t ry = 0; ry < c.stride[0]; ++ry)
+    for (int64_t rx = 0; rx < c.stride[1]; ++rx)
+      for (const auto& [i, ay] : planes.rows.taps[ry])
+        for (const auto& [j, ax] : planes.cols.taps[rx])
+          reach = std::max(reach, ceil_div(planes.rows.count[ry] * planes.pitch, 16) * 16 + planes.offset(ay, ax));
+  // Planes an odd number of 16-float lines apart: the 16 planes a pair reads map to different cache sets.
+  planes.plane = ceil_div(reach, 32) * 32 + 16;
+  return planes;
+}
+
+// Fills the planes of dy for image n, channels o0 .. o0 + count.
+void fill_planes(const Planes& P, const Strided& dy, const ConvShape& c, int64_t n, int64_t o0, int64_t count,
+                 float* planes) {
+  const int64_t left = P.cols.before, width = c.out_w;
+  const auto row_of = [&](int64_t o, int64_t y) {
+    return planes + (n * P.channels + o) * P.plane + (y + P.rows.before) * P.pitch + left;
+  };
+  for (int64_t o = o0; o < o0 + count; ++o) {  // zeros around the data
+    float* plane = planes + (n * P.channels + o) * P.plane;
+    for (int64_t u = 0; u < P.rows.extent; ++u) {
+      float* row = plane + u * P.pitch;
+      const int64_t y = u - P.rows.before;
+      if (y < 0 || y >= c.out_h) {
+        std::memset(row, 0, sizeof(float) * P.pitch);
+      } else {
+        std::memset(row, 0, sizeof(float) * left);
+        std::memset(row + left + width, 0, sizeof(float) * (P.pitch - left - width));
+      }
+    }
+    std::memset(plane + P.rows.extent * P.pitch, 0, sizeof(float) * (P.plane - P.rows.extent * P.pitch));
+  }
+  const float* image = dy.data + n * dy.n_step;
+  if (dy.x_step == 1) {  // NCHW: rows
+    for (int64_t o = o0; o < o0 + count; ++o)
+      for (int64_t y = 0; y < c.out_h; ++y)
+        std::memcpy(row_of(o, y), image + o * dy.c_step + y * dy.y_step, sizeof(float) * width);
+  } else if (dy.c_step == 1) {  // channels-last: 16 x 16 tiles through a local buffer, read and written along rows
+    float tile[16][16];
+    for (int64_t y = 0; y < c.out_h; ++y)
+      for (int64_t x0 = 0; x0 < width; x0 += 16) {
+        const int64_t nx = std::min<int64_t>(16, width - x0);
+        const float* src = image + o0 + y * dy.y_step + x0 * dy.x_step;
+        for (int64_t x = 0; x < nx; ++x)
+          for (int64_t k = 0; k < count; ++k) tile[k][x] = src[x * dy.x_step + k];
+        for (int64_t k = 0; k < count; ++k) std::memcpy(row_of(o0 + k, y) + x0, tile[k], sizeof(float) * nx);
+      }
+  } else {  // any other strides
+    for (int64_t o = o0; o < o0 + count; ++o)
+      for (int64_t y = 0; y < c.out_h; ++y)
+        for (int64_t x = 0; x < width; ++x) row_of(o, y)[x] = image[o * dy.c_step + y * dy.y_step + x * dy.x_step];
+  }
+}
+
+// A column tile of one image: phase (ry, rx), positions q0 .. q0 + blocks * 16 of its grid.
+struct ColumnRange {
+  int64_t ry, rx, q0, blocks;
+};
+
+// Writes the tile's results (local[k][q - q0] for channels c0 + k < c0 + count) into dx, dropping
+// the positions outside the phase's grid.
+void write_tile(const float* local, const ColumnRange& t, const Planes& P, int64_t n, int64_t c0, int64_t count,
+                const Strided& dx) {
+  const int64_t limit = std::min(t.q0 + t.blocks * 16, P.rows.count[t.ry] * P.pitch);
+  const int64_t sy = P.rows.stride, sx = P.cols.stride, width = P.cols.count[t.rx];
+  float* base = dx.data + n * dx.n_step + c0 * dx.c_step;
+  for (int64_t q = t.q0; q < limit; ++q) {
+    const int64_t Y = q / P.pitch, X = q % P.pitch;
+    if (X >= width) continue;
+    float* dst = base + (t.ry + sy * Y) * dx.y_step + (t.rx + sx * X) * dx.x_step;
+    const float* src = local + (q - t.q0);
+    if (dx.c_step == 1) {
+      for (int64_t k = 0; k < count; ++k) dst[k] = src[k * kTileWidth];
+    } else {
+      for (int64_t k = 0; k < count; ++k) dst[k * dx.c_step] = src[k * kTileWidth];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ grad-weight plan
+// A tile of up to kSddItems (slot, tap) items of one output block: where each reads x, where it adds.
+struct ItemTile {
+  int64_t block, items;
+  int64_t offsets[kSddItems];
+  float* acc[kSddItems];
+};
+
+}  // namespace
+
+void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const float* packed,
+                       const at::Tensor& row_idx, const at::Tensor& col_ptr, const at::Tensor& col_slots,
+                       const LayoutShape& L, const ConvShape& c, const Strided& dx) {
+  const int64_t cin = L.cols, cout = L.rows * L.bo, taps = c.taps();
+  const Planes P = make_planes(c, cout);
+  const int32_t* ptr = col_ptr.data_ptr<int32_t>();
+  const int32_t* slots = col_slots.data_ptr<int32_t>();
+  const int32_t* rows = row_idx.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(ptr[0] == 0 && ptr[cin] == L.nnz, op, ": the index pointer must run from 0 to ", L.nnz);
+  for (int64_t j = 0; j < cin; ++j) TORCH_CHECK_VALUE(ptr[j] <= ptr[j + 1], op, ": the index pointer decreases at ", j);
+  for (int64_t i = 0; i < L.nnz; ++i) {
+    TORCH_CHECK_VALUE(slots[i] >= 0 && slots[i] < L.nnz, op, ": slots[", i, "] = ", slots[i], " is not a slot");
+    TORCH_CHECK_VALUE(rows[slots[i]] >= 0 && rows[slots[i]] < L.rows, op, ": row_idx[", slots[i], "] = ",
+                      rows[slots[i]], " is not in [0, ", L.rows, ")");
+  }
+  // The pairs of each (phase, input channel): pairs[ptrs[phase * cin + j] .. ptrs[phase * cin + j + 1]).
+  const int64_t phases = c.stride[0] * c.stride[1];
+  std::vector<ColumnPair> pairs;
+  std::vector<int64_t> ptrs(phases * cin + 1, 0);
+  for (int64_t ry = 0; ry < c.stride[0]; ++ry)
+    for (int64_t rx = 0; rx < c.stride[1]; ++rx)
+      for (int64_t j = 0; j < cin; ++j) {
+        for (int64_t i = ptr[j]; i < ptr[j + 1]; ++i)
+          for (const auto& [ki, ay] : P.rows.taps[ry])
+            for (const auto& [kj, ax] : P.cols.taps[rx])
+              pairs.push_back({rows[slots[i]] * L.bo * P.plane + P.offset(ay, ax),
+                               packed + (slots[i] * taps + ki * c.kw + kj) * L.bo});
+        ptrs[(ry * c.stride[1] + rx) * cin + j + 1] = static_cast<int64_t>(pairs.size());
+      }
+  // The tiles of one image's phases.
+  std::vector<ColumnRange> ranges;
+  for (int64_t ry = 0; ry < c.stride[0]; ++ry)
+    for (int64_t rx = 0; rx < c.stride[1]; ++rx) {
+      const int64_t positions = P.rows.count[ry] * P.pitch;
+      if (P.cols.count[rx] == 0) continue;
+      for (int64_t q0 = 0; q0 < positions; q0 += kTileWidth)
+        ranges.push_back({ry, rx, q0, std::min(kColumnBlocks, ceil_div(positions - q0, 16))});
+    }
+
+  static thread_local std::vector<float> storage;  // the calling thread's, shared by the threads of the call
+  float* planes = grow(storage, static_cast<size_t>(c.batch * cout * P.plane));
+  const int64_t channel_blocks = ceil_div(cout, 16);
+  at::parallel_for(0, c.batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / channel_blocks, o0 = item % channel_blocks * 16;
+      fill_planes(P, dy, c, n, o0, std::min<int64_t>(16, cout - o0), planes);
+    }
+  });
+  const int64_t chunks = ceil_div(cin, 16), per_image = static_cast<int64_t>(ranges.size()) * chunks;
+  at::parallel_for(0, c.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<float> local_storage;
+    float* local = grow(local_storage, static_cast<size_t>(16 * kTileWidth));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / per_image, range = item % per_image / chunks, c0 = item % chunks * 16;
+      const int64_t count = std::min<int64_t>(16, cin - c0);
+      const ColumnRange& t = ranges[range];
+      const int64_t phase = t.ry * c.stride[1] + t.rx;
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t first = ptrs[phase * cin + c0 + k], npairs = ptrs[phase * cin + c0 + k + 1] - first;
+        isa.column_dsd({planes + n * cout * P.plane + t.q0, P.plane, pairs.data() + first, npairs, L.bo,
+                        local + k * kTileWidth, t.blocks});
+      }
+      write_tile(local, t, P, n, c0, count, dx);
+    }
+  });
+}
+
+void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const float* x, const at::Tensor& col_idx,
+                        const at::Tensor& row_ptr, const at::Tensor& row_slots, const LayoutShape& L,
+                        const ConvShape& c, float* acc) {
+  const int64_t cin = L.cols, cout = L.rows * L.bo, taps = c.taps(), bo = L.bo;
+  if (L.nnz > 0) std::memset(acc, 0, sizeof(float) * L.nnz * taps * bo);
+  // x, zero-padded where the convolution pads: every tap of every output pixel reads inside.
+  const int64_t ph = c.padding[0], pw = c.padding[1], hp = c.in_h + 2 * ph, wp = c.in_w + 2 * pw;
+  const float* a = x;
+  if (ph > 0 || pw > 0) {
+    static thread_local std::vector<float> padded_storage;
+    float* padded = grow(padded_storage, static_cast<size_t>(c.batch * hp * wp * cin));
+    at::parallel_for(0, c.batch * hp, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / hp, y = row % hp - ph;
+        float* dst = padded + row * wp * cin;
+        if (y < 0 || y >= c.in_h) {
+          std::memset(dst, 0, sizeof(float) * wp * cin);
+          continue;
+        }
+        std::memset(dst, 0, sizeof(float) * pw * cin);
+        std::memcpy(dst + pw * cin, x + (n * c.in_h + y) * c.in_w * cin, sizeof(float) * c.in_w * cin);
+        std::memset(dst + (pw + c.in_w) * cin, 0, sizeof(float) * pw * cin);
+      }
+    });
+    a = padded;
+  }
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t t = 0; t < taps; ++t)
+    tap_offset[t] = (t / c.kw * c.dilation[0] * wp + t % c.kw * c.dilation[1]) * cin;
+  // Chunks of about kChunkPixels output pixels, in runs along the output rows.
+  constexpr int64_t kChunkPixels = 128;
+  static thread_local SddPlan plan_storage;  // the calling thread's: the workers read it through `plan`
+  SddPlan& plan = plan_storage;
+  plan.reset(1);
+  const int64_t pixels = c.batch * c.out_h * c.out_w;
+  for (int64_t m0 = 0; m0 < pixels; m0 += kChunkPixels, ++plan.chunks) {
+    for (int64_t m = m0; m < std::min(pixels, m0 + kChunkPixels);) {
+      const int64_t row = m / c.out_w, x0 = m % c.out_w, n = row / c.out_h, y = row % c.out_h;
+      const int64_t count = std::min(c.out_w - x0, m0 + kChunkPixels - m);
+      plan.add(m * cout, ((n * hp + y * c.stride[0]) * wp + x0 * c.stride[1]) * cin, count, cout, c.stride[1] * cin);
+      m += count;
+    }
+    plan.close();
+  }
+  // Tiles of items, output block by output block (row-sorted slots, then taps).
+  const int32_t* ptr = row_ptr.data_ptr<int32_t>();
+  const int32_t* slots = row_slots.data_ptr<int32_t>();
+  const int32_t* cols = col_idx.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(ptr[0] == 0 && ptr[L.rows] == L.nnz, op, ": the index pointer must run from 0 to ", L.nnz);
+  for (int64_t b = 0; b < L.rows; ++b) TORCH_CHECK_VALUE(ptr[b] <= ptr[b + 1], op, ": the index pointer decreases at ", b);
+  std::vector<ItemTile> tiles;
+  for (int64_t b = 0; b < L.rows; ++b)
+    for (int64_t i = ptr[b]; i < ptr[b + 1]; ++i)
+      for (int64_t t = 0; t < taps; ++t) {
+        if (tiles.empty() || tiles.back().block != b || tiles.back().items == kSddItems) tiles.push_back({b, 0, {}, {}});
+        ItemTile& tile = tiles.back();
+        tile.offsets[tile.items] = cols[slots[i]] + tap_offset[t];
+        tile.acc[tile.items++] = acc + (slots[i] * taps + t) * bo;
+      }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+      const int64_t first = plan.start[chunk], runs = plan.start[chunk + 1] - first;
+      for (int64_t i = begin; i < end; ++i) {
+        const ItemTile& tile = tiles[i];
+        isa.sdd_vector({dy + tile.block * bo, cout, a, c.stride[1] * cin, plan.runs.data() + first, runs,
+                        tile.offsets, tile.acc, tile.items, bo});
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace sparse_kernels
