@@ -78,8 +78,9 @@ struct ColumnPair {
   const float* w;
 };
 
-// out[q] = sum over pairs p, o < k of p.w[o] * src[p.offset + o * plane + q] for q < 16 * blocks
-// (blocks <= kColumnBlocks): one output channel over 16 * blocks consecutive positions.
+// out[q] (+)= sum over pairs p, o < k of p.w[o] * src[p.offset + o * plane + q] for q < 16 * blocks
+// (blocks <= kColumnBlocks): one output channel over 16 * blocks consecutive positions, added to
+// what out holds when `accumulate`.
 constexpr int64_t kColumnBlocks = 8;
 struct ColumnTile {
   const float* src;
@@ -88,6 +89,15 @@ struct ColumnTile {
   int64_t npairs, k;
   float* out;
   int64_t blocks;
+  bool accumulate;
+};
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (any sizes).
+struct Transpose {
+  const float* src;
+  int64_t src_stride;
+  float* dst;
+  int64_t dst_stride, rows, cols;
 };
 
 // The grad-weight of vector blocks: items (slot, tap) of one output block share the rows of dy;
@@ -113,6 +123,7 @@ struct Isa {
   void (*pack)(const PanelSource&);
   void (*column_dsd)(const ColumnTile&);
   void (*sdd_vector)(const SddVectorTile&);
+  void (*transpose)(const Transpose&);
 };
 
 #define SPARSE_KERNELS_DECLARE_ISA(NAME)     \
@@ -122,6 +133,7 @@ struct Isa {
   void pack(const PanelSource&);             \
   void column_dsd(const ColumnTile&);        \
   void sdd_vector(const SddVectorTile&);     \
+  void transpose(const Transpose&);          \
   }
 
 SPARSE_KERNELS_DECLARE_ISA(generic)

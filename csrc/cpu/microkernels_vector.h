@@ -19,7 +19,7 @@ __attribute__((always_inline)) inline void column_tile(const ColumnTile& t, int6
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s)
 #pragma GCC unroll 8
-    for (int q = 0; q < NQ; ++q) acc[s][q] = vec{};
+    for (int q = 0; q < NQ; ++q) acc[s][q] = s == 0 && t.accumulate ? load(t.out + q0 + q * SK_VW) : vec{};
   for (int64_t p = 0; p < t.npairs; ++p) {
     const float* a = t.src + t.pairs[p].offset + q0;
     const float* w = t.pairs[p].w;
@@ -101,7 +101,57 @@ void sdd_vector_items(const SddVectorTile& t, int64_t o0) {
   }
 }
 
+// ------------------------------------------------------------------------ transposes
+// r[i][j] -> r[j][i] for a W x W block in registers: at each scale s, rows i and i + s swap their
+// off-diagonal s-wide halves (log2(W) stages of two-source shuffles).
+typedef int lane_index __attribute__((vector_size(SK_VW * 4)));
+
+// The shuffles' lane indices (constants once inlined): row i takes its own lanes where bit S of
+// the lane is clear, row i + S's lanes shifted down where it is set; row i + S the rest.
+template <int S>
+__attribute__((always_inline)) inline lane_index halves(bool high) {
+  lane_index m{};
+#pragma GCC unroll 16
+  for (int l = 0; l < SK_VW; ++l) m[l] = (l & S) == 0 ? l + (high ? S : 0) : SK_VW + l - (high ? 0 : S);
+  return m;
+}
+
+template <int S>
+__attribute__((always_inline)) inline void transpose_stage(vec* r) {
+  if constexpr (S >= 1) {
+    const lane_index low = halves<S>(false), high = halves<S>(true);
+#pragma GCC unroll 16
+    for (int i = 0; i < SK_VW; ++i)
+      if ((i & S) == 0) {
+        const vec a = r[i], b = r[i + S];
+        r[i] = __builtin_shuffle(a, b, low);
+        r[i + S] = __builtin_shuffle(a, b, high);
+      }
+    transpose_stage<S / 2>(r);
+  }
+}
+
 }  // namespace
+
+// A matrix transposed, SK_VW x SK_VW blocks at a time in registers: see Transpose.
+void transpose(const Transpose& t) {
+  int64_t i0 = 0;
+  for (; i0 + SK_VW <= t.rows; i0 += SK_VW) {
+    int64_t j0 = 0;
+    for (; j0 + SK_VW <= t.cols; j0 += SK_VW) {
+      vec r[SK_VW];
+#pragma GCC unroll 16
+      for (int i = 0; i < SK_VW; ++i) r[i] = load(t.src + (i0 + i) * t.src_stride + j0);
+      transpose_stage<SK_VW / 2>(r);
+#pragma GCC unroll 16
+      for (int j = 0; j < SK_VW; ++j) store(t.dst + (j0 + j) * t.dst_stride + i0, r[j]);
+    }
+    for (; j0 < t.cols; ++j0)
+      for (int64_t i = i0; i < i0 + SK_VW; ++i) t.dst[j0 * t.dst_stride + i] = t.src[i * t.src_stride + j0];
+  }
+  for (; i0 < t.rows; ++i0)
+    for (int64_t j = 0; j < t.cols; ++j) t.dst[j * t.dst_stride + i0] = t.src[i0 * t.src_stride + j];
+}
 
 // One output channel over a run of positions: see ColumnTile.
 void column_dsd(const ColumnTile& t) {

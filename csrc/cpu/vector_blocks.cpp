@@ -72,9 +72,9 @@ Planes make_planes(const ConvShape& c, int64_t channels) {
   return planes;
 }
 
-// Fills the planes of dy for image n, channels o0 .. o0 + count.
-void fill_planes(const Planes& P, const Strided& dy, const ConvShape& c, int64_t n, int64_t o0, int64_t count,
-                 float* planes) {
+// Fills the planes of dy for image n, channels o0 .. o0 + count (count <= 16).
+void fill_planes(const Isa& isa, const Planes& P, const Strided& dy, const ConvShape& c, int64_t n, int64_t o0,
+                 int64_t count, float* planes) {
   const int64_t left = P.cols.before, width = c.out_w;
   const auto row_of = [&](int64_t o, int64_t y) {
     return planes + (n * P.channels + o) * P.plane + (y + P.rows.before) * P.pitch + left;
@@ -94,24 +94,16 @@ void fill_planes(const Planes& P, const Strided& dy, const ConvShape& c, int64_t
     std::memset(plane + P.rows.extent * P.pitch, 0, sizeof(float) * (P.plane - P.rows.extent * P.pitch));
   }
   const float* image = dy.data + n * dy.n_step;
-  if (dy.x_step == 1) {  // NCHW: rows
-    for (int64_t o = o0; o < o0 + count; ++o)
-      for (int64_t y = 0; y < c.out_h; ++y)
+  for (int64_t y = 0; y < c.out_h; ++y) {
+    if (dy.x_step == 1) {  // NCHW: rows
+      for (int64_t o = o0; o < o0 + count; ++o)
         std::memcpy(row_of(o, y), image + o * dy.c_step + y * dy.y_step, sizeof(float) * width);
-  } else if (dy.c_step == 1) {  // channels-last: 16 x 16 tiles through a local buffer, read and written along rows
-    float tile[16][16];
-    for (int64_t y = 0; y < c.out_h; ++y)
-      for (int64_t x0 = 0; x0 < width; x0 += 16) {
-        const int64_t nx = std::min<int64_t>(16, width - x0);
-        const float* src = image + o0 + y * dy.y_step + x0 * dy.x_step;
-        for (int64_t x = 0; x < nx; ++x)
-          for (int64_t k = 0; k < count; ++k) tile[k][x] = src[x * dy.x_step + k];
-        for (int64_t k = 0; k < count; ++k) std::memcpy(row_of(o0 + k, y) + x0, tile[k], sizeof(float) * nx);
-      }
-  } else {  // any other strides
-    for (int64_t o = o0; o < o0 + count; ++o)
-      for (int64_t y = 0; y < c.out_h; ++y)
+    } else if (dy.c_step == 1) {  // channels-last: a transpose
+      isa.transpose({image + o0 + y * dy.y_step, dy.x_step, row_of(o0, y), P.plane, width, count});
+    } else {  // any other strides
+      for (int64_t o = o0; o < o0 + count; ++o)
         for (int64_t x = 0; x < width; ++x) row_of(o, y)[x] = image[o * dy.c_step + y * dy.y_step + x * dy.x_step];
+    }
   }
 }
 
@@ -121,21 +113,24 @@ struct ColumnRange {
 };
 
 // Writes the tile's results (local[k][q - q0] for channels c0 + k < c0 + count) into dx, dropping
-// the positions outside the phase's grid.
-void write_tile(const float* local, const ColumnRange& t, const Planes& P, int64_t n, int64_t c0, int64_t count,
-                const Strided& dx) {
-  const int64_t limit = std::min(t.q0 + t.blocks * 16, P.rows.count[t.ry] * P.pitch);
+// the positions outside the phase's grid: along each row of the grid, a transpose into
+// channels-last dx, or row copies into NCHW.
+void write_tile(const Isa& isa, const float* local, const ColumnRange& t, const Planes& P, int64_t n, int64_t c0,
+                int64_t count, const Strided& dx) {
+  const int64_t end = std::min(t.q0 + t.blocks * 16, P.rows.count[t.ry] * P.pitch);
   const int64_t sy = P.rows.stride, sx = P.cols.stride, width = P.cols.count[t.rx];
   float* base = dx.data + n * dx.n_step + c0 * dx.c_step;
-  for (int64_t q = t.q0; q < limit; ++q) {
-    const int64_t Y = q / P.pitch, X = q % P.pitch;
-    if (X >= width) continue;
+  for (int64_t Y = t.q0 / P.pitch; Y * P.pitch < end; ++Y) {
+    const int64_t first = std::max(t.q0, Y * P.pitch), last = std::min(end, Y * P.pitch + width);
+    if (first >= last) continue;
+    const int64_t X = first - Y * P.pitch;
     float* dst = base + (t.ry + sy * Y) * dx.y_step + (t.rx + sx * X) * dx.x_step;
-    const float* src = local + (q - t.q0);
+    const float* src = local + (first - t.q0);
     if (dx.c_step == 1) {
-      for (int64_t k = 0; k < count; ++k) dst[k] = src[k * kTileWidth];
+      isa.transpose({src, kTileWidth, dst, sx * dx.x_step, count, last - first});
     } else {
-      for (int64_t k = 0; k < count; ++k) dst[k * dx.c_step] = src[k * kTileWidth];
+      for (int64_t k = 0; k < count; ++k)
+        for (int64_t j = 0; j < last - first; ++j) dst[k * dx.c_step + j * sx * dx.x_step] = src[k * kTileWidth + j];
     }
   }
 }
@@ -165,20 +160,30 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
     TORCH_CHECK_VALUE(rows[slots[i]] >= 0 && rows[slots[i]] < L.rows, op, ": row_idx[", slots[i], "] = ",
                       rows[slots[i]], " is not in [0, ", L.rows, ")");
   }
-  // The pairs of each (phase, input channel): pairs[ptrs[phase * cin + j] .. ptrs[phase * cin + j + 1]).
+  // Output blocks in groups whose planes' windows (a tile and the taps' reach) fit in L1 together:
+  // each input channel sums its pairs group by group.
+  const int64_t halo = P.offset(P.rows.extent - P.rows.before - 1, P.cols.extent - P.cols.before - 1) -
+                       P.offset(-P.rows.before, -P.cols.before);
+  const int64_t window = std::min(kTileWidth, ceil_div(P.rows.count[0] * P.pitch, 16) * 16) + std::max<int64_t>(halo, 0);
+  const int64_t per_group = std::max<int64_t>(1, (24 * 1024 / 4) / (window * L.bo));
+  const int64_t groups = ceil_div(L.rows, per_group);
+  // The pairs of each (phase, group, input channel): pairs[ptrs[i] .. ptrs[i + 1]), i = (phase * groups + group) * cin + j.
   const int64_t phases = c.stride[0] * c.stride[1];
   std::vector<ColumnPair> pairs;
-  std::vector<int64_t> ptrs(phases * cin + 1, 0);
+  std::vector<int64_t> ptrs(phases * groups * cin + 1, 0);
   for (int64_t ry = 0; ry < c.stride[0]; ++ry)
     for (int64_t rx = 0; rx < c.stride[1]; ++rx)
-      for (int64_t j = 0; j < cin; ++j) {
-        for (int64_t i = ptr[j]; i < ptr[j + 1]; ++i)
-          for (const auto& [ki, ay] : P.rows.taps[ry])
-            for (const auto& [kj, ax] : P.cols.taps[rx])
-              pairs.push_back({rows[slots[i]] * L.bo * P.plane + P.offset(ay, ax),
-                               packed + (slots[i] * taps + ki * c.kw + kj) * L.bo});
-        ptrs[(ry * c.stride[1] + rx) * cin + j + 1] = static_cast<int64_t>(pairs.size());
-      }
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t j = 0; j < cin; ++j) {
+          for (int64_t i = ptr[j]; i < ptr[j + 1]; ++i) {
+            if (rows[slots[i]] / per_group != g) continue;
+            for (const auto& [ki, ay] : P.rows.taps[ry])
+              for (const auto& [kj, ax] : P.cols.taps[rx])
+                pairs.push_back({rows[slots[i]] * L.bo * P.plane + P.offset(ay, ax),
+                                 packed + (slots[i] * taps + ki * c.kw + kj) * L.bo});
+          }
+          ptrs[((ry * c.stride[1] + rx) * groups + g) * cin + j + 1] = static_cast<int64_t>(pairs.size());
+        }
   // The tiles of one image's phases.
   std::vector<ColumnRange> ranges;
   for (int64_t ry = 0; ry < c.stride[0]; ++ry)
@@ -195,9 +200,10 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
   at::parallel_for(0, c.batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / channel_blocks, o0 = item % channel_blocks * 16;
-      fill_planes(P, dy, c, n, o0, std::min<int64_t>(16, cout - o0), planes);
+      fill_planes(isa, P, dy, c, n, o0, std::min<int64_t>(16, cout - o0), planes);
     }
   });
+  // Items: (image, tile, 16 input channels), each summed group by group into a local buffer, then written.
   const int64_t chunks = ceil_div(cin, 16), per_image = static_cast<int64_t>(ranges.size()) * chunks;
   at::parallel_for(0, c.batch * per_image, 1, [&](int64_t begin, int64_t end) {
     static thread_local std::vector<float> local_storage;
@@ -207,12 +213,16 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
       const int64_t count = std::min<int64_t>(16, cin - c0);
       const ColumnRange& t = ranges[range];
       const int64_t phase = t.ry * c.stride[1] + t.rx;
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t first = ptrs[phase * cin + c0 + k], npairs = ptrs[phase * cin + c0 + k + 1] - first;
-        isa.column_dsd({planes + n * cout * P.plane + t.q0, P.plane, pairs.data() + first, npairs, L.bo,
-                        local + k * kTileWidth, t.blocks});
-      }
-      write_tile(local, t, P, n, c0, count, dx);
+      bool started[16] = {};
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t at = (phase * groups + g) * cin + c0 + k, first = ptrs[at], npairs = ptrs[at + 1] - first;
+          if (npairs == 0 && (started[k] || g + 1 < groups)) continue;  // zeros are written by the last group
+          isa.column_dsd({planes + n * cout * P.plane + t.q0, P.plane, pairs.data() + first, npairs, L.bo,
+                          local + k * kTileWidth, t.blocks, started[k]});
+          started[k] = true;
+        }
+      write_tile(isa, local, t, P, n, c0, count, dx);
     }
   });
 }
