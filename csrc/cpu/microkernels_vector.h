@@ -131,26 +131,61 @@ __attribute__((always_inline)) inline void transpose_stage(vec* r) {
   }
 }
 
+// The first n (< SK_VW) floats at p, the other lanes zero; and their store (masked: nothing
+// past them is read or written).
+__attribute__((always_inline)) inline vec load_first(const float* p, int n) {
+#if SK_VW == 16
+  return __builtin_ia32_loadups512_mask(p, vec{}, static_cast<unsigned short>((1u << n) - 1));
+#elif SK_VW == 8
+  typedef int mask8 __attribute__((vector_size(32)));
+  const mask8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return __builtin_ia32_maskloadps256(reinterpret_cast<const vec*>(p), lane < n);
+#else
+  vec v{};
+  for (int l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+#endif
+}
+
+__attribute__((always_inline)) inline void store_first(float* p, vec v, int n) {
+#if SK_VW == 16
+  __builtin_ia32_storeups512_mask(p, v, static_cast<unsigned short>((1u << n) - 1));
+#elif SK_VW == 8
+  typedef int mask8 __attribute__((vector_size(32)));
+  const mask8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  __builtin_ia32_maskstoreps256(reinterpret_cast<vec*>(p), lane < n, v);
+#else
+  for (int l = 0; l < n; ++l) p[l] = v[l];
+#endif
+}
+
 }  // namespace
 
-// A matrix transposed, SK_VW x SK_VW blocks at a time in registers: see Transpose.
+// A matrix transposed, SK_VW x SK_VW blocks at a time in registers (the blocks at the edges
+// partial: masked loads and stores): see Transpose.
 void transpose(const Transpose& t) {
-  int64_t i0 = 0;
-  for (; i0 + SK_VW <= t.rows; i0 += SK_VW) {
-    int64_t j0 = 0;
-    for (; j0 + SK_VW <= t.cols; j0 += SK_VW) {
+  for (int64_t i0 = 0; i0 < t.rows; i0 += SK_VW) {
+    const int ni = t.rows - i0 < SK_VW ? static_cast<int>(t.rows - i0) : SK_VW;
+    for (int64_t j0 = 0; j0 < t.cols; j0 += SK_VW) {
+      const int nj = t.cols - j0 < SK_VW ? static_cast<int>(t.cols - j0) : SK_VW;
       vec r[SK_VW];
+      const float* src = t.src + i0 * t.src_stride + j0;
 #pragma GCC unroll 16
-      for (int i = 0; i < SK_VW; ++i) r[i] = load(t.src + (i0 + i) * t.src_stride + j0);
+      for (int i = 0; i < SK_VW; ++i)
+        r[i] = i >= ni ? vec{} : nj == SK_VW ? load(src + i * t.src_stride) : load_first(src + i * t.src_stride, nj);
       transpose_stage<SK_VW / 2>(r);
+      float* dst = t.dst + j0 * t.dst_stride + i0;
+      if (ni == SK_VW) {
 #pragma GCC unroll 16
-      for (int j = 0; j < SK_VW; ++j) store(t.dst + (j0 + j) * t.dst_stride + i0, r[j]);
+        for (int j = 0; j < SK_VW; ++j)
+          if (j < nj) store(dst + j * t.dst_stride, r[j]);
+      } else {
+#pragma GCC unroll 16
+        for (int j = 0; j < SK_VW; ++j)
+          if (j < nj) store_first(dst + j * t.dst_stride, r[j], ni);
+      }
     }
-    for (; j0 < t.cols; ++j0)
-      for (int64_t i = i0; i < i0 + SK_VW; ++i) t.dst[j0 * t.dst_stride + i] = t.src[i * t.src_stride + j0];
   }
-  for (; i0 < t.rows; ++i0)
-    for (int64_t j = 0; j < t.cols; ++j) t.dst[j * t.dst_stride + i0] = t.src[i0 * t.src_stride + j];
 }
 
 // One output channel over a run of positions: see ColumnTile.
