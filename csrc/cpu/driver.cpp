@@ -15,14 +15,14 @@ namespace sparse_kernels {
 namespace cpu {
 
 const Isa& select_isa() {
-  static const Isa generic_isa{"generic", generic::dsd, generic::sdd, generic::pack, generic::column_dsd,
+  static const Isa generic_isa{"generic", generic::dsd, generic::sdd, generic::pack, generic::block_tile,
                                      generic::sdd_vector, generic::transpose};
   const char* forced = std::getenv("SPARSE_KERNELS_CPU_ISA");
   const std::string name = forced ? forced : "";
 #if SPARSE_KERNELS_X86_ISAS
-  static const Isa avx2_isa{"avx2", avx2::dsd, avx2::sdd, avx2::pack, avx2::column_dsd, avx2::sdd_vector,
+  static const Isa avx2_isa{"avx2", avx2::dsd, avx2::sdd, avx2::pack, avx2::block_tile, avx2::sdd_vector,
                                     avx2::transpose};
-  static const Isa avx512_isa{"avx512", avx512::dsd, avx512::sdd, avx512::pack, avx512::column_dsd,
+  static const Isa avx512_isa{"avx512", avx512::dsd, avx512::sdd, avx512::pack, avx512::block_tile,
                                       avx512::sdd_vector, avx512::transpose};
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -69,27 +69,25 @@ struct SddBlock {
 // ---------------------------------------------------------------------- vector blocks
 // The grad-input of vector blocks (bo output channels x 1 input channel) has one output channel
 // per block: it is computed channel-major, output pixels along the vector lanes, from planes
-// (a channel's pixels in a row, zero-padded; vector_blocks.h).
+// (a channel's pixels in a row, zero-padded; vector_blocks.h), a tile of kTileWidth consecutive
+// positions at a time.
+constexpr int64_t kTileWidth = 64;
 
-// One live (block, tap) pair feeding an output channel: its k planes start at src + offset, plane
-// o at + o * plane floats, and its weights are w[0:k].
-struct ColumnPair {
-  int64_t offset;
-  const float* w;
-};
-
-// out[q] (+)= sum over pairs p, o < k of p.w[o] * src[p.offset + o * plane + q] for q < 16 * blocks
-// (blocks <= kColumnBlocks): one output channel over 16 * blocks consecutive positions, added to
-// what out holds when `accumulate`.
-constexpr int64_t kColumnBlocks = 8;
-struct ColumnTile {
+// One output block's share of a tile, for a chunk of the input channels it feeds (at most
+// kChunkChannels): out[channels[j] * kTileWidth + q] += sum over taps t < ntaps, o < bo of
+// w[(t * bo + o) * count + j] * src[offsets[t] + o * plane + q], for j < count, q < kTileWidth.
+// The block's bo planes start at src, plane floats apart; a tap reads them offsets[t] on. Each
+// vector of a plane feeds `count` fused multiply-adds, one per channel's broadcast weight.
+constexpr int64_t kChunkChannels = 6;
+struct BlockTile {
   const float* src;
   int64_t plane;
-  const ColumnPair* pairs;
-  int64_t npairs, k;
+  const int64_t* offsets;
+  int64_t ntaps, bo;
+  const float* w;
+  const int64_t* channels;
+  int64_t count;
   float* out;
-  int64_t blocks;
-  bool accumulate;
 };
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (any sizes).
@@ -121,7 +119,7 @@ struct Isa {
   void (*dsd)(const DsdTile&);
   void (*sdd)(const SddBlock&);
   void (*pack)(const PanelSource&);
-  void (*column_dsd)(const ColumnTile&);
+  void (*block_tile)(const BlockTile&);
   void (*sdd_vector)(const SddVectorTile&);
   void (*transpose)(const Transpose&);
 };
@@ -131,7 +129,7 @@ struct Isa {
   void dsd(const DsdTile&);                  \
   void sdd(const SddBlock&);                 \
   void pack(const PanelSource&);             \
-  void column_dsd(const ColumnTile&);        \
+  void block_tile(const BlockTile&);         \
   void sdd_vector(const SddVectorTile&);     \
   void transpose(const Transpose&);          \
   }

@@ -1,5 +1,5 @@
 // The inner loops of vector blocks (bo output channels x 1 input channel) that the square
-// kernels' loops (microkernels.h) do not cover: the channel-major grad-input and the grad-weight.
+// kernels' loops (microkernels.h) do not cover: the channel-major grad-input, the grad-weight and transposes.
 // Included after microkernels.h by each instruction set's translation unit, under the same rules
 // (nothing included, nothing called outside it).
 #include "isa.h"
@@ -9,41 +9,40 @@ namespace cpu {
 namespace SK_ISA {
 namespace {
 
-// ------------------------------------------------------------------------ column dsd
-// Positions q0 .. q0 + NQ * SK_VW of one output channel. Each weight is broadcast once and feeds
-// NQ fused multiply-adds on consecutive positions of one plane; the k inputs of a pair alternate
-// between S sets of accumulators, so that S * NQ >= 8 chains hide the latency of the adds.
-template <int NQ, int S>
-__attribute__((always_inline)) inline void column_tile(const ColumnTile& t, int64_t q0) {
-  vec acc[S][NQ];
+// ------------------------------------------------------------------------ block tiles
+// Channels j0 .. j0 + J of a chunk over positions q0 .. q0 + NQ * SK_VW of the tile: each
+// vector of a plane is loaded once and feeds J fused multiply-adds (one per channel's broadcast
+// weight), so that NQ + J loads serve NQ * J of them; the sums over the block's taps and bo
+// planes stay in registers.
+template <int J, int NQ>
+__attribute__((always_inline)) inline void block_vectors(const BlockTile& t, int64_t j0, int64_t q0) {
+  vec acc[J][NQ];
+  float* out[J];
 #pragma GCC unroll 8
-  for (int s = 0; s < S; ++s)
+  for (int j = 0; j < J; ++j) {
+    out[j] = t.out + t.channels[j0 + j] * kTileWidth + q0;
 #pragma GCC unroll 8
-    for (int q = 0; q < NQ; ++q) acc[s][q] = s == 0 && t.accumulate ? load(t.out + q0 + q * SK_VW) : vec{};
-  for (int64_t p = 0; p < t.npairs; ++p) {
-    const float* a = t.src + t.pairs[p].offset + q0;
-    const float* w = t.pairs[p].w;
-    for (int64_t o = 0; o < t.k; o += 8, w += 8)
+    for (int q = 0; q < NQ; ++q) acc[j][q] = load(out[j] + q * SK_VW);
+  }
+  for (int64_t tap = 0; tap < t.ntaps; ++tap) {
+    const float* a = t.src + t.offsets[tap] + q0;
+    const float* w = t.w + tap * t.bo * t.count + j0;
+    for (int64_t o = 0; o < t.bo; ++o, a += t.plane, w += t.count) {
+      vec v[NQ];
 #pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u, a += t.plane) {
-        const float weight = w[u];
+      for (int q = 0; q < NQ; ++q) v[q] = load(a + q * SK_VW);
 #pragma GCC unroll 8
-        for (int q = 0; q < NQ; ++q) acc[u % S][q] += weight * load(a + q * SK_VW);
+      for (int j = 0; j < J; ++j) {
+        const float weight = w[j];
+#pragma GCC unroll 8
+        for (int q = 0; q < NQ; ++q) acc[j][q] += weight * v[q];
       }
+    }
   }
 #pragma GCC unroll 8
-  for (int q = 0; q < NQ; ++q) {
-    vec sum = acc[0][q];
+  for (int j = 0; j < J; ++j)
 #pragma GCC unroll 8
-    for (int s = 1; s < S; ++s) sum += acc[s][q];
-    store(t.out + q0 + q * SK_VW, sum);
-  }
-}
-
-template <int NQ>
-void column_vectors(const ColumnTile& t, int64_t q0) {
-  constexpr int S = NQ >= 8 ? 1 : NQ >= 4 ? 2 : NQ >= 2 ? 4 : 8;
-  column_tile<NQ, S>(t, q0);
+    for (int q = 0; q < NQ; ++q) store(out[j] + q * SK_VW, acc[j][q]);
 }
 
 // ------------------------------------------------------------------------ vector sdd
@@ -188,22 +187,22 @@ void transpose(const Transpose& t) {
   }
 }
 
-// One output channel over a run of positions: see ColumnTile.
-void column_dsd(const ColumnTile& t) {
-  constexpr int64_t NQ = 8;
-  const int64_t vectors = t.blocks * 16 / SK_VW;
-  int64_t q = 0;
-  for (; q + NQ <= vectors; q += NQ) column_vectors<NQ>(t, q * SK_VW);
-  switch (vectors - q) {
-    case 1: column_vectors<1>(t, q * SK_VW); break;
-    case 2: column_vectors<2>(t, q * SK_VW); break;
-    case 3: column_vectors<3>(t, q * SK_VW); break;
-    case 4: column_vectors<4>(t, q * SK_VW); break;
-    case 5: column_vectors<5>(t, q * SK_VW); break;
-    case 6: column_vectors<6>(t, q * SK_VW); break;
-    case 7: column_vectors<7>(t, q * SK_VW); break;
-    default: break;
-  }
+// One output block's share of a tile: see BlockTile. Register tiles of 4 vectors of positions
+// by up to SK_ACC / 4 channels (6 under AVX-512: 24 accumulators, 10 loads per 24 multiply-adds).
+void block_tile(const BlockTile& t) {
+  constexpr int NQ = 4, JMAX = SK_ACC / NQ;
+  static_assert(kTileWidth % (NQ * SK_VW) == 0 && JMAX <= kChunkChannels, "tile shapes");
+  for (int64_t q0 = 0; q0 < kTileWidth; q0 += NQ * SK_VW)
+    for (int64_t j0 = 0; j0 < t.count; j0 += JMAX) {
+      switch (t.count - j0 < JMAX ? t.count - j0 : JMAX) {
+        case 1: block_vectors<1, NQ>(t, j0, q0); break;
+        case 2: block_vectors<2, NQ>(t, j0, q0); break;
+        case 3: block_vectors<3, NQ>(t, j0, q0); break;
+        case 4: if constexpr (JMAX >= 4) block_vectors<4, NQ>(t, j0, q0); break;
+        case 5: if constexpr (JMAX >= 5) block_vectors<5, NQ>(t, j0, q0); break;
+        default: if constexpr (JMAX >= 6) block_vectors<6, NQ>(t, j0, q0); break;
+      }
+    }
 }
 
 // Items of one output block of vector blocks: see SddVectorTile.

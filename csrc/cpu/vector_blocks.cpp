@@ -13,7 +13,6 @@ namespace sparse_kernels {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTileWidth = 16 * kColumnBlocks;  // positions per column tile
 
 // ------------------------------------------------------------------------ grad-input geometry
 // One axis of the transposed convolution: destination (dx) coordinate y = r + s * Y of phase
@@ -60,13 +59,13 @@ Planes make_planes(const ConvShape& c, int64_t channels) {
   Planes planes{make_axis(c.in_h, c.out_h, c.kh, c.stride[0], c.padding[0], c.dilation[0]),
                 make_axis(c.in_w, c.out_w, c.kw, c.stride[1], c.padding[1], c.dilation[1]), 0, 0, channels};
   planes.pitch = std::max<int64_t>(planes.cols.extent, 1);
-  // The farthest float a column tile reads: its last position, rounded up to a block, plus a tap's offset.
+  // The farthest float a tile reads: its last position, rounded up to a tile, plus a tap's offset.
   int64_t reach = planes.rows.extent * planes.pitch;
   for (int64_t ry = 0; ry < c.stride[0]; ++ry)
     for (int64_t rx = 0; rx < c.stride[1]; ++rx)
       for (const auto& [i, ay] : planes.rows.taps[ry])
         for (const auto& [j, ax] : planes.cols.taps[rx])
-          reach = std::max(reach, ceil_div(planes.rows.count[ry] * planes.pitch, 16) * 16 + planes.offset(ay, ax));
+          reach = std::max(reach, ceil_div(planes.rows.count[ry] * planes.pitch, kTileWidth) * kTileWidth + planes.offset(ay, ax));
   // Planes an odd number of 16-float lines apart: the 16 planes a pair reads map to different cache sets.
   planes.plane = ceil_div(reach, 32) * 32 + 16;
   return planes;
@@ -107,17 +106,17 @@ void fill_planes(const Isa& isa, const Planes& P, const Strided& dy, const ConvS
   }
 }
 
-// A column tile of one image: phase (ry, rx), positions q0 .. q0 + blocks * 16 of its grid.
-struct ColumnRange {
-  int64_t ry, rx, q0, blocks;
+// A tile of one image: phase (ry, rx), positions q0 .. q0 + kTileWidth of its grid.
+struct TileRange {
+  int64_t ry, rx, q0;
 };
 
 // Writes the tile's results (local[k][q - q0] for channels c0 + k < c0 + count) into dx, dropping
 // the positions outside the phase's grid: along each row of the grid, a transpose into
 // channels-last dx, or row copies into NCHW.
-void write_tile(const Isa& isa, const float* local, const ColumnRange& t, const Planes& P, int64_t n, int64_t c0,
+void write_tile(const Isa& isa, const float* local, const TileRange& t, const Planes& P, int64_t n, int64_t c0,
                 int64_t count, const Strided& dx) {
-  const int64_t end = std::min(t.q0 + t.blocks * 16, P.rows.count[t.ry] * P.pitch);
+  const int64_t end = std::min(t.q0 + kTileWidth, P.rows.count[t.ry] * P.pitch);
   const int64_t sy = P.rows.stride, sx = P.cols.stride, width = P.cols.count[t.rx];
   float* base = dx.data + n * dx.n_step + c0 * dx.c_step;
   for (int64_t Y = t.q0 / P.pitch; Y * P.pitch < end; ++Y) {
@@ -160,38 +159,49 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
     TORCH_CHECK_VALUE(rows[slots[i]] >= 0 && rows[slots[i]] < L.rows, op, ": row_idx[", slots[i], "] = ",
                       rows[slots[i]], " is not in [0, ", L.rows, ")");
   }
-  // Output blocks in groups whose planes' windows (a tile and the taps' reach) fit in L1 together:
-  // each input channel sums its pairs group by group.
-  const int64_t halo = P.offset(P.rows.extent - P.rows.before - 1, P.cols.extent - P.cols.before - 1) -
-                       P.offset(-P.rows.before, -P.cols.before);
-  const int64_t window = std::min(kTileWidth, ceil_div(P.rows.count[0] * P.pitch, 16) * 16) + std::max<int64_t>(halo, 0);
-  const int64_t per_group = std::max<int64_t>(1, (24 * 1024 / 4) / (window * L.bo));
-  const int64_t groups = ceil_div(L.rows, per_group);
-  // The pairs of each (phase, group, input channel): pairs[ptrs[i] .. ptrs[i + 1]), i = (phase * groups + group) * cin + j.
+  // The live input channels of each output block (ascending) and their slots.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> fed(L.rows);
+  for (int64_t j = 0; j < cin; ++j)
+    for (int64_t i = ptr[j]; i < ptr[j + 1]; ++i) fed[rows[slots[i]]].push_back({j, slots[i]});
+  // Per phase: its taps' offsets in a plane, and each output block's channels in near-equal
+  // chunks of at most kChunkChannels, with the chunk's weights packed [tap][o][channel].
+  struct Chunk {
+    int64_t block, first, count, w;  // channels[first .. first + count), weights from w
+  };
   const int64_t phases = c.stride[0] * c.stride[1];
-  std::vector<ColumnPair> pairs;
-  std::vector<int64_t> ptrs(phases * groups * cin + 1, 0);
+  std::vector<std::vector<int64_t>> offsets(phases);
+  std::vector<std::vector<Chunk>> chunks(phases);
+  std::vector<int64_t> channels;
+  std::vector<float> weights;
   for (int64_t ry = 0; ry < c.stride[0]; ++ry)
-    for (int64_t rx = 0; rx < c.stride[1]; ++rx)
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t j = 0; j < cin; ++j) {
-          for (int64_t i = ptr[j]; i < ptr[j + 1]; ++i) {
-            if (rows[slots[i]] / per_group != g) continue;
-            for (const auto& [ki, ay] : P.rows.taps[ry])
-              for (const auto& [kj, ax] : P.cols.taps[rx])
-                pairs.push_back({rows[slots[i]] * L.bo * P.plane + P.offset(ay, ax),
-                                 packed + (slots[i] * taps + ki * c.kw + kj) * L.bo});
-          }
-          ptrs[((ry * c.stride[1] + rx) * groups + g) * cin + j + 1] = static_cast<int64_t>(pairs.size());
+    for (int64_t rx = 0; rx < c.stride[1]; ++rx) {
+      const int64_t phase = ry * c.stride[1] + rx;
+      std::vector<int64_t> tap_index;
+      for (const auto& [ki, ay] : P.rows.taps[ry])
+        for (const auto& [kj, ax] : P.cols.taps[rx]) {
+          offsets[phase].push_back(P.offset(ay, ax));
+          tap_index.push_back(ki * c.kw + kj);
         }
+      for (int64_t b = 0; b < L.rows; ++b) {
+        const int64_t live = static_cast<int64_t>(fed[b].size()), parts = ceil_div(live, kChunkChannels);
+        for (int64_t part = 0; part < parts; ++part) {
+          const int64_t j0 = live * part / parts, j1 = live * (part + 1) / parts;
+          chunks[phase].push_back({b, static_cast<int64_t>(channels.size()), j1 - j0,
+                                   static_cast<int64_t>(weights.size())});
+          for (int64_t j = j0; j < j1; ++j) channels.push_back(fed[b][j].first);
+          for (const int64_t tap : tap_index)
+            for (int64_t o = 0; o < L.bo; ++o)
+              for (int64_t j = j0; j < j1; ++j) weights.push_back(packed[(fed[b][j].second * taps + tap) * L.bo + o]);
+        }
+      }
+    }
   // The tiles of one image's phases.
-  std::vector<ColumnRange> ranges;
+  std::vector<TileRange> ranges;
   for (int64_t ry = 0; ry < c.stride[0]; ++ry)
     for (int64_t rx = 0; rx < c.stride[1]; ++rx) {
       const int64_t positions = P.rows.count[ry] * P.pitch;
       if (P.cols.count[rx] == 0) continue;
-      for (int64_t q0 = 0; q0 < positions; q0 += kTileWidth)
-        ranges.push_back({ry, rx, q0, std::min(kColumnBlocks, ceil_div(positions - q0, 16))});
+      for (int64_t q0 = 0; q0 < positions; q0 += kTileWidth) ranges.push_back({ry, rx, q0});
     }
 
   static thread_local std::vector<float> storage;  // the calling thread's, shared by the threads of the call
@@ -203,26 +213,24 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
       fill_planes(isa, P, dy, c, n, o0, std::min<int64_t>(16, cout - o0), planes);
     }
   });
-  // Items: (image, tile, 16 input channels), each summed group by group into a local buffer, then written.
-  const int64_t chunks = ceil_div(cin, 16), per_image = static_cast<int64_t>(ranges.size()) * chunks;
+  // Items: (image, tile), summed over every output block's chunks into a local [cin][kTileWidth]
+  // buffer, then written 16 input channels at a time.
+  const int64_t per_image = static_cast<int64_t>(ranges.size());
   at::parallel_for(0, c.batch * per_image, 1, [&](int64_t begin, int64_t end) {
     static thread_local std::vector<float> local_storage;
-    float* local = grow(local_storage, static_cast<size_t>(16 * kTileWidth));
+    float* local = grow(local_storage, static_cast<size_t>(cin * kTileWidth));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / per_image, range = item % per_image / chunks, c0 = item % chunks * 16;
-      const int64_t count = std::min<int64_t>(16, cin - c0);
-      const ColumnRange& t = ranges[range];
+      const int64_t n = item / per_image;
+      const TileRange& t = ranges[item % per_image];
       const int64_t phase = t.ry * c.stride[1] + t.rx;
-      bool started[16] = {};
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t k = 0; k < count; ++k) {
-          const int64_t at = (phase * groups + g) * cin + c0 + k, first = ptrs[at], npairs = ptrs[at + 1] - first;
-          if (npairs == 0 && (started[k] || g + 1 < groups)) continue;  // zeros are written by the last group
-          isa.column_dsd({planes + n * cout * P.plane + t.q0, P.plane, pairs.data() + first, npairs, L.bo,
-                          local + k * kTileWidth, t.blocks, started[k]});
-          started[k] = true;
-        }
-      write_tile(isa, local, t, P, n, c0, count, dx);
+      std::memset(local, 0, sizeof(float) * cin * kTileWidth);
+      const float* image = planes + n * cout * P.plane + t.q0;
+      for (const Chunk& k : chunks[phase])
+        isa.block_tile({image + k.block * L.bo * P.plane, P.plane, offsets[phase].data(),
+                        static_cast<int64_t>(offsets[phase].size()), L.bo, weights.data() + k.w,
+                        channels.data() + k.first, k.count, local});
+      for (int64_t c0 = 0; c0 < cin; c0 += 16)
+        write_tile(isa, local + c0 * kTileWidth, t, P, n, c0, std::min<int64_t>(16, cin - c0), dx);
     }
   });
 }

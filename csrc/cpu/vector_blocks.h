@@ -3,11 +3,12 @@
 // channel deep (driver.h: k = 1); what differs is
 //   grad-input: a block feeds one input channel, so there is no vector of outputs to broadcast
 //     into. It runs channel-major instead: dy is copied once into planes (each channel's pixels
-//     in rows, zero-padded so that every tap of every output pixel reads inside), and each input
-//     channel sums its live (block, tap) pairs over 16 * kColumnBlocks consecutive positions of
-//     a plane at a time, the bo weights of a pair broadcast over the positions (isa.h:
-//     ColumnTile). A stride s splits dx into s x s phases, each a stride-1 product over the
-//     planes with the taps that reach it.
+//     in rows, zero-padded so that every tap of every output pixel reads inside), and a tile of
+//     kTileWidth consecutive positions of every input channel sums, output block by output
+//     block, the block's taps and bo planes times the weights of the channels it feeds: a small
+//     dense product (channels x 16 * taps) @ (16 * taps x positions) whose plane vectors are each
+//     loaded once for several channels (isa.h: BlockTile). A stride s splits dx into s x s
+//     phases, each a stride-1 product over the planes with the taps that reach it.
 //   grad-weight: items (slot, tap) of one output block share its dy rows: every row's bo-vector of
 //     dy is multiplied by one broadcast input per item (isa.h: SddVectorTile), over the output
 //     pixels in chunks that stay in cache. Padded convolutions read a zero-padded copy of x, so
