@@ -46,8 +46,8 @@ Axis make_axis(int64_t dst, int64_t src, int64_t kernel, int64_t s, int64_t p, i
   return axis;
 }
 
-// The planes of dy: channel o of image n at data + (n * channels + o) * plane, source pixel
-// (y, x) at (y + rows.before) * pitch + x + cols.before, zeros around.
+// The planes of one image of dy: channel o at data + o * plane, source pixel (y, x) at
+// (y + rows.before) * pitch + x + cols.before, zeros around.
 struct Planes {
   Axis rows, cols;
   int64_t pitch, plane, channels;
@@ -71,37 +71,34 @@ Planes make_planes(const ConvShape& c, int64_t channels) {
   return planes;
 }
 
-// Fills the planes of dy for image n, channels o0 .. o0 + count (count <= 16).
-void fill_planes(const Isa& isa, const Planes& P, const Strided& dy, const ConvShape& c, int64_t n, int64_t o0,
-                 int64_t count, float* planes) {
-  const int64_t left = P.cols.before, width = c.out_w;
-  const auto row_of = [&](int64_t o, int64_t y) {
-    return planes + (n * P.channels + o) * P.plane + (y + P.rows.before) * P.pitch + left;
-  };
-  for (int64_t o = o0; o < o0 + count; ++o) {  // zeros around the data
-    float* plane = planes + (n * P.channels + o) * P.plane;
-    for (int64_t u = 0; u < P.rows.extent; ++u) {
-      float* row = plane + u * P.pitch;
-      const int64_t y = u - P.rows.before;
-      if (y < 0 || y >= c.out_h) {
-        std::memset(row, 0, sizeof(float) * P.pitch);
-      } else {
-        std::memset(row, 0, sizeof(float) * left);
-        std::memset(row + left + width, 0, sizeof(float) * (P.pitch - left - width));
-      }
-    }
-    std::memset(plane + P.rows.extent * P.pitch, 0, sizeof(float) * (P.plane - P.rows.extent * P.pitch));
-  }
+// Fills positions lo .. hi of the planes of dy's image n, row by row of the padded grid: dy's
+// pixels where they are (a transpose per 16 channels from channels-last dy, row copies from
+// NCHW), zeros around.
+void fill_planes(const Isa& isa, const Planes& P, const Strided& dy, const ConvShape& c, int64_t n, int64_t lo,
+                 int64_t hi, float* planes) {
+  const int64_t left = P.cols.before, cout = P.channels;
   const float* image = dy.data + n * dy.n_step;
-  for (int64_t y = 0; y < c.out_h; ++y) {
+  for (int64_t u = lo / P.pitch; u * P.pitch < hi; ++u) {
+    const int64_t a = std::max(lo - u * P.pitch, int64_t{0}), b = std::min(hi - u * P.pitch, P.pitch);
+    const int64_t y = u - P.rows.before;
+    int64_t d0 = a, d1 = a;  // the columns of the row [a, b) that hold pixels of dy
+    if (y >= 0 && y < c.out_h) d0 = std::clamp(left, a, b), d1 = std::clamp(left + c.out_w, a, b);
+    for (int64_t o = 0; o < cout; ++o) {
+      float* row = planes + o * P.plane + u * P.pitch;
+      std::fill(row + a, row + d0, 0.f);
+      std::fill(row + d1, row + b, 0.f);
+    }
+    if (d0 == d1) continue;
+    const float* src = image + y * dy.y_step + (d0 - left) * dy.x_step;
+    float* dst = planes + u * P.pitch + d0;
     if (dy.x_step == 1) {  // NCHW: rows
-      for (int64_t o = o0; o < o0 + count; ++o)
-        std::memcpy(row_of(o, y), image + o * dy.c_step + y * dy.y_step, sizeof(float) * width);
-    } else if (dy.c_step == 1) {  // channels-last: a transpose
-      isa.transpose({image + o0 + y * dy.y_step, dy.x_step, row_of(o0, y), P.plane, width, count});
+      for (int64_t o = 0; o < cout; ++o) std::memcpy(dst + o * P.plane, src + o * dy.c_step, sizeof(float) * (d1 - d0));
+    } else if (dy.c_step == 1) {  // channels-last: transposes
+      for (int64_t o = 0; o < cout; o += 16)
+        isa.transpose({src + o, dy.x_step, dst + o * P.plane, P.plane, d1 - d0, std::min<int64_t>(16, cout - o)});
     } else {  // any other strides
-      for (int64_t o = o0; o < o0 + count; ++o)
-        for (int64_t x = 0; x < width; ++x) row_of(o, y)[x] = image[o * dy.c_step + y * dy.y_step + x * dy.x_step];
+      for (int64_t o = 0; o < cout; ++o)
+        for (int64_t x = 0; x < d1 - d0; ++x) dst[o * P.plane + x] = src[o * dy.c_step + x * dy.x_step];
     }
   }
 }
@@ -195,42 +192,46 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
         }
       }
     }
-  // The tiles of one image's phases.
-  std::vector<TileRange> ranges;
-  for (int64_t ry = 0; ry < c.stride[0]; ++ry)
-    for (int64_t rx = 0; rx < c.stride[1]; ++rx) {
-      const int64_t positions = P.rows.count[ry] * P.pitch;
-      if (P.cols.count[rx] == 0) continue;
-      for (int64_t q0 = 0; q0 < positions; q0 += kTileWidth) ranges.push_back({ry, rx, q0});
-    }
-
-  static thread_local std::vector<float> storage;  // the calling thread's, shared by the threads of the call
-  float* planes = grow(storage, static_cast<size_t>(c.batch * cout * P.plane));
-  const int64_t channel_blocks = ceil_div(cout, 16);
-  at::parallel_for(0, c.batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / channel_blocks, o0 = item % channel_blocks * 16;
-      fill_planes(isa, P, dy, c, n, o0, std::min<int64_t>(16, cout - o0), planes);
-    }
-  });
-  // Items: (image, tile), summed over every output block's chunks into a local [cin][kTileWidth]
-  // buffer, then written 16 input channels at a time.
-  const int64_t per_image = static_cast<int64_t>(ranges.size());
-  at::parallel_for(0, c.batch * per_image, 1, [&](int64_t begin, int64_t end) {
-    static thread_local std::vector<float> local_storage;
+  // Items: (image, band of kTileWidth-aligned positions of every phase's grid); an image is cut
+  // in bands only where there are too few images to keep the threads busy. An item fills the
+  // positions of its image's planes that its tiles read into a thread's buffer (in L2 while its
+  // tiles read them), then sums each tile over every output block's chunks into a local
+  // [cin][kTileWidth] buffer, written 16 input channels at a time.
+  int64_t grid = 0;  // positions of the largest phase grid
+  for (int64_t ry = 0; ry < c.stride[0]; ++ry) grid = std::max(grid, P.rows.count[ry] * P.pitch);
+  const int64_t tiles = ceil_div(grid, kTileWidth);
+  const int64_t bands = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), c.batch), 1, std::max<int64_t>(tiles, 1));
+  at::parallel_for(0, c.batch * bands, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<float> plane_storage, local_storage;
+    float* planes = grow(plane_storage, static_cast<size_t>(cout * P.plane));
     float* local = grow(local_storage, static_cast<size_t>(cin * kTileWidth));
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / per_image;
-      const TileRange& t = ranges[item % per_image];
-      const int64_t phase = t.ry * c.stride[1] + t.rx;
-      std::memset(local, 0, sizeof(float) * cin * kTileWidth);
-      const float* image = planes + n * cout * P.plane + t.q0;
-      for (const Chunk& k : chunks[phase])
-        isa.block_tile({image + k.block * L.bo * P.plane, P.plane, offsets[phase].data(),
-                        static_cast<int64_t>(offsets[phase].size()), L.bo, weights.data() + k.w,
-                        channels.data() + k.first, k.count, local});
-      for (int64_t c0 = 0; c0 < cin; c0 += 16)
-        write_tile(isa, local + c0 * kTileWidth, t, P, n, c0, std::min<int64_t>(16, cin - c0), dx);
+      const int64_t n = item / bands, band = item % bands;
+      const int64_t p0 = tiles * band / bands * kTileWidth, p1 = tiles * (band + 1) / bands * kTileWidth;
+      int64_t lo = P.plane, hi = 0;  // the plane positions the band's tiles read
+      for (int64_t phase = 0; phase < phases; ++phase) {
+        const int64_t positions = P.rows.count[phase / c.stride[1]] * P.pitch;
+        if (P.cols.count[phase % c.stride[1]] == 0 || p0 >= positions || offsets[phase].empty()) continue;
+        const auto [first, last] = std::minmax_element(offsets[phase].begin(), offsets[phase].end());
+        lo = std::min(lo, p0 + *first);
+        hi = std::max(hi, std::min(p1, ceil_div(positions, kTileWidth) * kTileWidth) + *last);
+      }
+      if (lo < hi) fill_planes(isa, P, dy, c, n, lo, std::min(hi, P.plane), planes);
+      for (int64_t phase = 0; phase < phases; ++phase) {
+        const TileRange base{phase / c.stride[1], phase % c.stride[1], 0};
+        const int64_t positions = P.rows.count[base.ry] * P.pitch;
+        if (P.cols.count[base.rx] == 0) continue;
+        for (int64_t q0 = p0; q0 < std::min(p1, positions); q0 += kTileWidth) {
+          const TileRange t{base.ry, base.rx, q0};
+          std::memset(local, 0, sizeof(float) * cin * kTileWidth);
+          for (const Chunk& k : chunks[phase])
+            isa.block_tile({planes + k.block * L.bo * P.plane + q0, P.plane, offsets[phase].data(),
+                            static_cast<int64_t>(offsets[phase].size()), L.bo, weights.data() + k.w,
+                            channels.data() + k.first, k.count, local});
+          for (int64_t c0 = 0; c0 < cin; c0 += 16)
+            write_tile(isa, local + c0 * kTileWidth, t, P, n, c0, std::min<int64_t>(16, cin - c0), dx);
+        }
+      }
     }
   });
 }
