@@ -75,7 +75,8 @@ constexpr int64_t kTileWidth = 64;
 
 // One output block's share of a tile, for a chunk of the input channels it feeds (at most
 // kChunkChannels): out[channels[j] * kTileWidth + q] += sum over taps t < ntaps, o < bo of
-// w[(t * bo + o) * count + j] * src[offsets[t] + o * plane + q], for j < count, q < kTileWidth.
+// w[(t * bo + o) * count + j] * src[offsets[t] + o * plane + q], for j < count, q < width (a
+// multiple of 16, at most kTileWidth).
 // The block's bo planes start at src, plane floats apart; a tap reads them offsets[t] on. Each
 // vector of a plane feeds `count` fused multiply-adds, one per channel's broadcast weight.
 constexpr int64_t kChunkChannels = 6;
@@ -88,6 +89,7 @@ struct BlockTile {
   const int64_t* channels;
   int64_t count;
   float* out;
+  int64_t width;
 };
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (any sizes).

@@ -45,6 +45,22 @@ __attribute__((always_inline)) inline void block_vectors(const BlockTile& t, int
     for (int q = 0; q < NQ; ++q) store(out[j] + q * SK_VW, acc[j][q]);
 }
 
+// Channels in register tiles of up to SK_ACC / NQ (at most kChunkChannels) at positions q0 .. q0 + NQ * SK_VW.
+template <int NQ>
+void block_columns(const BlockTile& t, int64_t q0) {
+  constexpr int JMAX = SK_ACC / NQ < kChunkChannels ? SK_ACC / NQ : kChunkChannels;
+  for (int64_t j0 = 0; j0 < t.count; j0 += JMAX) {
+    switch (t.count - j0 < JMAX ? t.count - j0 : JMAX) {
+      case 1: block_vectors<1, NQ>(t, j0, q0); break;
+      case 2: block_vectors<2, NQ>(t, j0, q0); break;
+      case 3: block_vectors<3, NQ>(t, j0, q0); break;
+      case 4: if constexpr (JMAX >= 4) block_vectors<4, NQ>(t, j0, q0); break;
+      case 5: if constexpr (JMAX >= 5) block_vectors<5, NQ>(t, j0, q0); break;
+      default: if constexpr (JMAX >= 6) block_vectors<6, NQ>(t, j0, q0); break;
+    }
+  }
+}
+
 // ------------------------------------------------------------------------ vector sdd
 // Items j0 .. j0 + J of a tile, outputs o0 .. o0 + NV * W: every row's dy vectors feed J fused
 // multiply-adds each, one per item's broadcast input; the accumulators stay in registers across
@@ -190,19 +206,16 @@ void transpose(const Transpose& t) {
 // One output block's share of a tile: see BlockTile. Register tiles of 4 vectors of positions
 // by up to SK_ACC / 4 channels (6 under AVX-512: 24 accumulators, 10 loads per 24 multiply-adds).
 void block_tile(const BlockTile& t) {
-  constexpr int NQ = 4, JMAX = SK_ACC / NQ;
-  static_assert(kTileWidth % (NQ * SK_VW) == 0 && JMAX <= kChunkChannels, "tile shapes");
-  for (int64_t q0 = 0; q0 < kTileWidth; q0 += NQ * SK_VW)
-    for (int64_t j0 = 0; j0 < t.count; j0 += JMAX) {
-      switch (t.count - j0 < JMAX ? t.count - j0 : JMAX) {
-        case 1: block_vectors<1, NQ>(t, j0, q0); break;
-        case 2: block_vectors<2, NQ>(t, j0, q0); break;
-        case 3: block_vectors<3, NQ>(t, j0, q0); break;
-        case 4: if constexpr (JMAX >= 4) block_vectors<4, NQ>(t, j0, q0); break;
-        case 5: if constexpr (JMAX >= 5) block_vectors<5, NQ>(t, j0, q0); break;
-        default: if constexpr (JMAX >= 6) block_vectors<6, NQ>(t, j0, q0); break;
-      }
-    }
+  constexpr int NQ = 4;
+  const int64_t vectors = t.width / SK_VW;
+  int64_t q = 0;
+  for (; q + NQ <= vectors; q += NQ) block_columns<NQ>(t, q * SK_VW);
+  switch (vectors - q) {
+    case 1: block_columns<1>(t, q * SK_VW); break;
+    case 2: block_columns<2>(t, q * SK_VW); break;
+    case 3: block_columns<3>(t, q * SK_VW); break;
+    default: break;
+  }
 }
 
 // Items of one output block of vector blocks: see SddVectorTile.

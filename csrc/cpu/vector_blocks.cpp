@@ -144,6 +144,16 @@ struct ItemTile {
 void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const float* packed,
                        const at::Tensor& row_idx, const at::Tensor& col_ptr, const at::Tensor& col_slots,
                        const LayoutShape& L, const ConvShape& c, const Strided& dx) {
+  // A 1 x 1 convolution of stride 1 without padding, over images whose pixels follow one another
+  // at one stride (channels-last), is the linear layer of all their pixels: one plane, no tile
+  // straddling two images' ends.
+  const auto one_row = [&](const Strided& t, int64_t h, int64_t w) {
+    return t.n_step == h * t.y_step && t.y_step == w * t.x_step;
+  };
+  if (c.taps() == 1 && c.batch * c.out_h > 1 && c.stride[0] == 1 && c.stride[1] == 1 && c.padding[0] == 0 &&
+      c.padding[1] == 0 && one_row(dy, c.out_h, c.out_w) && one_row(dx, c.in_h, c.in_w))
+    return vector_grad_input(op, isa, {dy.data, 0, dy.c_step, 0, dy.x_step}, packed, row_idx, col_ptr, col_slots, L,
+                             ConvShape::linear(c.batch * c.out_h * c.out_w), {dx.data, 0, dx.c_step, 0, dx.x_step});
   const int64_t cin = L.cols, cout = L.rows * L.bo, taps = c.taps();
   const Planes P = make_planes(c, cout);
   const int32_t* ptr = col_ptr.data_ptr<int32_t>();
@@ -223,11 +233,12 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
         if (P.cols.count[base.rx] == 0) continue;
         for (int64_t q0 = p0; q0 < std::min(p1, positions); q0 += kTileWidth) {
           const TileRange t{base.ry, base.rx, q0};
+          const int64_t width = std::min(kTileWidth, ceil_div(positions - q0, 16) * 16);
           std::memset(local, 0, sizeof(float) * cin * kTileWidth);
           for (const Chunk& k : chunks[phase])
             isa.block_tile({planes + k.block * L.bo * P.plane + q0, P.plane, offsets[phase].data(),
                             static_cast<int64_t>(offsets[phase].size()), L.bo, weights.data() + k.w,
-                            channels.data() + k.first, k.count, local});
+                            channels.data() + k.first, k.count, local, width});
           for (int64_t c0 = 0; c0 < cin; c0 += 16)
             write_tile(isa, local + c0 * kTileWidth, t, P, n, c0, std::min<int64_t>(16, cin - c0), dx);
         }
