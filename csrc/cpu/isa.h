@@ -92,12 +92,15 @@ struct BlockTile {
   int64_t width;
 };
 
-// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (any sizes).
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (any sizes), in
+// square blocks: along the rows of src (j inner), or down its columns when `rows_inner`. The
+// inner loop runs along the channels of a channels-last side, whose memory it then walks in order.
 struct Transpose {
   const float* src;
   int64_t src_stride;
   float* dst;
   int64_t dst_stride, rows, cols;
+  bool rows_inner;
 };
 
 // The grad-weight of vector blocks: items (slot, tap) of one output block share the rows of dy;

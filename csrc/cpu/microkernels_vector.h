@@ -179,9 +179,11 @@ __attribute__((always_inline)) inline void store_first(float* p, vec v, int n) {
 // A matrix transposed, SK_VW x SK_VW blocks at a time in registers (the blocks at the edges
 // partial: masked loads and stores): see Transpose.
 void transpose(const Transpose& t) {
-  for (int64_t i0 = 0; i0 < t.rows; i0 += SK_VW) {
-    const int ni = t.rows - i0 < SK_VW ? static_cast<int>(t.rows - i0) : SK_VW;
-    for (int64_t j0 = 0; j0 < t.cols; j0 += SK_VW) {
+  const int64_t outer = t.rows_inner ? t.cols : t.rows, inner = t.rows_inner ? t.rows : t.cols;
+  for (int64_t u = 0; u < outer; u += SK_VW)
+    for (int64_t v = 0; v < inner; v += SK_VW) {
+      const int64_t i0 = t.rows_inner ? v : u, j0 = t.rows_inner ? u : v;
+      const int ni = t.rows - i0 < SK_VW ? static_cast<int>(t.rows - i0) : SK_VW;
       const int nj = t.cols - j0 < SK_VW ? static_cast<int>(t.cols - j0) : SK_VW;
       vec r[SK_VW];
       const float* src = t.src + i0 * t.src_stride + j0;
@@ -200,7 +202,6 @@ void transpose(const Transpose& t) {
           if (j < nj) store_first(dst + j * t.dst_stride, r[j], ni);
       }
     }
-  }
 }
 
 // One output block's share of a tile: see BlockTile. Register tiles of 4 vectors of positions

@@ -94,8 +94,7 @@ void fill_planes(const Isa& isa, const Planes& P, const Strided& dy, const ConvS
     if (dy.x_step == 1) {  // NCHW: rows
       for (int64_t o = 0; o < cout; ++o) std::memcpy(dst + o * P.plane, src + o * dy.c_step, sizeof(float) * (d1 - d0));
     } else if (dy.c_step == 1) {  // channels-last: transposes
-      for (int64_t o = 0; o < cout; o += 16)
-        isa.transpose({src + o, dy.x_step, dst + o * P.plane, P.plane, d1 - d0, std::min<int64_t>(16, cout - o)});
+      isa.transpose({src, dy.x_step, dst, P.plane, d1 - d0, cout, false});
     } else {  // any other strides
       for (int64_t o = 0; o < cout; ++o)
         for (int64_t x = 0; x < d1 - d0; ++x) dst[o * P.plane + x] = src[o * dy.c_step + x * dy.x_step];
@@ -108,14 +107,14 @@ struct TileRange {
   int64_t ry, rx, q0;
 };
 
-// Writes the tile's results (local[k][q - q0] for channels c0 + k < c0 + count) into dx, dropping
-// the positions outside the phase's grid: along each row of the grid, a transpose into
-// channels-last dx, or row copies into NCHW.
-void write_tile(const Isa& isa, const float* local, const TileRange& t, const Planes& P, int64_t n, int64_t c0,
-                int64_t count, const Strided& dx) {
+// Writes the tile's results (local[k][q - q0] for channels k < count) into dx, dropping the
+// positions outside the phase's grid: along each row of the grid, a transpose into channels-last
+// dx (pixel by pixel), or row copies into NCHW.
+void write_tile(const Isa& isa, const float* local, const TileRange& t, const Planes& P, int64_t n, int64_t count,
+                const Strided& dx) {
   const int64_t end = std::min(t.q0 + kTileWidth, P.rows.count[t.ry] * P.pitch);
   const int64_t sy = P.rows.stride, sx = P.cols.stride, width = P.cols.count[t.rx];
-  float* base = dx.data + n * dx.n_step + c0 * dx.c_step;
+  float* base = dx.data + n * dx.n_step;
   for (int64_t Y = t.q0 / P.pitch; Y * P.pitch < end; ++Y) {
     const int64_t first = std::max(t.q0, Y * P.pitch), last = std::min(end, Y * P.pitch + width);
     if (first >= last) continue;
@@ -123,7 +122,7 @@ void write_tile(const Isa& isa, const float* local, const TileRange& t, const Pl
     float* dst = base + (t.ry + sy * Y) * dx.y_step + (t.rx + sx * X) * dx.x_step;
     const float* src = local + (first - t.q0);
     if (dx.c_step == 1) {
-      isa.transpose({src, kTileWidth, dst, sx * dx.x_step, count, last - first});
+      isa.transpose({src, kTileWidth, dst, sx * dx.x_step, count, last - first, true});
     } else {
       for (int64_t k = 0; k < count; ++k)
         for (int64_t j = 0; j < last - first; ++j) dst[k * dx.c_step + j * sx * dx.x_step] = src[k * kTileWidth + j];
@@ -206,7 +205,7 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
   // in bands only where there are too few images to keep the threads busy. An item fills the
   // positions of its image's planes that its tiles read into a thread's buffer (in L2 while its
   // tiles read them), then sums each tile over every output block's chunks into a local
-  // [cin][kTileWidth] buffer, written 16 input channels at a time.
+  // [cin][kTileWidth] buffer, and writes it.
   int64_t grid = 0;  // positions of the largest phase grid
   for (int64_t ry = 0; ry < c.stride[0]; ++ry) grid = std::max(grid, P.rows.count[ry] * P.pitch);
   const int64_t tiles = ceil_div(grid, kTileWidth);
@@ -239,8 +238,7 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
             isa.block_tile({planes + k.block * L.bo * P.plane + q0, P.plane, offsets[phase].data(),
                             static_cast<int64_t>(offsets[phase].size()), L.bo, weights.data() + k.w,
                             channels.data() + k.first, k.count, local, width});
-          for (int64_t c0 = 0; c0 < cin; c0 += 16)
-            write_tile(isa, local + c0 * kTileWidth, t, P, n, c0, std::min<int64_t>(16, cin - c0), dx);
+          write_tile(isa, local, t, P, n, cin, dx);
         }
       }
     }
