@@ -131,9 +131,10 @@ void write_tile(const Isa& isa, const float* local, const TileRange& t, const Pl
 }
 
 // ------------------------------------------------------------------------ grad-weight plan
-// A tile of up to kSddItems (slot, tap) items of one output block: where each reads x, where it adds.
+// A tile of up to kSddItems items (slot, tap) of one output block and one tap: the channel of x
+// each reads, where each adds.
 struct ItemTile {
-  int64_t block, items;
+  int64_t block, tap, items;
   int64_t offsets[kSddItems];
   float* acc[kSddItems];
 };
@@ -250,46 +251,34 @@ void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const f
                         const ConvShape& c, float* acc) {
   const int64_t cin = L.cols, cout = L.rows * L.bo, taps = c.taps(), bo = L.bo;
   if (L.nnz > 0) std::memset(acc, 0, sizeof(float) * L.nnz * taps * bo);
-  // x, zero-padded where the convolution pads: every tap of every output pixel reads inside.
-  const int64_t ph = c.padding[0], pw = c.padding[1], hp = c.in_h + 2 * ph, wp = c.in_w + 2 * pw;
-  const float* a = x;
-  if (ph > 0 || pw > 0) {
-    static thread_local std::vector<float> padded_storage;
-    float* padded = grow(padded_storage, static_cast<size_t>(c.batch * hp * wp * cin));
-    at::parallel_for(0, c.batch * hp, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / hp, y = row % hp - ph;
-        float* dst = padded + row * wp * cin;
-        if (y < 0 || y >= c.in_h) {
-          std::memset(dst, 0, sizeof(float) * wp * cin);
-          continue;
-        }
-        std::memset(dst, 0, sizeof(float) * pw * cin);
-        std::memcpy(dst + pw * cin, x + (n * c.in_h + y) * c.in_w * cin, sizeof(float) * c.in_w * cin);
-        std::memset(dst + (pw + c.in_w) * cin, 0, sizeof(float) * pw * cin);
-      }
-    });
-    a = padded;
-  }
-  std::vector<int64_t> tap_offset(taps);
-  for (int64_t t = 0; t < taps; ++t)
-    tap_offset[t] = (t / c.kw * c.dilation[0] * wp + t % c.kw * c.dilation[1]) * cin;
-  // Chunks of about kChunkPixels output pixels, in runs along the output rows.
+  // Per chunk of about kChunkPixels output pixels and per tap, the runs of the chunk's pixels
+  // (along output rows) whose tap reads inside x: x is read in place, no padded copy.
   constexpr int64_t kChunkPixels = 128;
   static thread_local SddPlan plan_storage;  // the calling thread's: the workers read it through `plan`
   SddPlan& plan = plan_storage;
-  plan.reset(1);
-  const int64_t pixels = c.batch * c.out_h * c.out_w;
-  for (int64_t m0 = 0; m0 < pixels; m0 += kChunkPixels, ++plan.chunks) {
-    for (int64_t m = m0; m < std::min(pixels, m0 + kChunkPixels);) {
-      const int64_t row = m / c.out_w, x0 = m % c.out_w, n = row / c.out_h, y = row % c.out_h;
-      const int64_t count = std::min(c.out_w - x0, m0 + kChunkPixels - m);
-      plan.add(m * cout, ((n * hp + y * c.stride[0]) * wp + x0 * c.stride[1]) * cin, count, cout, c.stride[1] * cin);
-      m += count;
+  plan.reset(taps);
+  const int64_t pixels = c.batch * c.out_h * c.out_w, sx = c.stride[1];
+  for (int64_t m0 = 0; m0 < pixels; m0 += kChunkPixels, ++plan.chunks)
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t i = t / c.kw, j = t % c.kw;
+      // Output columns [lo, hi) whose tap column lands inside x: x * sx + shift in [0, in_w).
+      const int64_t shift = j * c.dilation[1] - c.padding[1];
+      const int64_t lo = shift >= 0 ? 0 : (-shift + sx - 1) / sx;
+      const int64_t hi = c.in_w - 1 - shift < 0 ? 0 : std::min(c.out_w, (c.in_w - 1 - shift) / sx + 1);
+      for (int64_t m = m0; m < std::min(pixels, m0 + kChunkPixels);) {
+        const int64_t row = m / c.out_w, x0 = m % c.out_w, n = row / c.out_h, y = row % c.out_h;
+        const int64_t x1 = std::min(c.out_w, x0 + m0 + kChunkPixels - m);
+        const int64_t sy = y * c.stride[0] + i * c.dilation[0] - c.padding[0];
+        const int64_t first = std::max(x0, lo), last = std::min(x1, hi);
+        if (sy >= 0 && sy < c.in_h && first < last)
+          plan.add((row * c.out_w + first) * cout, ((n * c.in_h + sy) * c.in_w + first * sx + shift) * cin,
+                   last - first, cout, sx * cin);
+        m += x1 - x0;
+      }
+      plan.close();
     }
-    plan.close();
-  }
-  // Tiles of items, output block by output block (row-sorted slots, then taps).
+  // Tiles of items of one output block and one tap (slots in row order): they share the runs,
+  // and each row's inputs are channels of one pixel of x.
   const int32_t* ptr = row_ptr.data_ptr<int32_t>();
   const int32_t* slots = row_slots.data_ptr<int32_t>();
   const int32_t* cols = col_idx.data_ptr<int32_t>();
@@ -297,22 +286,22 @@ void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const f
   for (int64_t b = 0; b < L.rows; ++b) TORCH_CHECK_VALUE(ptr[b] <= ptr[b + 1], op, ": the index pointer decreases at ", b);
   std::vector<ItemTile> tiles;
   for (int64_t b = 0; b < L.rows; ++b)
-    for (int64_t i = ptr[b]; i < ptr[b + 1]; ++i)
-      for (int64_t t = 0; t < taps; ++t) {
-        if (tiles.empty() || tiles.back().block != b || tiles.back().items == kSddItems) tiles.push_back({b, 0, {}, {}});
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t i = ptr[b]; i < ptr[b + 1]; ++i) {
+        if (i == ptr[b] || tiles.back().items == kSddItems) tiles.push_back({b, t, 0, {}, {}});
         ItemTile& tile = tiles.back();
-        tile.offsets[tile.items] = cols[slots[i]] + tap_offset[t];
+        tile.offsets[tile.items] = cols[slots[i]];
         tile.acc[tile.items++] = acc + (slots[i] * taps + t) * bo;
       }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
-      const int64_t first = plan.start[chunk], runs = plan.start[chunk + 1] - first;
+    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk)
       for (int64_t i = begin; i < end; ++i) {
         const ItemTile& tile = tiles[i];
-        isa.sdd_vector({dy + tile.block * bo, cout, a, c.stride[1] * cin, plan.runs.data() + first, runs,
-                        tile.offsets, tile.acc, tile.items, bo});
+        const int64_t first = plan.start[chunk * taps + tile.tap], runs = plan.start[chunk * taps + tile.tap + 1] - first;
+        if (runs > 0)
+          isa.sdd_vector({dy + tile.block * bo, cout, x, sx * cin, plan.runs.data() + first, runs, tile.offsets,
+                          tile.acc, tile.items, bo});
       }
-    }
   });
 }
 
