@@ -284,15 +284,19 @@ void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const f
   const int32_t* cols = col_idx.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(ptr[0] == 0 && ptr[L.rows] == L.nnz, op, ": the index pointer must run from 0 to ", L.nnz);
   for (int64_t b = 0; b < L.rows; ++b) TORCH_CHECK_VALUE(ptr[b] <= ptr[b + 1], op, ": the index pointer decreases at ", b);
+  // A block's slots are split into near-equal tiles (9 slots: 5 + 4, not 8 + 1).
   std::vector<ItemTile> tiles;
-  for (int64_t b = 0; b < L.rows; ++b)
+  for (int64_t b = 0; b < L.rows; ++b) {
+    const int64_t live = ptr[b + 1] - ptr[b], parts = ceil_div(live, kSddItems);
     for (int64_t t = 0; t < taps; ++t)
-      for (int64_t i = ptr[b]; i < ptr[b + 1]; ++i) {
-        if (i == ptr[b] || tiles.back().items == kSddItems) tiles.push_back({b, t, 0, {}, {}});
-        ItemTile& tile = tiles.back();
-        tile.offsets[tile.items] = cols[slots[i]];
-        tile.acc[tile.items++] = acc + (slots[i] * taps + t) * bo;
+      for (int64_t part = 0; part < parts; ++part) {
+        ItemTile& tile = tiles.emplace_back(ItemTile{b, t, 0, {}, {}});
+        for (int64_t i = ptr[b] + live * part / parts; i < ptr[b] + live * (part + 1) / parts; ++i) {
+          tile.offsets[tile.items] = cols[slots[i]];
+          tile.acc[tile.items++] = acc + (slots[i] * taps + t) * bo;
+        }
       }
+  }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = 0; chunk < plan.chunks; ++chunk)
       for (int64_t i = begin; i < end; ++i) {
