@@ -47,7 +47,8 @@ Axis make_axis(int64_t dst, int64_t src, int64_t kernel, int64_t s, int64_t p, i
 }
 
 // The planes of one image of dy: channel o at data + o * plane, source pixel (y, x) at
-// (y + rows.before) * pitch + x + cols.before, zeros around.
+// (y + rows.before) * pitch + x + cols.before, zeros around (a tap reading left of a row's
+// pixels reads the previous row's trailing zeros).
 struct Planes {
   Axis rows, cols;
   int64_t pitch, plane, channels;
@@ -58,7 +59,13 @@ struct Planes {
 Planes make_planes(const ConvShape& c, int64_t channels) {
   Planes planes{make_axis(c.in_h, c.out_h, c.kh, c.stride[0], c.padding[0], c.dilation[0]),
                 make_axis(c.in_w, c.out_w, c.kw, c.stride[1], c.padding[1], c.dilation[1]), 0, 0, channels};
-  planes.pitch = std::max<int64_t>(planes.cols.extent, 1);
+  // Rows share their zero columns: a row's trailing zeros run on into the next row's leading
+  // ones, so the pitch is the data's width plus the wider of the two (not both), and no less
+  // than a phase's destination width.
+  const Axis& cols = planes.cols;
+  planes.pitch = c.out_w + std::max(cols.before, cols.extent - cols.before - c.out_w);
+  for (const int64_t count : cols.count) planes.pitch = std::max(planes.pitch, count);
+  planes.pitch = std::max<int64_t>(planes.pitch, 1);
   // The farthest float a tile reads: its last position, rounded up to a tile, plus a tap's offset.
   int64_t reach = planes.rows.extent * planes.pitch;
   for (int64_t ry = 0; ry < c.stride[0]; ++ry)
