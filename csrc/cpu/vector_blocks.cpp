@@ -260,7 +260,7 @@ void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const f
   if (L.nnz > 0) std::memset(acc, 0, sizeof(float) * L.nnz * taps * bo);
   // Per chunk of about kChunkPixels output pixels and per tap, the runs of the chunk's pixels
   // (along output rows) whose tap reads inside x: x is read in place, no padded copy.
-  constexpr int64_t kChunkPixels = 128;
+  constexpr int64_t kChunkPixels = 64;
   static thread_local SddPlan plan_storage;  // the calling thread's: the workers read it through `plan`
   SddPlan& plan = plan_storage;
   plan.reset(taps);
