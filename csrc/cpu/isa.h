@@ -103,7 +103,7 @@ struct Transpose {
   bool rows_inner;
 };
 
-// The grad-weight of vector blocks: items (slot, tap) of one output block share the rows of dy;
+// The grad-weight of vector blocks: items (slot, tap) of one output block and one tap share the rows of dy;
 // acc[j][0:bo] += sum over runs and their rows m of a(m)[offsets[j]] * dy(m)[0:bo] for j < items
 // (<= kSddItems); bo is a multiple of 8. Row m reads dy + run.dy + m * dy_step and a + run.a + m * a_step.
 constexpr int64_t kSddItems = 8;

@@ -2,17 +2,18 @@
 // square blocks' drivers do not cover. The forward is the square blocks' dsd with pairs one input
 // channel deep (driver.h: k = 1); what differs is
 //   grad-input: a block feeds one input channel, so there is no vector of outputs to broadcast
-//     into. It runs channel-major instead: dy is copied once into planes (each channel's pixels
-//     in rows, zero-padded so that every tap of every output pixel reads inside), and a tile of
-//     kTileWidth consecutive positions of every input channel sums, output block by output
-//     block, the block's taps and bo planes times the weights of the channels it feeds: a small
-//     dense product (channels x 16 * taps) @ (16 * taps x positions) whose plane vectors are each
-//     loaded once for several channels (isa.h: BlockTile). A stride s splits dx into s x s
+//     into. It runs channel-major instead: dy is copied into planes (each channel's pixels in
+//     rows, zero-padded so that every tap of every output pixel reads inside), a band of an
+//     image at a time into a thread's buffer, and a tile of kTileWidth consecutive positions of
+//     every input channel sums, output block by output block, the block's taps and bo planes
+//     times the weights of the channels it feeds: a small dense product (channels x bo * taps)
+//     @ (bo * taps x positions) whose plane vectors are each loaded once for several channels
+//     (isa.h: BlockTile); the tile is then transposed into dx. A stride s splits dx into s x s
 //     phases, each a stride-1 product over the planes with the taps that reach it.
-//   grad-weight: items (slot, tap) of one output block share its dy rows: every row's bo-vector of
-//     dy is multiplied by one broadcast input per item (isa.h: SddVectorTile), over the output
-//     pixels in chunks that stay in cache. Padded convolutions read a zero-padded copy of x, so
-//     that every tap's run is the whole row.
+//   grad-weight: items (slot, tap) of one output block and one tap share its dy rows: every
+//     row's bo-vector of dy is multiplied by one broadcast input per item, channels of one pixel
+//     of x (isa.h: SddVectorTile), over the output pixels in chunks that stay in L1, in runs
+//     clipped to where the tap reads inside x.
 // A linear layer is the 1 x 1 convolution of one image row of `rows` pixels.
 #pragma once
 
