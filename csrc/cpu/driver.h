@@ -63,6 +63,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct PanelLayout {
   int64_t rows, groups;
   std::vector<int64_t> group, shift;  // per tap
+  bool triples = false;  // taps in threes of one group at shifts s, s + 1, s + 2 (isa.h: DsdTile)
   static PanelLayout per_tap(int64_t taps) {
     PanelLayout layout{kPanelRows, taps, std::vector<int64_t>(taps), std::vector<int64_t>(taps, 0)};
     for (int64_t t = 0; t < taps; ++t) layout.group[t] = t;
@@ -196,6 +197,7 @@ struct SegmentTiles {
       layout.group[t] = t / kw;
       layout.shift[t] = (transposed ? kw - 1 - j : j) * dilation;
     }
+    layout.triples = kw == 3 && dilation == 1 && !transposed;
     return layout;
   }
   int64_t tiles() const { return batch * dst_h * segments(); }
@@ -264,7 +266,7 @@ void run_dsd(const Isa& isa, const Tiles& tiles, const PairTable& table, int64_t
       for (int64_t b = group * per_group; b < std::min(blocks, (group + 1) * per_group); ++b) {
         const int64_t p = table.ptr[b];
         isa.dsd({panel.groups.data(), column_stride, table.pairs.data() + p, table.ptr[b + 1] - p, table.k, n,
-                 bias ? bias + b * n : nullptr, out + m0 * ldo + b * n, ldo, rows});
+                 bias ? bias + b * n : nullptr, out + m0 * ldo + b * n, ldo, rows, table.k == 1 && table.layout.triples});
       }
     }
   });

@@ -27,6 +27,9 @@ struct DsdPair {
 // out[r, 0:n] = bias[0:n] + sum over pairs p, kk < k of panel(p, r, kk) * p.w[kk, :] for
 // r < rows (<= kPanelRows); k is 1 or a multiple of 16, n a multiple of 8. Output rows are ldo
 // floats apart. A panel is packed in groups of columns (a tap, or a kernel row), each at its own address.
+// Pairs of vector blocks (k = 1) may come in triples (`triples`): three taps of one kernel row
+// whose inputs are the same panel column at rows shifted by 0, 1 and 2 (a 3-wide kernel of
+// dilation 1), so that each panel value, broadcast once, feeds all three.
 struct DsdTile {
   const float* const* groups;
   int64_t column_stride;
@@ -35,6 +38,7 @@ struct DsdTile {
   const float* bias;  // nullptr: zero
   float* out;
   int64_t ldo, rows;
+  bool triples;
 };
 
 // One group of a panel to pack: for every panel row r < rows, pixels[r] points at the channels

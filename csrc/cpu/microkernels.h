@@ -52,6 +52,28 @@ __attribute__((always_inline)) inline void dsd_tile(const DsdTile& t, int64_t r0
     for (int r = 0; r < MR; ++r) acc[r][v] = init;
   }
   const int64_t chunks = t.k / kPanelWidth, n = t.n;
+  if constexpr (ONE) {
+    if (t.triples) {  // panel row q feeds row q of the first tap, q - 1 of the second, q - 2 of the third
+      for (int64_t p = 0; p + 3 <= t.npairs; p += 3) {
+        const float* a = t.groups[t.pairs[p].group] + t.pairs[p].offset + r0 * kPanelWidth;
+        V b[3][NV];
+#pragma GCC unroll 3
+        for (int u = 0; u < 3; ++u)
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) b[u][v] = load<W>(t.pairs[p + u].w + n0 + v * W);
+#pragma GCC unroll 40
+        for (int q = 0; q < MR + 2; ++q) {
+          const float s = a[q * kPanelWidth];
+#pragma GCC unroll 3
+          for (int u = 0; u < 3; ++u)
+            if (q - u >= 0 && q - u < MR)
+#pragma GCC unroll 8
+              for (int v = 0; v < NV; ++v) acc[q - u][v] += s * b[u][v];
+        }
+      }
+      goto done;
+    }
+  }
   for (int64_t p = 0; p < t.npairs; ++p) {
     const float* a = t.groups[t.pairs[p].group] + t.pairs[p].offset + r0 * kPanelWidth;
     const float* w = t.pairs[p].w + n0;
@@ -82,6 +104,7 @@ __attribute__((always_inline)) inline void dsd_tile(const DsdTile& t, int64_t r0
       }
     }
   }
+done:
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
