@@ -68,7 +68,7 @@ namespace cpu {
 std::string selected_isa();
 
 // Whether the compiled CPU kernels take this case (fp32, fp16 or bf16, computed in fp32; block sides
-// multiples of 16). The rest runs on the masked-dense reference path: the live blocks scattered
+// multiples of 16, or vector blocks: bo a multiple of 8 by bi = 1). The rest runs on the masked-dense reference path: the live blocks scattered
 // into a dense weight, and ATen's dense op. The one statement of the rule: the kernels ask it, and
 // so does Python through the op sparse_kernels::cpu_kernels_take (cpu/driver.cpp).
 bool kernels_take(at::ScalarType dtype, int64_t bo, int64_t bi);

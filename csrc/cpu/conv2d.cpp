@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "driver.h"
+#include "vector_blocks.h"
 
 namespace sparse_kernels {
 namespace cpu {
@@ -121,6 +122,12 @@ void with_tiles(const at::Tensor& src, int64_t batch, int64_t dst_h, int64_t dst
   }
 }
 
+ConvShape conv_shape(int64_t batch, int64_t h, int64_t w, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
+                     const Conv& c) {
+  return {batch, h, w, oh, ow, kh, kw, {c.stride[0], c.stride[1]}, {c.padding[0], c.padding[1]},
+          {c.dilation[0], c.dilation[1]}};
+}
+
 void check_input(const char* op, const char* name, const at::Tensor& t, int64_t channels) {
   TORCH_CHECK_VALUE(t.dim() == 4 && t.size(1) == channels, op, ": ", name, " must be [N, ", channels,
                     ", H, W], got shape ", t.sizes());
@@ -187,8 +194,16 @@ at::Tensor conv2d_grad_input(const at::Tensor& grad_out, const at::Tensor& value
                                                padding, extra, 1, dilation);
     return dx.contiguous(is_channels_last(grad_out) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   }
-  const at::Tensor src = channels_last(as_float(grad_out));
   const float* packed = pack_weights(as_float(values), false);  // [nnz][kh][kw][bo][bi]
+  if (L.bi == 1) {  // vector blocks: channel-major (vector_blocks.h)
+    const at::Tensor dy = as_float(grad_out);
+    at::Tensor dx = at::empty({grad_out.size(0), in_channels, h, w}, dy.options().memory_format(
+        is_channels_last(grad_out) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+    vector_grad_input(op, select_isa(), Strided::of(dy), packed, row_idx, col_ptr, col_slots, L,
+                      conv_shape(grad_out.size(0), h, w, grad_out.size(2), grad_out.size(3), kh, kw, c), Strided::of(dx));
+    return dx.to(grad_out.scalar_type());
+  }
+  const at::Tensor src = channels_last(as_float(grad_out));
   at::Tensor dx = at::empty({grad_out.size(0), h, w, in_channels}, src.options());
   with_tiles(src, grad_out.size(0), h, w, kh, kw, c, true, [&](const auto& tiles) {
     const PairTable table =
@@ -236,8 +251,16 @@ at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
         grad_out, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1, {false, true, false}));
     return live_blocks(dense, L, row_idx, col_idx);
   }
-  check_slots(op, row_idx, col_idx, col_slots, L.rows, L.cols);
+  check_slots(op, row_idx, col_idx, bi == 1 ? row_slots : col_slots, L.rows, L.cols);
   const at::Tensor dy = channels_last(as_float(grad_out)), src = channels_last(as_float(x));
+  if (bi == 1) {  // vector blocks (vector_blocks.h)
+    static thread_local std::vector<float> buffer;  // [nnz][taps][bo]
+    float* acc = grow(buffer, static_cast<size_t>(L.nnz * kh * kw * bo));
+    vector_grad_weight(op, select_isa(), dy.data_ptr<float>(), src.data_ptr<float>(), col_idx, row_ptr, row_slots, L,
+                       conv_shape(x.size(0), h, w, oh, ow, kh, kw, c), acc);
+    const at::Tensor by_tap = at::from_blob(acc, {L.nnz, kh, kw, bo, bi}, src.options());
+    return by_tap.permute({0, 3, 4, 1, 2}).to(x.scalar_type(), false, true, at::MemoryFormat::Contiguous);
+  }
   const int64_t taps = kh * kw, out_rows = x.size(0) * oh, rows_per_chunk = std::max<int64_t>(1, 256 / ow);
   static thread_local SddPlan plan;
   plan.reset(taps);

@@ -15,12 +15,15 @@ namespace sparse_kernels {
 namespace cpu {
 
 const Isa& select_isa() {
-  static const Isa generic_isa{"generic", generic::dsd, generic::sdd, generic::pack};
+  static const Isa generic_isa{"generic", generic::dsd, generic::sdd, generic::pack, generic::block_tile,
+                                     generic::sdd_vector, generic::transpose};
   const char* forced = std::getenv("SPARSE_KERNELS_CPU_ISA");
   const std::string name = forced ? forced : "";
 #if SPARSE_KERNELS_X86_ISAS
-  static const Isa avx2_isa{"avx2", avx2::dsd, avx2::sdd, avx2::pack};
-  static const Isa avx512_isa{"avx512", avx512::dsd, avx512::sdd, avx512::pack};
+  static const Isa avx2_isa{"avx2", avx2::dsd, avx2::sdd, avx2::pack, avx2::block_tile, avx2::sdd_vector,
+                                    avx2::transpose};
+  static const Isa avx512_isa{"avx512", avx512::dsd, avx512::sdd, avx512::pack, avx512::block_tile,
+                                      avx512::sdd_vector, avx512::transpose};
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (name.empty()) return has_avx512 ? avx512_isa : has_avx2 ? avx2_isa : generic_isa;
@@ -74,19 +77,20 @@ PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& sl
   check_in_range(o, nnz, other_blocks, op, "other index");
   PairTable table;
   table.k = k;
-  std::vector<int64_t> position(other_blocks, -1);
-  for (int64_t i = 0; i < nnz; ++i) position[o[i]] = 0;
-  for (int64_t j = 0; j < other_blocks; ++j)
+  table.channels = other_blocks * k;
+  std::vector<int64_t> position(ceil_div(table.channels, kPanelWidth), -1);
+  for (int64_t i = 0; i < nnz; ++i)
+    for (int64_t chunk = o[i] * k / kPanelWidth; chunk <= (o[i] * k + k - 1) / kPanelWidth; ++chunk) position[chunk] = 0;
+  for (int64_t j = 0; j < static_cast<int64_t>(position.size()); ++j)
     if (position[j] == 0) position[j] = static_cast<int64_t>(table.used.size()), table.used.push_back(j);
-  const int64_t chunks = k / kPanelWidth;
   table.ptr.resize(blocks + 1);
   table.pairs.reserve(nnz * taps);
   for (int64_t b = 0; b < blocks; ++b) {
     table.ptr[b] = static_cast<int64_t>(table.pairs.size());
     for (int64_t i = p[b]; i < p[b + 1]; ++i)
       for (int64_t tap = 0; tap < taps; ++tap) {
-        const int64_t column = position[o[s[i]]] * chunks;
-        table.pairs.push_back({layout.group[tap], (column * layout.rows + layout.shift[tap]) * kPanelWidth,
+        const int64_t first = o[s[i]] * k, column = position[first / kPanelWidth], lane = first % kPanelWidth;
+        table.pairs.push_back({layout.group[tap], (column * layout.rows + layout.shift[tap]) * kPanelWidth + lane,
                                packed + (s[i] * taps + tap) * k * n});
       }
   }
@@ -111,7 +115,8 @@ void check_slots(const char* op, const at::Tensor& row_idx, const at::Tensor& co
 
 bool kernels_take(at::ScalarType dtype, int64_t bo, int64_t bi) {
   const bool floating = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-  return floating && bo % 16 == 0 && bi % 16 == 0 && bo > 0 && bi > 0;
+  const bool square = bo % 16 == 0 && bi % 16 == 0, vector = bo % 8 == 0 && bi == 1;
+  return floating && (square || vector) && bo > 0 && bi > 0;
 }
 
 namespace {

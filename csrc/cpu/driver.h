@@ -63,6 +63,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct PanelLayout {
   int64_t rows, groups;
   std::vector<int64_t> group, shift;  // per tap
+  bool triples = false;  // taps in threes of one group at shifts s, s + 1, s + 2 (isa.h: DsdTile)
   static PanelLayout per_tap(int64_t taps) {
     PanelLayout layout{kPanelRows, taps, std::vector<int64_t>(taps), std::vector<int64_t>(taps, 0)};
     for (int64_t t = 0; t < taps; ++t) layout.group[t] = t;
@@ -71,20 +72,22 @@ struct PanelLayout {
 };
 
 // The live (block, tap) pairs of each output block b < ptr.size() - 1, in the order of the
-// index, and the input blocks they read: input block used[j] fills the k / 16 columns of its
-// group from j * k / 16 on. Pair weights sit at packed + (slot * taps + tap) * k * n.
+// index, and the chunks of 16 input floats they read: used[j] fills the panel column j of every
+// group. A pair reads its block's k inputs (k floats of a pixel: a square block's side, or the
+// one channel of a vector block) from the column of its first chunk on, at its lane there.
+// Pair weights sit at packed + (slot * taps + tap) * k * n.
 struct PairTable {
   std::vector<DsdPair> pairs;
   std::vector<int64_t> ptr;
-  std::vector<int64_t> used;  // input blocks read by some pair, ascending
+  std::vector<int64_t> used;  // chunks of 16 input floats read by some pair, ascending
   PanelLayout layout;
-  int64_t k = 0;
+  int64_t k = 0, channels = 0;  // channels: floats per source pixel
   // Floats of one group of the panel.
-  int64_t group_floats() const { return static_cast<int64_t>(used.size()) * k * layout.rows; }
+  int64_t group_floats() const { return static_cast<int64_t>(used.size()) * kPanelWidth * layout.rows; }
 };
 
 // Builds the table from an index (ptr [blocks + 1], slots [nnz], other [nnz]: the input block
-// of each slot), checking that it is well formed (monotone pointers, indices in range).
+// of each slot, k floats wide), checking that it is well formed (monotone pointers, indices in range).
 PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& slots, const at::Tensor& other,
                      int64_t other_blocks, PanelLayout layout, int64_t k, int64_t n, const float* packed);
 
@@ -99,7 +102,7 @@ struct Panel {
 // Packs `rows` panel rows of one group from the source pixels in panel.pixels into `dest`.
 inline void pack_group(const Isa& isa, const PairTable& table, Panel& panel, int64_t rows, float* dest) {
   isa.pack({panel.pixels.data(), rows, table.layout.rows, table.used.data(), static_cast<int64_t>(table.used.size()),
-            table.k, dest});
+            table.channels, dest});
 }
 
 // Checks (row_idx, col_idx, order) of a grad-weight call: order is a permutation of the slots.
@@ -194,6 +197,7 @@ struct SegmentTiles {
       layout.group[t] = t / kw;
       layout.shift[t] = (transposed ? kw - 1 - j : j) * dilation;
     }
+    layout.triples = kw == 3 && dilation == 1 && !transposed;
     return layout;
   }
   int64_t tiles() const { return batch * dst_h * segments(); }
@@ -262,7 +266,7 @@ void run_dsd(const Isa& isa, const Tiles& tiles, const PairTable& table, int64_t
       for (int64_t b = group * per_group; b < std::min(blocks, (group + 1) * per_group); ++b) {
         const int64_t p = table.ptr[b];
         isa.dsd({panel.groups.data(), column_stride, table.pairs.data() + p, table.ptr[b + 1] - p, table.k, n,
-                 bias ? bias + b * n : nullptr, out + m0 * ldo + b * n, ldo, rows});
+                 bias ? bias + b * n : nullptr, out + m0 * ldo + b * n, ldo, rows, table.k == 1 && table.layout.triples});
       }
     }
   });

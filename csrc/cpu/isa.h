@@ -16,15 +16,20 @@ constexpr int64_t kPanelRows = 24;
 
 // One live (block, tap) pair feeding a block of outputs: its k inputs start at
 // groups[group] + offset (row 0 of the first column; the next k / 16 - 1 columns follow,
-// column_stride floats apart), and its packed weights w are [k][n], row-major.
+// column_stride floats apart), and its packed weights w are [k][n], row-major. A pair of a
+// vector block (one input channel) has k = 1: its input is the float at groups[group] + offset
+// (a lane of a column), the next rows 16 floats on.
 struct DsdPair {
   int64_t group, offset;
   const float* w;
 };
 
 // out[r, 0:n] = bias[0:n] + sum over pairs p, kk < k of panel(p, r, kk) * p.w[kk, :] for
-// r < rows (<= kPanelRows); k and n are multiples of 16. Output rows are ldo floats apart.
-// A panel is packed in groups of columns (a tap, or a kernel row), each at its own address.
+// r < rows (<= kPanelRows); k is 1 or a multiple of 16, n a multiple of 8. Output rows are ldo
+// floats apart. A panel is packed in groups of columns (a tap, or a kernel row), each at its own address.
+// Pairs of vector blocks (k = 1) may come in triples (`triples`): three taps of one kernel row
+// whose inputs are the same panel column at rows shifted by 0, 1 and 2 (a 3-wide kernel of
+// dilation 1), so that each panel value, broadcast once, feeds all three.
 struct DsdTile {
   const float* const* groups;
   int64_t column_stride;
@@ -33,16 +38,17 @@ struct DsdTile {
   const float* bias;  // nullptr: zero
   float* out;
   int64_t ldo, rows;
+  bool triples;
 };
 
 // One group of a panel to pack: for every panel row r < rows, pixels[r] points at the channels
-// of a source pixel (nullptr: zeros). Used input block j fills the k / 16 columns from
-// j * k / 16 on (columns column_rows >= rows rows high) with floats used[j] * k onwards.
+// of a source pixel (nullptr: zeros). Column j (column_rows >= rows rows high) holds the 16
+// floats used[j] * 16 onwards of each pixel, those from `channels` on read as zeros.
 struct PanelSource {
   const float* const* pixels;
   int64_t rows, column_rows;
   const int64_t* used;
-  int64_t nused, k;
+  int64_t nused, channels;
   float* panel;
 };
 
@@ -64,18 +70,77 @@ struct SddBlock {
   float* acc;
 };
 
+// ---------------------------------------------------------------------- vector blocks
+// The grad-input of vector blocks (bo output channels x 1 input channel) has one output channel
+// per block: it is computed channel-major, output pixels along the vector lanes, from planes
+// (a channel's pixels in a row, zero-padded; vector_blocks.h), a tile of kTileWidth consecutive
+// positions at a time.
+constexpr int64_t kTileWidth = 64;
+
+// One output block's share of a tile, for a chunk of the input channels it feeds (at most
+// kChunkChannels): out[channels[j] * kTileWidth + q] += sum over taps t < ntaps, o < bo of
+// w[(t * bo + o) * count + j] * src[offsets[t] + o * plane + q], for j < count, q < width (a
+// multiple of 16, at most kTileWidth).
+// The block's bo planes start at src, plane floats apart; a tap reads them offsets[t] on. Each
+// vector of a plane feeds `count` fused multiply-adds, one per channel's broadcast weight.
+constexpr int64_t kChunkChannels = 6;
+struct BlockTile {
+  const float* src;
+  int64_t plane;
+  const int64_t* offsets;
+  int64_t ntaps, bo;
+  const float* w;
+  const int64_t* channels;
+  int64_t count;
+  float* out;
+  int64_t width;
+};
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols (any sizes), in
+// square blocks: along the rows of src (j inner), or down its columns when `rows_inner`. The
+// inner loop runs along the channels of a channels-last side, whose memory it then walks in order.
+struct Transpose {
+  const float* src;
+  int64_t src_stride;
+  float* dst;
+  int64_t dst_stride, rows, cols;
+  bool rows_inner;
+};
+
+// The grad-weight of vector blocks: items (slot, tap) of one output block and one tap share the rows of dy;
+// acc[j][0:bo] += sum over runs and their rows m of a(m)[offsets[j]] * dy(m)[0:bo] for j < items
+// (<= kSddItems); bo is a multiple of 8. Row m reads dy + run.dy + m * dy_step and a + run.a + m * a_step.
+constexpr int64_t kSddItems = 8;
+struct SddVectorTile {
+  const float* dy;
+  int64_t dy_step;
+  const float* a;
+  int64_t a_step;
+  const SddRun* runs;
+  int64_t nruns;
+  const int64_t* offsets;
+  float* const* acc;
+  int64_t items, bo;
+};
+
 struct Isa {
   const char* name;
   void (*dsd)(const DsdTile&);
   void (*sdd)(const SddBlock&);
   void (*pack)(const PanelSource&);
+  void (*block_tile)(const BlockTile&);
+  void (*sdd_vector)(const SddVectorTile&);
+  void (*transpose)(const Transpose&);
 };
 
-#define SPARSE_KERNELS_DECLARE_ISA(NAME) \
-  namespace NAME {                       \
-  void dsd(const DsdTile&);              \
-  void sdd(const SddBlock&);             \
-  void pack(const PanelSource&);         \
+#define SPARSE_KERNELS_DECLARE_ISA(NAME)     \
+  namespace NAME {                           \
+  void dsd(const DsdTile&);                  \
+  void sdd(const SddBlock&);                 \
+  void pack(const PanelSource&);             \
+  void block_tile(const BlockTile&);         \
+  void sdd_vector(const SddVectorTile&);     \
+  void transpose(const Transpose&);          \
   }
 
 SPARSE_KERNELS_DECLARE_ISA(generic)

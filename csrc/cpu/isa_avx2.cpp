@@ -9,4 +9,5 @@
 #define SK_VW 8
 #define SK_ACC 12
 #include "microkernels.h"
+#include "microkernels_vector.h"
 #endif

@@ -9,4 +9,5 @@
 #define SK_VW 16
 #define SK_ACC 24
 #include "microkernels.h"
+#include "microkernels_vector.h"
 #endif

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "driver.h"
+#include "vector_blocks.h"
 
 namespace sparse_kernels {
 namespace cpu {
@@ -61,6 +62,12 @@ at::Tensor linear_grad_input(const at::Tensor& grad_out, const at::Tensor& value
   if (!kernels_take(values.scalar_type(), L.bo, L.bi))
     return at::matmul(grad_out, dense_weight(values, L, row_idx, col_idx));
   const at::Tensor a = float_rows(grad_out, out), w = as_float(values).contiguous();  // [nnz][bo][bi]: k = bo, n = bi
+  if (L.bi == 1) {  // vector blocks: channel-major (vector_blocks.h)
+    at::Tensor dx = at::empty({a.size(0), in}, a.options());
+    vector_grad_input(op, select_isa(), Strided::rows(a.data_ptr<float>(), out), w.data_ptr<float>(), row_idx,
+                      col_ptr, col_slots, L, ConvShape::linear(a.size(0)), Strided::rows(dx.data_ptr<float>(), in));
+    return dx.view(with_last(grad_out, in)).to(grad_out.scalar_type());
+  }
   const PairTable table = make_pairs(op, col_ptr, col_slots, row_idx, L.rows, PanelLayout::per_tap(1), L.bo, L.bi,
                                      w.data_ptr<float>());
   at::Tensor dx = at::empty({a.size(0), in}, a.options());
@@ -86,14 +93,19 @@ at::Tensor linear_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
   if (!kernels_take(x.scalar_type(), bo, bi))
     return live_blocks(grad_out.reshape({-1, out}).t().matmul(x.reshape({-1, in})), L, row_idx, col_idx);
   const at::Tensor dy = float_rows(grad_out, out), a = float_rows(x, in);
-  check_slots(op, row_idx, col_idx, col_slots, L.rows, L.cols);
+  check_slots(op, row_idx, col_idx, bi == 1 ? row_slots : col_slots, L.rows, L.cols);
+  at::Tensor dw = at::empty({L.nnz, bo, bi}, a.options());
+  if (bi == 1) {  // vector blocks (vector_blocks.h)
+    vector_grad_weight(op, select_isa(), dy.data_ptr<float>(), a.data_ptr<float>(), col_idx, row_ptr, row_slots, L,
+                       ConvShape::linear(a.size(0)), dw.data_ptr<float>());
+    return dw.to(x.scalar_type());
+  }
   static thread_local SddPlan plan;  // chunks of 128 rows: a chunk of dy and x stays in cache across the slots
   plan.reset(1);
   for (int64_t m0 = 0; m0 < a.size(0); m0 += 128, ++plan.chunks) {
     plan.add(m0 * out, m0 * in, std::min<int64_t>(128, a.size(0) - m0), out, in);
     plan.close();
   }
-  at::Tensor dw = at::empty({L.nnz, bo, bi}, a.options());
   run_sdd(select_isa(), dy.data_ptr<float>(), out, a.data_ptr<float>(), in, plan, row_idx.data_ptr<int32_t>(),
           col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), L.nnz, bo, bi, dw.data_ptr<float>());
   return dw.to(x.scalar_type());
