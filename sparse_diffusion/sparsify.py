@@ -32,9 +32,13 @@ WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 # (BlockSparseModule.masked_dense): measured layer by layer with benchmarks/layers.py on the
 # demo and small UNets (benchmarks/results/layers-*.json). At stride 1 the block-sparse kernels
 # cost about what oneDNN costs on the masked weight at density 0.8 to 0.85, less below; a
-# strided convolution's grad-input gathers mostly empty taps, and crosses at about 0.5.
+# strided convolution's grad-input gathers mostly empty taps, and crosses at about 0.5. Vector
+# blocks (bo x 1) cost more per live weight than square ones (each input value feeds one output
+# block, not two): over the layers of both UNets, ours / masked dense is 0.82 at density 0.45-0.55
+# and 1.08 at 0.55-0.65 (layers-2026-12-06-Intel-R-Xeon-R-Processor-2-threads.json).
 MASKED_DENSE_FROM = 0.8
 MASKED_DENSE_FROM_STRIDED = 0.5
+MASKED_DENSE_FROM_VECTOR = 0.6
 
 
 # --------------------------------------------------------------------------- densities
@@ -344,7 +348,9 @@ def _sparse_copy(module: nn.Module, block: Tuple[int, int], density: float, init
 def _masked_dense_from(module: nn.Module) -> float:
     """The density from which dense kernels on the masked weight were measured faster."""
     strided = isinstance(module, sk.BlockSparseConv2d) and module.stride != (1, 1)
-    return MASKED_DENSE_FROM_STRIDED if strided else MASKED_DENSE_FROM
+    if strided:
+        return MASKED_DENSE_FROM_STRIDED
+    return MASKED_DENSE_FROM_VECTOR if sk.capability.is_vector_block(module.layout.block_size) else MASKED_DENSE_FROM
 
 
 def _masked_dense_wins(module: nn.Module) -> bool:

@@ -146,6 +146,13 @@ def test_layers_close_to_dense_run_dense_kernels_on_their_masked_weight():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     report = sd.sparsify(model, 0.1, block_size=16, keep_dense=[], distribution="uniform")
     assert all(layer.path == "masked dense (density >= 0.8)" and layer.budgeted for layer in report.layers)
+    # Vector blocks cross over lower (MASKED_DENSE_FROM_VECTOR): at density 0.7 a 16x1 layer runs masked
+    # dense, where a 16x16 one would not; at 0.5 it stays compiled.
+    assert module.MASKED_DENSE_FROM_VECTOR <= 0.7 < module.MASKED_DENSE_FROM
+    for sparsity, path in ((0.3, "masked dense (density >= 0.6)"), (0.5, "compiled")):
+        model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Linear(64, 64))
+        report = sd.sparsify(model, sparsity, block_size=(16, 1), keep_dense=[], distribution="uniform")
+        assert [layer.path for layer in report.layers] == [path, path]
 
 
 def test_init_magnitude_and_random_keep_the_dense_values():
