@@ -111,8 +111,12 @@ def stage_vector_smoke(record) -> None:
 
     linear, conv2d = linear_kernels(strict=True), conv2d_kernels(strict=True)
     generator = torch.Generator().manual_seed(0)
-    for dtype in [torch.float32, torch.bfloat16] if dry_run() else [torch.bfloat16, torch.float32]:
-        for block, grid, kind, rows in VECTOR_LINEAR_CASES:
+    # A dry run (Triton's interpreter, slow) checks that the stage runs, with a few cases; the kernels'
+    # correctness on the CPU is the test suite's (tests/kernels/test_vector_blocks.py).
+    linear_cases, conv_cases = (VECTOR_LINEAR_CASES[:1], VECTOR_CONV_CASES[:2]) if dry_run() else \
+        (VECTOR_LINEAR_CASES, VECTOR_CONV_CASES)
+    for dtype in [torch.float32] if dry_run() else [torch.bfloat16, torch.float32]:
+        for block, grid, kind, rows in linear_cases:
             layout = sk.BlockSparseLayout.from_block_mask(make_mask(kind, grid, device(), generator), block)
             index = (layout.row_idx, layout.col_idx, layout.row_ptr, layout.row_slots, layout.col_ptr, layout.col_slots)
             values = torch.randn(layout.nnz, *block, generator=generator).to(device(), dtype)
@@ -127,7 +131,7 @@ def stage_vector_smoke(record) -> None:
             }
             for op, (result, truth) in results.items():
                 check(record, "linear", op, dtype, result, truth, case=f"vector block {block} grid {grid} {kind} M={rows}")
-        for kernel, stride, dilation, padding, channels_last in VECTOR_CONV_CASES:
+        for kernel, stride, dilation, padding, channels_last in conv_cases:
             _vector_conv_case(record, conv2d, dtype, generator, kernel, stride, dilation, padding, channels_last)
 
 
