@@ -31,6 +31,7 @@ import sparse_kernels as sk
 from sparse_diffusion.config import block_pair, block_shape
 
 from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
+from .summary import time_per_live_mac
 from .train_loop import MODELS
 
 
@@ -123,10 +124,7 @@ def per_mac(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
     for (model, sparsity, block), members in groups.items():
         entry = {"model": model, "sparsity": sparsity, "block_size": block, "layers": len(members)}
         for product in PRODUCTS + ("",):
-            key = f"_{product}_ms" if product else "_ms"
-            dense = sum(r["density"] * r[f"dense{key}"] for r in members)
-            entry[f"sparse_per_dense_mac{'_' + product if product else ''}"] = (
-                sum(r[f"sparse{key}"] for r in members) / dense)
+            entry[f"sparse_per_dense_mac{'_' + product if product else ''}"] = time_per_live_mac(members, product)
         summary.append(entry)
     return summary
 

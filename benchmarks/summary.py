@@ -68,6 +68,14 @@ def ddp_scaling(path: Path, record: Dict) -> List[str]:
     return heading(path, record) + table(header, body)
 
 
+def time_per_live_mac(rows: List[Dict], product: str = "") -> float:
+    """Our time over the masked-dense time scaled by each layer's density, summed over ``rows``
+    (benchmarks.layers rows) for one product (``fwd``, ``grad_input``, ``grad_weight``; all three by
+    default): 1.0 = as fast per live weight as dense."""
+    key = f"_{product}_ms" if product else "_ms"
+    return sum(r[f"sparse{key}"] for r in rows) / sum(r["density"] * r[f"dense{key}"] for r in rows)
+
+
 def layers(path: Path, record: Dict) -> List[str]:
     groups: Dict[tuple, List[Dict]] = defaultdict(list)
     block = record["parameters"].get("block_size")
@@ -76,8 +84,7 @@ def layers(path: Path, record: Dict) -> List[str]:
     body = []
     for (model, sparsity, blocks), rows in sorted(groups.items()):
         sparse, dense = sum(r["sparse_ms"] for r in rows), sum(r["dense_ms"] for r in rows)
-        per_mac = [sum(r[f"sparse_{p}_ms"] for r in rows) / sum(r["density"] * r[f"dense_{p}_ms"] for r in rows)
-                   for p in ("fwd", "grad_input", "grad_weight")]
+        per_mac = [time_per_live_mac(rows, p) for p in ("fwd", "grad_input", "grad_weight")]
         body.append([model, fmt(sparsity), blocks, str(len(rows)), f"{sparse:.1f}", f"{dense:.1f}",
                      f"{sparse / dense:.2f}", " / ".join(f"{v:.2f}" for v in per_mac)])
     header = ["model", "sparsity", "blocks", "layers", "sparse ms (fwd+bwd)", "masked-dense ms", "ratio",
