@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(VPY) -m benchmarks.conv2d $$quick --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.masks $$quick --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.layer_call --out-dir benchmarks/results; \
+	$(VPY) -m benchmarks.group_norm_silu --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.train_loop --models demo chirodiff --rounds 5 --update-interval 50 --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.train_step --out-dir benchmarks/results; \
 	$(VPY) -m benchmarks.summary

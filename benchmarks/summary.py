@@ -132,6 +132,20 @@ def train_step(path: Path, record: Dict) -> List[str]:
     return heading(path, record) + table(header, body)
 
 
+def page_faults(path: Path, record: Dict) -> List[str]:
+    body = [[r["malloc"], r["model"], r["run"], f"{r['faults_per_step']:.0f}", f"{r['faults_min']:.0f}-{r['faults_max']:.0f}",
+             f"{r['ms_per_step']:.0f}", str(r["processes"])] for r in record["rows"]]
+    header = ["malloc", "model", "run", "faults / step (median)", "range over processes", "ms / step", "processes"]
+    return heading(path, record) + table(header, body, right_from=3)
+
+
+def group_norm_silu(path: Path, record: Dict) -> List[str]:
+    body = [[r["model"], r["shape"], str(r["groups"]), f"{r['torch_ms']:.2f}", f"{r['fused_ms']:.2f}",
+             f"{r['fused_vs_torch']:.2f}"] for r in record["rows"]]
+    header = ["model", "shape (channels-last)", "groups", "torch ms", "fused ms", "fused / torch"]
+    return heading(path, record) + ["forward + backward"] + [""] + table(header, body, right_from=2)
+
+
 # suite name (the JSON's "suite") -> (section title, renderer)
 SECTIONS: Dict[str, tuple] = {
     "train_loop": ("The training loop (`benchmarks.train_loop`)", train_loop),
@@ -143,6 +157,8 @@ SECTIONS: Dict[str, tuple] = {
     "conv": ("Large convolutions, earlier runs (`benchmarks.conv2d`)", large_layers),
     "masks": ("Mask updates (`benchmarks.masks`)", masks),
     "train_step": ("A UNet training step (`benchmarks.train_step`)", train_step),
+    "page_faults": ("Page faults per step, fresh processes (`benchmarks.page_faults`)", page_faults),
+    "group_norm_silu": ("GroupNorm + SiLU (`benchmarks.group_norm_silu`)", group_norm_silu),
 }
 
 

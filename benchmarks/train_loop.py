@@ -205,8 +205,12 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
+    from sparse_diffusion.allocator import keep_freed_memory
+
     torch.set_num_threads(args.threads)
+    os.environ["SPARSE_DIFFUSION_MALLOC"] = args.malloc  # this process and the memory runs' CLI
     env = environment(torch.device("cpu"))
+    env["malloc_thresholds_fixed"] = keep_freed_memory()
     rows: List[Dict[str, object]] = []
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models:
@@ -235,6 +239,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-repeats", type=int, default=1,
                         help="fresh-process peak-memory runs per run (0: no memory measurement)")
     parser.add_argument("--memory-steps", type=int, default=8, help="steps of each memory run (an update half-way)")
+    parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                        help="keep: glibc keeps freed memory, as sparse-diffusion sets it (sparse_diffusion.allocator); "
+                             "system: glibc's defaults")
     add_output_arguments(parser, threads=True)
     return parser.parse_args(argv)
 

@@ -1,4 +1,5 @@
-// The Autograd and Autocast kernels of the differentiable ops, bsr_linear and bsr_conv2d.
+// The Autograd and Autocast kernels of the differentiable ops, bsr_linear and bsr_conv2d, and the
+// Autograd kernel of group_norm_silu.
 //
 // Both run for every device: they call the ops again through the dispatcher (which then
 // picks the device kernel: C++ on CPU, Triton on CUDA) and build the backward from the
@@ -138,6 +139,39 @@ class Conv2d : public torch::autograd::Function<Conv2d> {
   }
 };
 
+using NormForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                           const at::Tensor&, int64_t, double);
+using NormBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    int64_t);
+
+class GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, int64_t groups, double eps) {
+    static const auto op = handle<NormForwardSignature>("sparse_kernels::group_norm_silu_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, mean, rstd] = op.call(x, weight, bias, groups, eps);
+    ctx->saved_data["groups"] = groups;
+    ctx->save_for_backward({x, weight, bias, mean, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = handle<NormBackwardSignature>("sparse_kernels::group_norm_silu_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    auto [dx, dweight, dbias] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                        ctx->saved_data["groups"].toInt());
+    return {ctx->needs_input_grad(0) ? dx : at::Tensor(), ctx->needs_input_grad(1) ? dweight : at::Tensor(),
+            ctx->needs_input_grad(2) ? dbias : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor group_norm_silu_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                    int64_t groups, double eps) {
+  return GroupNormSiLU::apply(x, weight, bias, groups, eps);
+}
+
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
                            Index row_idx, Index col_idx, Index row_ptr, Index row_slots, Index col_ptr,
                            Index col_slots) {
@@ -182,6 +216,7 @@ at::Tensor conv2d_autocast(const at::Tensor& x, const at::Tensor& values, const 
 TORCH_LIBRARY_IMPL(sparse_kernels, Autograd, m) {
   m.impl("bsr_linear", &linear_autograd);
   m.impl("bsr_conv2d", &conv2d_autograd);
+  m.impl("group_norm_silu", &group_norm_silu_autograd);
 }
 
 TORCH_LIBRARY_IMPL(sparse_kernels, AutocastCPU, m) {

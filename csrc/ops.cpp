@@ -200,6 +200,15 @@ TORCH_LIBRARY(sparse_kernels, m) {
       "bsr_conv2d_grad_weight(Tensor grad_out, Tensor x, Tensor row_idx, Tensor col_idx, Tensor row_ptr, "
       "Tensor row_slots, Tensor col_ptr, Tensor col_slots, SymInt[4] block_shape, int[2] stride, int[2] padding, "
       "int[2] dilation) -> Tensor");
+
+  // y = silu(group_norm(x, groups, weight, bias, eps)) for x [N, C, H, W] (fp32 on the CPU),
+  // stored like x; differentiable (autograd.cpp). _forward also returns mean and rstd [N, groups];
+  // _backward returns the gradients of x, weight and bias.
+  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, int groups, float eps) -> Tensor");
+  m.def("group_norm_silu_forward(Tensor x, Tensor weight, Tensor bias, int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
+      "int groups) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace sparse_kernels

@@ -20,6 +20,7 @@ if _missing:
                       "`pip install --no-build-isolation \"sparse-diffusion[diffusion]\"` (sparse_kernels alone works without)")
 
 from .algorithms import DynamicSparsity, MagRan, RigL, Static, assert_masks_synced, mask_fingerprint  # noqa: E402
+from .allocator import keep_freed_memory  # noqa: E402
 from .channels_last import channels_last  # noqa: E402
 from .export import export_run, load_pretrained, save_pretrained  # noqa: E402
 from .sparsify import LayerReport, SparsityReport, densify, layer_densities, sparsify  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "channels_last",
     "densify",
     "export_run",
+    "keep_freed_memory",
     "layer_densities",
     "load_pretrained",
     "mask_fingerprint",

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .allocator import keep_freed_memory
 from .io import DiskFullError, one_line
 from .config import TrainConfig, flag, setting_type
 from .train import TrainingStopped
@@ -134,6 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        keep_freed_memory()
         return _run(args)
     except TrainingStopped as stop:
         print(f"sparse-diffusion {args.command}: {stop}", file=sys.stderr)

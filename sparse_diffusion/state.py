@@ -9,7 +9,8 @@ the training wall-clock, the evaluations made so far and the settings a resume c
 As in diffusers' ``train_unconditional.py``, the denoiser is made sparse before the optimizer
 and the EMA are created, so that both hold the block-sparse parameters. Dense and sparse runs
 get the same generic speed-ups, so that their wall-clocks compare: image models run
-channels-last, AdamW is fused (or foreach) and the EMA is a foreach update.
+channels-last with GroupNorm and SiLU fused (:mod:`.group_norm_silu`), AdamW is fused (or
+foreach) and the EMA is a foreach update.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import nn
 from .channels_last import channels_last
 from .checkpoint import CheckpointError
 from .config import METHODS, TrainConfig, block_pair
+from .group_norm_silu import fuse_group_norm_silu
 from .sparsify import SparsityReport, sparsify
 from .tasks import build_task
 
@@ -47,6 +49,7 @@ class TrainState:
         self.task.to(device)
         if config.model != "chirodiff":
             channels_last(self.task)
+            fuse_group_norm_silu(self.denoiser)
         self.optimizer = make_adamw(self.trainable_parameters(), config.lr, config.weight_decay, device)
         from diffusers.training_utils import EMAModel
 

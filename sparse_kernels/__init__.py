@@ -17,6 +17,8 @@ from . import capability, extension, masks, registry, testing
 from .capability import select_backend
 from .conv2d.op import bsr_conv2d
 from .conv2d.reference import bsr_conv2d_reference
+from .group_norm_silu.op import GroupNormSiLU, group_norm_silu
+from .group_norm_silu.reference import group_norm_silu_reference
 from .layout import BlockSparseLayout, from_dense, to_dense
 from .linear.op import bsr_linear
 from .linear.reference import bsr_linear_reference
@@ -40,6 +42,7 @@ __all__ = [
     "BlockSparseLayout",
     "BlockSparseLinear",
     "BlockSparseModule",
+    "GroupNormSiLU",
     "LayerUpdate",
     "block_norms",
     "blocks_for_density",
@@ -50,6 +53,8 @@ __all__ = [
     "capability",
     "extension",
     "from_dense",
+    "group_norm_silu",
+    "group_norm_silu_reference",
     "largest_blocks_mask",
     "masks",
     "normalize_block_size",

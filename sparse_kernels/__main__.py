@@ -24,7 +24,7 @@ def info() -> None:
     print(f"CPU kernels: instruction set {extension.cpu_isa()} (SPARSE_KERNELS_CPU_ISA=generic|avx2|avx512 forces one)")
     registry.ops()  # the Python registrations too, so that the table below shows them
     print("kernels per dispatch key (compiled, or registered from Python):")
-    for op in extension.MASK_OPS + extension.KERNEL_OPS:
+    for op in extension.MASK_OPS + extension.KERNEL_OPS + extension.NORM_OPS:
         name = f"sparse_kernels::{op}"
         keys = [k for k in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
         print(f"  {name}: {', '.join(keys)}")

@@ -33,9 +33,11 @@ KERNEL_OPS = (
     "bsr_conv2d_grad_input",
     "bsr_conv2d_grad_weight",
 )
+# GroupNorm + SiLU: CPU kernels (fp32).
+NORM_OPS = ("group_norm_silu", "group_norm_silu_forward", "group_norm_silu_backward")
 # What the build says about itself (compiled, no kernel per device: usable before any registration).
 INFO_OPS = ("build_info", "cpu_isa", "cpu_kernels_take")
-OPS = MASK_OPS + KERNEL_OPS + INFO_OPS  # every op of csrc/ops.cpp
+OPS = MASK_OPS + KERNEL_OPS + NORM_OPS + INFO_OPS  # every op of csrc/ops.cpp
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 

@@ -11,7 +11,8 @@ by :func:`ops` on its first call (the first op call of the process), in this ord
    (``FAKE_KERNELS``: ``torch.compile``, ``opcheck``) and what CUDA tensors run
    (``cuda_kernels()``): ``linear`` and ``conv2d``: the Triton kernels; ``masks``: the
    references, for the ops the build has no CUDA kernel for (read off
-   :func:`~sparse_kernels.extension.build_info`, not the dispatcher);
+   :func:`~sparse_kernels.extension.build_info`, not the dispatcher); ``group_norm_silu``: the
+   references (torch's GroupNorm and SiLU);
 3. the process-wide choice ``SPARSE_KERNELS_BACKEND=reference|triton``
    (:func:`~sparse_kernels.capability.requested_backend`, read once, here): the same kernels as
    :func:`sparse_kernels.testing.override` installs, in a second fragment, for good.
@@ -35,10 +36,11 @@ import torch
 
 from . import capability, extension
 from .conv2d import kernels as conv2d_kernels
+from .group_norm_silu import kernels as group_norm_silu_kernels
 from .linear import kernels as linear_kernels
 from .masks import kernels as masks_kernels
 
-OP_FOLDERS = (linear_kernels, conv2d_kernels, masks_kernels)
+OP_FOLDERS = (linear_kernels, conv2d_kernels, masks_kernels, group_norm_silu_kernels)
 
 _lock = threading.Lock()
 _ready = False  # set once every registration of the module docstring is made
@@ -130,7 +132,7 @@ def _override_library(kind: str) -> torch.library.Library:
     library = torch.library.Library("sparse_kernels", "IMPL")
     if kind == "reference":
         kernels = {**linear_kernels.REFERENCE_KERNELS, **conv2d_kernels.REFERENCE_KERNELS,
-                   **masks_kernels.REFERENCE_KERNELS}
+                   **masks_kernels.REFERENCE_KERNELS, **group_norm_silu_kernels.REFERENCE_KERNELS}
         devices = ("cpu", "cuda")
     else:
         kernels = {**linear_kernels.triton_op_kernels(strict=True), **conv2d_kernels.triton_op_kernels(strict=True)}

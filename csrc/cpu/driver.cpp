@@ -16,14 +16,17 @@ namespace cpu {
 
 const Isa& select_isa() {
   static const Isa generic_isa{"generic", generic::dsd, generic::sdd, generic::pack, generic::block_tile,
-                                     generic::sdd_vector, generic::transpose};
+                               generic::sdd_vector, generic::transpose, generic::norm_moments, generic::norm_silu,
+                               generic::norm_silu_grad_sums, generic::norm_silu_grad};
   const char* forced = std::getenv("SPARSE_KERNELS_CPU_ISA");
   const std::string name = forced ? forced : "";
 #if SPARSE_KERNELS_X86_ISAS
   static const Isa avx2_isa{"avx2", avx2::dsd, avx2::sdd, avx2::pack, avx2::block_tile, avx2::sdd_vector,
-                                    avx2::transpose};
+                            avx2::transpose, avx2::norm_moments, avx2::norm_silu, avx2::norm_silu_grad_sums,
+                            avx2::norm_silu_grad};
   static const Isa avx512_isa{"avx512", avx512::dsd, avx512::sdd, avx512::pack, avx512::block_tile,
-                                      avx512::sdd_vector, avx512::transpose};
+                              avx512::sdd_vector, avx512::transpose, avx512::norm_moments, avx512::norm_silu,
+                              avx512::norm_silu_grad_sums, avx512::norm_silu_grad};
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (name.empty()) return has_avx512 ? avx512_isa : has_avx2 ? avx2_isa : generic_isa;

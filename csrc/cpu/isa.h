@@ -123,6 +123,24 @@ struct SddVectorTile {
   int64_t items, bo;
 };
 
+// ---------------------------------------------------------------------- GroupNorm + SiLU
+// `rows` channels-last pixels of `channels` floats each (rows `channels` floats apart) at x, dy
+// and out; per-channel arrays scale, shift (z = x * scale + shift), ga, gb and the fp32 sums.
+// norm_moments sums x and x^2; norm_silu writes y; norm_silu_grad_sums writes dz = dy * silu'(z)
+// to out and sums dz and dz * x; norm_silu_grad turns out's dz into dx = scale dz + ga x + gb.
+struct NormRows {
+  const float* x;
+  const float* dy;
+  int64_t rows, channels;
+  const float* scale;
+  const float* shift;
+  const float* ga;
+  const float* gb;
+  float* out;
+  float* sum;
+  float* sum2;
+};
+
 struct Isa {
   const char* name;
   void (*dsd)(const DsdTile&);
@@ -131,6 +149,10 @@ struct Isa {
   void (*block_tile)(const BlockTile&);
   void (*sdd_vector)(const SddVectorTile&);
   void (*transpose)(const Transpose&);
+  void (*norm_moments)(const NormRows&);
+  void (*norm_silu)(const NormRows&);
+  void (*norm_silu_grad_sums)(const NormRows&);
+  void (*norm_silu_grad)(const NormRows&);
 };
 
 #define SPARSE_KERNELS_DECLARE_ISA(NAME)     \
@@ -141,6 +163,10 @@ struct Isa {
   void block_tile(const BlockTile&);         \
   void sdd_vector(const SddVectorTile&);     \
   void transpose(const Transpose&);          \
+  void norm_moments(const NormRows&);        \
+  void norm_silu(const NormRows&);           \
+  void norm_silu_grad_sums(const NormRows&); \
+  void norm_silu_grad(const NormRows&);      \
   }
 
 SPARSE_KERNELS_DECLARE_ISA(generic)

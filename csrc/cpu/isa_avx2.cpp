@@ -10,4 +10,5 @@
 #define SK_ACC 12
 #include "microkernels.h"
 #include "microkernels_vector.h"
+#include "microkernels_norm.h"
 #endif

@@ -10,6 +10,7 @@ from diffusion_runs import TINY_ARGS, assert_same_training_state, crashing_at_dr
 from sparse_diffusion import cli
 import sparse_diffusion.train as train_module
 from sparse_diffusion.train import Trainer, train
+from sparse_kernels import GroupNormSiLU
 
 
 @pytest.fixture(autouse=True)
@@ -58,14 +59,16 @@ def test_every_model_with_every_method(tmp_path, autoencoder, model, method):
 
 
 def test_the_loop_has_the_generic_speedups_and_times_its_phases(tmp_path):
-    """Dense and sparse alike: channels-last image models, fused AdamW, a foreach EMA; and
-    train_step() with timing on fills the phase timers the training-loop benchmark reads."""
+    """Dense and sparse alike: channels-last image models with GroupNorm and SiLU fused, fused
+    AdamW, a foreach EMA; and train_step() with timing on fills the phase timers the
+    training-loop benchmark reads."""
     for method in ("dense", "rigl"):
         trainer = Trainer(tiny(tmp_path / method, method=method))
         state = trainer.state
         assert state.optimizer.defaults["fused"] and state.ema.foreach
         convs = [m for m in state.denoiser.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
         assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+        assert any(isinstance(m, GroupNormSiLU) for m in state.denoiser.modules())
         trainer.timing = True
         loss = trainer.train_step()
         assert np.isfinite(loss) and state.step == 1

@@ -1,0 +1,73 @@
+"""The kernels of the GroupNorm + SiLU ops that Python registers: fake kernels, the references
+with the ops' signatures, and :func:`cuda_kernels`; :mod:`sparse_kernels.registry` registers them.
+
+The ops (schemas in csrc/ops.cpp): ``group_norm_silu`` (differentiable; its Autograd kernel in
+csrc/autograd.cpp calls the other two), ``group_norm_silu_forward`` (y, mean, rstd) and
+``group_norm_silu_backward``. Their compiled kernels are for fp32 CPU tensors
+(csrc/cpu/group_norm_silu.cpp); CUDA tensors run the references (torch's own GroupNorm and SiLU).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from .reference import group_norm_silu_reference
+
+
+# --------------------------------------------------------------------------- fake kernels
+def _like(x):
+    return torch.empty_like(x)
+
+
+def _forward_fake(x, weight, bias, groups, eps):
+    return _like(x), x.new_empty(x.shape[0], groups), x.new_empty(x.shape[0], groups)
+
+
+def _backward_fake(grad_y, x, weight, bias, mean, rstd, groups):
+    return _like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+FAKE_KERNELS: Dict[str, Callable] = {
+    "group_norm_silu": lambda x, weight, bias, groups, eps: _like(x),
+    "group_norm_silu_forward": _forward_fake,
+    "group_norm_silu_backward": _backward_fake,
+}
+
+
+# --------------------------------------------------------------------------- reference kernels
+def _moments(x, groups, eps):
+    """mean and rstd [N, groups] of x [N, C, ...], as torch's GroupNorm computes them."""
+    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).float(), dim=2, unbiased=False)
+    return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+
+
+def forward_op_reference(x, weight, bias, groups, eps):
+    """``group_norm_silu_forward`` in pure torch: y, mean, rstd."""
+    mean, rstd = _moments(x, groups, eps)
+    return group_norm_silu_reference(x, weight, bias, groups, eps), mean, rstd
+
+
+def backward_op_reference(grad_y, x, weight, bias, mean, rstd, groups):
+    """``group_norm_silu_backward`` in pure torch: the gradients of the reference, with the
+    normalisation taken from ``mean`` and ``rstd``."""
+    with torch.enable_grad():
+        x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+        shape = (x.shape[0], groups, -1)
+        normalised = ((x.reshape(shape) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+        affine = [1, -1] + [1] * (x.dim() - 2)
+        y = torch.nn.functional.silu(normalised * weight.reshape(affine) + bias.reshape(affine))
+        return torch.autograd.grad(y, (x, weight, bias), grad_y)
+
+
+REFERENCE_KERNELS: Dict[str, Callable] = {
+    "group_norm_silu": lambda x, weight, bias, groups, eps: group_norm_silu_reference(x, weight, bias, groups, eps),
+    "group_norm_silu_forward": forward_op_reference,
+    "group_norm_silu_backward": backward_op_reference,
+}
+
+
+# --------------------------------------------------------------------------- what CUDA runs
+def cuda_kernels() -> Dict[str, Callable]:
+    """What CUDA tensors run, by op: the references (no CUDA kernel is compiled for these ops)."""
+    return dict(REFERENCE_KERNELS)
