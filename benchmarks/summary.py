@@ -134,8 +134,8 @@ def train_step(path: Path, record: Dict) -> List[str]:
 
 def page_faults(path: Path, record: Dict) -> List[str]:
     body = [[r["malloc"], r["model"], r["run"], f"{r['faults_per_step']:.0f}", f"{r['faults_min']:.0f}-{r['faults_max']:.0f}",
-             f"{r['ms_per_step']:.0f}", str(r["processes"])] for r in record["rows"]]
-    header = ["malloc", "model", "run", "faults / step (median)", "range over processes", "ms / step", "processes"]
+             str(r["processes"])] for r in record["rows"]]
+    header = ["malloc", "model", "run", "faults / step (median)", "range over processes", "processes"]
     return heading(path, record) + table(header, body, right_from=3)
 
 
@@ -144,6 +144,14 @@ def group_norm_silu(path: Path, record: Dict) -> List[str]:
              f"{r['fused_vs_torch']:.2f}"] for r in record["rows"]]
     header = ["model", "shape (channels-last)", "groups", "torch ms", "fused ms", "fused / torch"]
     return heading(path, record) + ["forward + backward"] + [""] + table(header, body, right_from=2)
+
+
+def sampling(path: Path, record: Dict) -> List[str]:
+    body = [[r["model"], r["path"], str(r["batch"]), fmt(r["sparsity"]), f"{r['ms']:.0f}", f"{r['ms_per_image']:.1f}",
+             f"{r['speedup_vs_dense']:.2f}x"] for r in record["rows"]]
+    header = ["model", "path", "batch", "sparsity", "ms", "ms / image", "vs dense"]
+    note = f"{record['parameters'].get('steps')} DDIM steps; sample: sparse-diffusion sample's path; export: a --sparse export via sd.load_pretrained"
+    return heading(path, record) + [note, ""] + table(header, body, right_from=2)
 
 
 # suite name (the JSON's "suite") -> (section title, renderer)
@@ -159,6 +167,7 @@ SECTIONS: Dict[str, tuple] = {
     "train_step": ("A UNet training step (`benchmarks.train_step`)", train_step),
     "page_faults": ("Page faults per step, fresh processes (`benchmarks.page_faults`)", page_faults),
     "group_norm_silu": ("GroupNorm + SiLU (`benchmarks.group_norm_silu`)", group_norm_silu),
+    "sampling": ("Sampling (`benchmarks.sampling`)", sampling),
 }
 
 

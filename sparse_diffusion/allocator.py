@@ -5,10 +5,10 @@ glibc's malloc hands memory back to the system when the top of its heap holds mo
 mappings; by default both thresholds move with the allocation history. A training step frees
 its activations at the end of the backward and allocates them again in the next forward, so,
 depending on the heap's layout, every step can hand tens of megabytes back and fault them in
-again, page by page: 6,000-9,000 minor faults per step in the demo UNet at 90% sparsity on a
-Xeon, none in the dense run of the same process (``python -m benchmarks.page_faults``). The
-memory is the activations autograd keeps, so no workspace in the kernels can avoid it; fixing
-both thresholds does. The process then keeps its peak heap, which every step reaches anyway.
+again, page by page: up to 5,000-10,000 minor faults per step in the demo UNet at 90% sparsity on
+a Xeon, in some processes and not in others (``python -m benchmarks.page_faults``). The memory
+is the activations autograd frees, so no workspace in the kernels can avoid it; fixing both
+thresholds does. The process then keeps its peak heap, which every step reaches anyway.
 
 ``sparse-diffusion`` sets this for every command; a Python training loop calls
 :func:`keep_freed_memory` once. ``SPARSE_DIFFUSION_MALLOC=system`` leaves glibc's defaults.
