@@ -70,6 +70,23 @@ def measure_ms(fn: Callable[[], object], device: torch.device, min_seconds: floa
     return statistics.median(times) * 1000.0
 
 
+def time_in_turns(steps: Dict[str, Callable[[], object]], rounds: int, calls: int, warmup: int) -> Dict[str, List[float]]:
+    """Seconds per call of each of ``steps`` (name -> step), per round: each step ``warmup``
+    times first, then ``rounds`` rounds in which every step runs ``calls`` times in turn, so
+    that whatever else the machine does falls on all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
 def time_step(step: Optional[Callable[[], object]], device: torch.device, min_seconds: float) -> Tuple[Optional[float], Optional[str]]:
     """``(median ms, None)``; ``(None, None)`` for no step; ``(None, error)`` where the
     step fails (torch's BSR lacks some dtype/device pairs, say)."""

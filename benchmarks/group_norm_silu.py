@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 
 import sparse_kernels as sk
 
-from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
+from .common import (add_output_arguments, environment, parameters_of, print_table, result_path, time_in_turns,
+                     write_json)
 
 # (model, channels, size, groups)
 SHAPES = [("demo", 32, 28, 8), ("demo", 64, 14, 8), ("demo", 64, 7, 8), ("demo", 128, 14, 8),
@@ -46,16 +46,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         x = torch.randn(args.batch, channels, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
         weight, bias = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
         steps = {"torch": _step(_torch, x, weight, bias, groups), "fused": _step(sk.group_norm_silu, x, weight, bias, groups)}
-        times = {kind: [] for kind in steps}
-        for step in steps.values():
-            for _ in range(3):  # warm up
-                step()
-        for _ in range(args.rounds):
-            for kind, step in steps.items():
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    step()
-                times[kind].append((time.perf_counter() - start) / args.calls * 1e3)
+        times = {kind: [t * 1e3 for t in values]
+                 for kind, values in time_in_turns(steps, args.rounds, args.calls, warmup=3).items()}
         fused, plain = statistics.median(times["fused"]), statistics.median(times["torch"])
         rows.append({"model": model, "shape": f"[{args.batch}, {channels}, {size}, {size}]", "groups": groups,
                      "torch_ms": plain, "fused_ms": fused, "fused_vs_torch": fused / plain,

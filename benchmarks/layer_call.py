@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List
 
 import torch
 
 import sparse_kernels as sk
 
-from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
+from .common import (add_output_arguments, environment, parameters_of, print_table, result_path, time_in_turns,
+                     write_json)
 
 
 def _step(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -55,16 +55,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     torch.set_num_threads(args.threads)
     rows: List[Dict[str, object]] = []
     for name, pair in cases(args.density).items():
-        times = {kind: [] for kind in pair}
-        for step in pair.values():
-            for _ in range(20):  # warm up
-                step()
-        for _ in range(args.rounds):
-            for kind, step in pair.items():
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    step()
-                times[kind].append((time.perf_counter() - start) / args.calls * 1e6)
+        times = {kind: [t * 1e6 for t in values]
+                 for kind, values in time_in_turns(pair, args.rounds, args.calls, warmup=20).items()}
         dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
         rows.append({"case": name, "density": args.density, "dense_us": dense, "sparse_us": sparse,
                      "sparse_vs_dense": sparse / dense, "meets_target": sparse / dense <= 1.5,

@@ -39,6 +39,25 @@ class BackendSwitch:
             self.stack.enter_context(sk.testing.override(backend))
 
 
+def _isas():
+    """Every instruction set the CPU kernels have, as parameters, skipped where this CPU (or the build) lacks it."""
+    from sparse_kernels import extension
+
+    params = []
+    for name in ("generic", "avx2", "avx512"):
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("SPARSE_KERNELS_CPU_ISA", name)
+                extension.cpu_isa()
+            params.append(name)
+        except (ValueError, RuntimeError, ImportError) as error:  # ImportError: no build
+            params.append(pytest.param(name, marks=pytest.mark.skip(reason=str(error).splitlines()[0])))
+    return params
+
+
+ISAS = _isas()
+
+
 def naive_dense_weight(values: torch.Tensor, row_idx, col_idx, grid) -> torch.Tensor:
     """Dense [R*bo, C*bi, ...] weight built slot by slot with a Python loop."""
     nnz, bo, bi = values.shape[:3]

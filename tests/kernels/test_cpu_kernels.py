@@ -4,7 +4,7 @@ random cases (hypothesis), thread counts, the tiling paths, dispatch and refusal
 The case grids of test_linear.py and test_conv2d.py run them too (backend ``compiled``)."""
 import pytest
 import torch
-from helpers import CONV_CASES, LINEAR_CASES, random_block_mask, run_case, run_conv_case
+from helpers import CONV_CASES, ISAS, LINEAR_CASES, random_block_mask, run_case, run_conv_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,23 +12,6 @@ import sparse_kernels as sk
 from sparse_kernels import extension
 
 ops = sk.registry.ops()
-
-
-def _isas():
-    """Every instruction set the kernels have, skipped where this CPU lacks it."""
-    params = []
-    for name in ("generic", "avx2", "avx512"):
-        try:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("SPARSE_KERNELS_CPU_ISA", name)
-                extension.cpu_isa()
-            params.append(name)
-        except (ValueError, RuntimeError) as error:
-            params.append(pytest.param(name, marks=pytest.mark.skip(reason=str(error).splitlines()[0])))
-    return params
-
-
-ISAS = _isas()
 
 
 @pytest.fixture

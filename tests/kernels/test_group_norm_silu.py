@@ -3,9 +3,9 @@ forward and the gradients of x, weight and bias; memory formats, opcheck, torch.
 reference path for what the kernel does not take, and refusals."""
 import pytest
 import torch
+from helpers import ISAS
 
 import sparse_kernels as sk
-from sparse_kernels import extension
 
 ops = sk.registry.ops()
 
@@ -13,19 +13,6 @@ ops = sk.registry.ops()
 # one group; a group per channel; one pixel; more pixels than a chunk (64) and a partial chunk.
 CASES = [(2, 32, 5, 7, 8), (3, 24, 9, 9, 4), (1, 20, 4, 4, 1), (2, 16, 3, 3, 16), (4, 48, 1, 1, 6),
          (2, 64, 11, 13, 32)]
-
-
-def _isas():
-    params = []
-    for name in ("generic", "avx2", "avx512"):
-        try:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("SPARSE_KERNELS_CPU_ISA", name)
-                extension.cpu_isa()
-            params.append(name)
-        except (ValueError, RuntimeError) as error:
-            params.append(pytest.param(name, marks=pytest.mark.skip(reason=str(error).splitlines()[0])))
-    return params
 
 
 def _operands(case, channels_last, seed=0):
@@ -49,7 +36,7 @@ def _forward_backward(fn, x, weight, bias, grad, groups):
     return y, x.grad, weight.grad, bias.grad
 
 
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_and_gradients_against_fp64(case, channels_last, isa, monkeypatch):
