@@ -3,8 +3,9 @@
 //
 // Over channels-last pixels, per image n and group g of C / G channels, mean and rstd over the
 // group's M = H * W * C / G values; with A = rstd * weight[c] and B = bias[c] - mean * A, z = x * A + B
-// and y = z * sigmoid(z). Forward: one pass for the moments (fp32 over chunks of kRows pixels,
-// fp64 across chunks), one pass writing y. Backward, with dz = dy * silu'(z) recomputed from x:
+// and y = z * sigmoid(z). Forward: one pass for the moments of x less a pivot per (image,
+// channel), the image's first pixel (fp32 over chunks of kRows pixels, fp64 across chunks: no
+// cancellation however large the mean against the spread), one pass writing y. Backward, with dz = dy * silu'(z) recomputed from x:
 //   dbias[c] = sum dz, dweight[c] = sum dz * (x - mean) * rstd,
 //   dx = A dz + a_g x + b_g, a_g = -rstd^3 G2 / M, b_g = rstd (mean rstd^2 G2 - G1) / M,
 // where G1 = sum_{c in g} weight[c] sum dz and G2 = sum_{c in g} weight[c] sum dz (x - mean): one
@@ -67,7 +68,9 @@ void for_chunks(const Shape& s, Body body) {
 template <class Kernel>
 void channel_sums(const Shape& s, NormRows base, Kernel kernel, std::vector<double>& sums, std::vector<double>& sums2,
                   const float* scale, const float* shift, float* out = nullptr) {
-  std::vector<float> part(static_cast<size_t>(s.items() * s.channels * 2), 0.0f);
+  static thread_local std::vector<float> storage;  // the calling thread's; the workers write their items' rows
+  float* part = grow(storage, static_cast<size_t>(s.items() * s.channels * 2));
+  std::fill(part, part + s.items() * s.channels * 2, 0.0f);
   for_chunks(s, [&](int64_t n, int64_t chunk, int64_t rows, int64_t offset) {
     NormRows t = base;
     t.x = base.x + offset;
@@ -76,7 +79,7 @@ void channel_sums(const Shape& s, NormRows base, Kernel kernel, std::vector<doub
     t.scale = scale ? scale + n * s.channels : nullptr;
     t.shift = shift ? shift + n * s.channels : nullptr;
     t.out = out ? out + offset : nullptr;
-    t.sum = part.data() + (n * s.chunks + chunk) * s.channels * 2;
+    t.sum = part + (n * s.chunks + chunk) * s.channels * 2;
     t.sum2 = t.sum + s.channels;
     kernel(t);
   });
@@ -84,7 +87,7 @@ void channel_sums(const Shape& s, NormRows base, Kernel kernel, std::vector<doub
   sums2.assign(sums.size(), 0.0);
   for (int64_t n = 0; n < s.batch; ++n)
     for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-      const float* p = part.data() + (n * s.chunks + chunk) * s.channels * 2;
+      const float* p = part + (n * s.chunks + chunk) * s.channels * 2;
       for (int64_t c = 0; c < s.channels; ++c) {
         sums[n * s.channels + c] += p[c];
         sums2[n * s.channels + c] += p[s.channels + c];
@@ -118,25 +121,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   at::Tensor mean = at::empty({s.batch, s.groups}, x.options()), rstd = at::empty({s.batch, s.groups}, x.options());
   if (x.numel() == 0) return {input.is_contiguous() ? y.contiguous() : y, mean.fill_(0), rstd.fill_(0)};
-  std::vector<double> sums, sums2;
-  channel_sums(s, rows_of(x.data_ptr<float>(), nullptr, s.channels), isa.norm_moments, sums, sums2, nullptr, nullptr);
+  const float* xd = x.data_ptr<float>();
+  std::vector<float> pivot(static_cast<size_t>(s.batch * s.channels));  // x at each image's first pixel
+  for (int64_t n = 0; n < s.batch; ++n)
+    std::copy(xd + n * s.pixels * s.channels, xd + (n * s.pixels + 1) * s.channels, pivot.data() + n * s.channels);
+  std::vector<double> sums, sums2;  // of d = x - pivot, per (image, channel)
+  channel_sums(s, rows_of(xd, nullptr, s.channels), isa.norm_moments, sums, sums2, nullptr, pivot.data());
   const double count = static_cast<double>(s.pixels * s.per_group());
   float* m = mean.data_ptr<float>();
   float* r = rstd.data_ptr<float>();
   for (int64_t n = 0; n < s.batch; ++n)
     for (int64_t g = 0; g < s.groups; ++g) {
-      double total = 0, total2 = 0;
-      for (int64_t c = g * s.per_group(); c < (g + 1) * s.per_group(); ++c) {
-        total += sums[n * s.channels + c];
-        total2 += sums2[n * s.channels + c];
+      const int64_t c0 = g * s.per_group(), c1 = c0 + s.per_group();
+      double total = 0;
+      for (int64_t c = c0; c < c1; ++c)
+        total += sums[n * s.channels + c] + static_cast<double>(s.pixels) * pivot[n * s.channels + c];
+      const double mu = total / count;
+      // sum over the group of (x - mu)^2 = sum_c sum2_c + 2 (p_c - mu) sum_c + pixels (p_c - mu)^2
+      double centred2 = 0;
+      for (int64_t c = c0; c < c1; ++c) {
+        const double p = pivot[n * s.channels + c] - mu;
+        centred2 += sums2[n * s.channels + c] + 2 * p * sums[n * s.channels + c] + s.pixels * p * p;
       }
-      const double mu = total / count, var = std::max(total2 / count - mu * mu, 0.0);
+      const double var = std::max(centred2 / count, 0.0);
       m[n * s.groups + g] = static_cast<float>(mu);
       r[n * s.groups + g] = static_cast<float>(1.0 / std::sqrt(var + eps));
     }
   std::vector<float> scale, shift;
   affine(s, m, r, w.data_ptr<float>(), b.data_ptr<float>(), scale, shift);
-  const float* xd = x.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   for_chunks(s, [&](int64_t n, int64_t, int64_t rows, int64_t offset) {
     NormRows t = rows_of(xd + offset, nullptr, s.channels);

@@ -67,12 +67,14 @@ inline vec silu_grad(vec dy, vec z) {
 
 }  // namespace
 
-// sum[c] += x[r][c], sum2[c] += x[r][c]^2 over the rows.
+// With d = x[r][c] - shift[c] (a pivot close to the channel's values, so that the sums do not
+// cancel): sum[c] += d, sum2[c] += d^2 over the rows.
 void norm_moments(const NormRows& t) {
   over_channels(t, [&](int64_t c, int64_t count) {
+    const vec pivot = load_part(t.shift + c, count);
     vec s{}, s2{};
     for (int64_t r = 0; r < t.rows; ++r) {
-      const vec x = load_part(t.x + r * t.channels + c, count);
+      const vec x = load_part(t.x + r * t.channels + c, count) - pivot;
       s += x;
       s2 += x * x;
     }

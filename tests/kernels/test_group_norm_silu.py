@@ -97,3 +97,17 @@ def test_refusals_name_the_argument():
         ops.group_norm_silu.default(x, weight[:8], bias, 4, 1e-5)
     with pytest.raises(TypeError, match="x must be float32, got Half"):
         ops.group_norm_silu.default(x.half(), weight, bias, 4, 1e-5)
+
+
+def test_a_mean_far_larger_than_the_spread_does_not_cancel():
+    """Values around 1000 with a spread of 1: sums of squares in fp32 would lose the variance."""
+    x, weight, bias, grad, groups = _operands((2, 32, 9, 9, 8), True)
+    x = x + 1000
+    ours = _forward_backward(ops.group_norm_silu.default, x, weight, bias, grad, groups)
+    truth = _forward_backward(sk.group_norm_silu_reference, *(t.double() for t in (x, weight, bias, grad)), groups)
+    _, mean, rstd = ops.group_norm_silu_forward.default(x, weight, bias, groups, 1e-5)
+    var, want_mean = torch.var_mean(x.double().reshape(2, groups, -1), dim=2, unbiased=False)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-5), rtol=1e-4, atol=0)
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), ours, truth):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=2e-3, msg=lambda m: f"{name}: {m}")
