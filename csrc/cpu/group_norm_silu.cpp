@@ -5,16 +5,22 @@
 // group's M = H * W * C / G values; with A = rstd * weight[c] and B = bias[c] - mean * A, z = x * A + B
 // and y = z * sigmoid(z). Forward: one pass for the moments of x less a pivot per (image,
 // channel), the image's first pixel (fp32 over chunks of kRows pixels, fp64 across chunks: no
-// cancellation however large the mean against the spread), one pass writing y. Backward, with dz = dy * silu'(z) recomputed from x:
+// cancellation however large the mean against the spread), one pass writing y. Backward, with
+// dz = dy * silu'(z) recomputed from x:
 //   dbias[c] = sum dz, dweight[c] = sum dz * (x - mean) * rstd,
 //   dx = A dz + a_g x + b_g, a_g = -rstd^3 G2 / M, b_g = rstd (mean rstd^2 G2 - G1) / M,
 // where G1 = sum_{c in g} weight[c] sum dz and G2 = sum_{c in g} weight[c] sum dz (x - mean): one
 // pass writes dz into dx and sums it, one turns it into dx in place (the exp, the costly part,
-// once per value). Every pass is parallel over (image, chunk of pixels).
+// once per value).
+// The statistics are per image, so an image is done whole, both passes back to back: its second
+// pass reads what the first left in L2 (an image of the demo UNet is 25-100 KB per tensor), and
+// the images are shared among the threads. With fewer images than threads, the images go one
+// after another and each pass is shared among the threads by chunks instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -29,8 +35,9 @@ constexpr int64_t kRows = 64;  // pixels per chunk: the chunk's rows stay in L1 
 
 struct Shape {
   int64_t batch, channels, pixels, groups, chunks;
+  bool by_image;  // images shared among the threads (else: the chunks of each image)
   int64_t per_group() const { return channels / groups; }
-  int64_t items() const { return batch * chunks; }
+  int64_t image() const { return pixels * channels; }  // floats per image
 };
 
 Shape check(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups) {
@@ -46,70 +53,82 @@ Shape check(const char* op, const at::Tensor& x, const at::Tensor& weight, const
                     op, ": weight and bias must have shape [", channels, "], got ", weight.sizes(), " and ",
                     bias.sizes());
   const int64_t pixels = x.size(2) * x.size(3);
-  return {x.size(0), channels, pixels, groups, std::max<int64_t>(ceil_div(pixels, kRows), 1)};
+  return {x.size(0), channels, pixels, groups, std::max<int64_t>(ceil_div(pixels, kRows), 1),
+          x.size(0) >= at::get_num_threads()};
 }
 
 at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
 
-// Calls body(n, chunk, rows of the chunk, its first pixel's offset in floats) for every item, in parallel.
+// Calls body(n) for every image: in parallel when the images are shared among the threads.
 template <class Body>
-void for_chunks(const Shape& s, Body body) {
-  at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / s.chunks, chunk = item % s.chunks, p0 = chunk * kRows;
-      const int64_t rows = std::max<int64_t>(std::min(kRows, s.pixels - p0), 0);
-      body(n, chunk, rows, (n * s.pixels + p0) * s.channels);
-    }
+void for_images(const Shape& s, Body body) {
+  if (!s.by_image) {
+    for (int64_t n = 0; n < s.batch; ++n) body(n);
+    return;
+  }
+  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) body(n);
   });
 }
 
-// Per-channel sums over each image's pixels, in fp64: sums[n][c] and sums2[n][c]. `kernel`
-// accumulates a chunk's fp32 sums into the NormRows it is given.
+// Runs `kernel` on every chunk of pixels of the image whose rows `base` points at (x, dy, out
+// at the image's first pixel), in parallel unless the images are. With `sums`: each chunk sums
+// into its own fp32 partial sums, added up in fp64 into sums[c] and sums2[c].
 template <class Kernel>
-void channel_sums(const Shape& s, NormRows base, Kernel kernel, std::vector<double>& sums, std::vector<double>& sums2,
-                  const float* scale, const float* shift, float* out = nullptr) {
-  static thread_local std::vector<float> storage;  // the calling thread's; the workers write their items' rows
-  float* part = grow(storage, static_cast<size_t>(s.items() * s.channels * 2));
-  std::fill(part, part + s.items() * s.channels * 2, 0.0f);
-  for_chunks(s, [&](int64_t n, int64_t chunk, int64_t rows, int64_t offset) {
+void over_image(const Shape& s, const NormRows& base, Kernel kernel, double* sums = nullptr, double* sums2 = nullptr) {
+  static thread_local std::vector<float> storage;  // this image's partial sums: [chunk][sum, sum2][channel]
+  float* part = nullptr;
+  if (sums) {
+    part = grow(storage, static_cast<size_t>(s.chunks * s.channels * 2));
+    std::fill(part, part + s.chunks * s.channels * 2, 0.0f);
+  }
+  const auto chunk = [&](int64_t index) {
+    const int64_t p0 = index * kRows, offset = p0 * s.channels;
     NormRows t = base;
-    t.x = base.x + offset;
-    t.dy = base.dy ? base.dy + offset : nullptr;
-    t.rows = rows;
-    t.scale = scale ? scale + n * s.channels : nullptr;
-    t.shift = shift ? shift + n * s.channels : nullptr;
-    t.out = out ? out + offset : nullptr;
-    t.sum = part + (n * s.chunks + chunk) * s.channels * 2;
-    t.sum2 = t.sum + s.channels;
+    t.rows = std::max<int64_t>(std::min(kRows, s.pixels - p0), 0);
+    t.x += offset;
+    if (t.dy) t.dy += offset;
+    if (t.out) t.out += offset;
+    if (part) {
+      t.sum = part + index * s.channels * 2;
+      t.sum2 = t.sum + s.channels;
+    }
     kernel(t);
-  });
-  sums.assign(static_cast<size_t>(s.batch * s.channels), 0.0);
-  sums2.assign(sums.size(), 0.0);
-  for (int64_t n = 0; n < s.batch; ++n)
-    for (int64_t chunk = 0; chunk < s.chunks; ++chunk) {
-      const float* p = part + (n * s.chunks + chunk) * s.channels * 2;
-      for (int64_t c = 0; c < s.channels; ++c) {
-        sums[n * s.channels + c] += p[c];
-        sums2[n * s.channels + c] += p[s.channels + c];
-      }
-    }
-}
-
-// scale[n][c] = rstd * weight[c], shift[n][c] = bias[c] - mean * scale[n][c].
-void affine(const Shape& s, const float* mean, const float* rstd, const float* weight, const float* bias,
-            std::vector<float>& scale, std::vector<float>& shift) {
-  scale.resize(static_cast<size_t>(s.batch * s.channels));
-  shift.resize(scale.size());
-  for (int64_t n = 0; n < s.batch; ++n)
+  };
+  if (s.by_image) {
+    for (int64_t index = 0; index < s.chunks; ++index) chunk(index);
+  } else {
+    at::parallel_for(0, s.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t index = begin; index < end; ++index) chunk(index);
+    });
+  }
+  if (!sums) return;
+  std::fill(sums, sums + s.channels, 0.0);
+  std::fill(sums2, sums2 + s.channels, 0.0);
+  for (int64_t index = 0; index < s.chunks; ++index)
     for (int64_t c = 0; c < s.channels; ++c) {
-      const int64_t g = n * s.groups + c / s.per_group();
-      scale[n * s.channels + c] = rstd[g] * weight[c];
-      shift[n * s.channels + c] = bias[c] - mean[g] * rstd[g] * weight[c];
+      sums[c] += part[index * s.channels * 2 + c];
+      sums2[c] += part[index * s.channels * 2 + s.channels + c];
     }
 }
 
-NormRows rows_of(const float* x, const float* dy, int64_t channels) {
-  return {x, dy, 0, channels, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+// scale[c] = rstd * weight[c], shift[c] = bias[c] - mean * scale[c] for one image.
+void affine(const Shape& s, const float* mean, const float* rstd, const float* weight, const float* bias, float* scale,
+            float* shift) {
+  for (int64_t c = 0; c < s.channels; ++c) {
+    const int64_t g = c / s.per_group();
+    scale[c] = rstd[g] * weight[c];
+    shift[c] = bias[c] - mean[g] * rstd[g] * weight[c];
+  }
+}
+
+NormRows rows_of(const float* x, const float* dy, float* out, int64_t channels) {
+  return {x, dy, 0, channels, nullptr, nullptr, nullptr, nullptr, out, nullptr, nullptr};
+}
+
+// The memory format of the input: channels-last in, channels-last out; NCHW in, NCHW out.
+at::Tensor like_input(const at::Tensor& input, const at::Tensor& t) {
+  return input.is_contiguous() && !input.is_contiguous(at::MemoryFormat::ChannelsLast) ? t.contiguous() : t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Tensor& weight,
@@ -119,48 +138,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
   const Isa& isa = select_isa();
   const at::Tensor x = channels_last(input), w = weight.contiguous(), b = bias.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  at::Tensor mean = at::empty({s.batch, s.groups}, x.options()), rstd = at::empty({s.batch, s.groups}, x.options());
-  if (x.numel() == 0) return {input.is_contiguous() ? y.contiguous() : y, mean.fill_(0), rstd.fill_(0)};
-  const float* xd = x.data_ptr<float>();
-  std::vector<float> pivot(static_cast<size_t>(s.batch * s.channels));  // x at each image's first pixel
-  for (int64_t n = 0; n < s.batch; ++n)
-    std::copy(xd + n * s.pixels * s.channels, xd + (n * s.pixels + 1) * s.channels, pivot.data() + n * s.channels);
-  std::vector<double> sums, sums2;  // of d = x - pivot, per (image, channel)
-  channel_sums(s, rows_of(xd, nullptr, s.channels), isa.norm_moments, sums, sums2, nullptr, pivot.data());
+  at::Tensor mean = at::zeros({s.batch, s.groups}, x.options()), rstd = at::zeros({s.batch, s.groups}, x.options());
+  if (x.numel() == 0) return {like_input(input, y), mean, rstd};
+  const float *xd = x.data_ptr<float>(), *wd = w.data_ptr<float>(), *bd = b.data_ptr<float>();
+  float *yd = y.data_ptr<float>(), *md = mean.data_ptr<float>(), *rd = rstd.data_ptr<float>();
   const double count = static_cast<double>(s.pixels * s.per_group());
-  float* m = mean.data_ptr<float>();
-  float* r = rstd.data_ptr<float>();
-  for (int64_t n = 0; n < s.batch; ++n)
+  for_images(s, [&](int64_t n) {
+    const float* image = xd + n * s.image();
+    std::vector<float> pivot(image, image + s.channels), scale(s.channels), shift(s.channels);  // pivot: x at pixel 0
+    std::vector<double> sums(s.channels), sums2(s.channels);  // of d = x - pivot
+    NormRows moments = rows_of(image, nullptr, nullptr, s.channels);
+    moments.shift = pivot.data();
+    over_image(s, moments, isa.norm_moments, sums.data(), sums2.data());
+    float *m = md + n * s.groups, *r = rd + n * s.groups;
     for (int64_t g = 0; g < s.groups; ++g) {
       const int64_t c0 = g * s.per_group(), c1 = c0 + s.per_group();
       double total = 0;
-      for (int64_t c = c0; c < c1; ++c)
-        total += sums[n * s.channels + c] + static_cast<double>(s.pixels) * pivot[n * s.channels + c];
+      for (int64_t c = c0; c < c1; ++c) total += sums[c] + static_cast<double>(s.pixels) * pivot[c];
       const double mu = total / count;
       // sum over the group of (x - mu)^2 = sum_c sum2_c + 2 (p_c - mu) sum_c + pixels (p_c - mu)^2
       double centred2 = 0;
       for (int64_t c = c0; c < c1; ++c) {
-        const double p = pivot[n * s.channels + c] - mu;
-        centred2 += sums2[n * s.channels + c] + 2 * p * sums[n * s.channels + c] + s.pixels * p * p;
+        const double p = pivot[c] - mu;
+        centred2 += sums2[c] + 2 * p * sums[c] + static_cast<double>(s.pixels) * p * p;
       }
-      const double var = std::max(centred2 / count, 0.0);
-      m[n * s.groups + g] = static_cast<float>(mu);
-      r[n * s.groups + g] = static_cast<float>(1.0 / std::sqrt(var + eps));
+      m[g] = static_cast<float>(mu);
+      r[g] = static_cast<float>(1.0 / std::sqrt(std::max(centred2 / count, 0.0) + eps));
     }
-  std::vector<float> scale, shift;
-  affine(s, m, r, w.data_ptr<float>(), b.data_ptr<float>(), scale, shift);
-  float* yd = y.data_ptr<float>();
-  for_chunks(s, [&](int64_t n, int64_t, int64_t rows, int64_t offset) {
-    NormRows t = rows_of(xd + offset, nullptr, s.channels);
-    t.rows = rows;
-    t.scale = scale.data() + n * s.channels;
-    t.shift = shift.data() + n * s.channels;
-    t.out = yd + offset;
-    isa.norm_silu(t);
+    affine(s, m, r, wd, bd, scale.data(), shift.data());
+    NormRows out = rows_of(image, nullptr, yd + n * s.image(), s.channels);
+    out.scale = scale.data();
+    out.shift = shift.data();
+    over_image(s, out, isa.norm_silu);
   });
-  // The memory format of the input: channels-last in, channels-last out; NCHW in, NCHW out.
-  return {input.is_contiguous() && !input.is_contiguous(at::MemoryFormat::ChannelsLast) ? y.contiguous() : y, mean,
-          rstd};
+  return {like_input(input, y), mean, rstd};
 }
 
 at::Tensor group_norm_silu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
@@ -183,57 +194,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
                       t.sizes());
   const Isa& isa = select_isa();
   const at::Tensor x = channels_last(input), dy = channels_last(grad_y), w = weight.contiguous();
-  const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
+  const at::Tensor b = bias.contiguous(), mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   at::Tensor dweight = at::zeros_like(w), dbias = at::zeros_like(w);
-  if (x.numel() == 0) return {dx, dweight, dbias};
-  const float* m = mu.data_ptr<float>();
-  const float* r = rs.data_ptr<float>();
-  const float* wd = w.data_ptr<float>();
-  std::vector<float> scale, shift;
-  affine(s, m, r, wd, bias.contiguous().data_ptr<float>(), scale, shift);
-  std::vector<double> s1, s2;  // sum dz, sum dz * x per (image, channel)
+  if (x.numel() == 0) return {like_input(input, dx), dweight, dbias};
+  const float *xd = x.data_ptr<float>(), *dyd = dy.data_ptr<float>(), *wd = w.data_ptr<float>();
+  const float *bd = b.data_ptr<float>(), *md = mu.data_ptr<float>(), *rd = rs.data_ptr<float>();
   float* dxd = dx.data_ptr<float>();
-  channel_sums(s, rows_of(x.data_ptr<float>(), dy.data_ptr<float>(), s.channels), isa.norm_silu_grad_sums, s1, s2,
-               scale.data(), shift.data(), dxd);
   const double count = static_cast<double>(s.pixels * s.per_group());
-  std::vector<float> ga(scale.size()), gb(scale.size());
-  std::vector<double> dw(static_cast<size_t>(s.channels), 0.0), db(dw.size(), 0.0);
-  for (int64_t n = 0; n < s.batch; ++n)
+  // Per image: dweight's and dbias's terms, added up over the images afterwards.
+  std::vector<double> dw(static_cast<size_t>(s.batch * s.channels)), db(dw.size());
+  for_images(s, [&](int64_t n) {
+    std::vector<float> scale(s.channels), shift(s.channels), ga(s.channels), gb(s.channels);
+    std::vector<double> s1(s.channels), s2(s.channels);  // sum dz, sum dz * x
+    const float *m = md + n * s.groups, *r = rd + n * s.groups;
+    affine(s, m, r, wd, bd, scale.data(), shift.data());
+    NormRows sums = rows_of(xd + n * s.image(), dyd + n * s.image(), dxd + n * s.image(), s.channels);
+    sums.scale = scale.data();
+    sums.shift = shift.data();
+    over_image(s, sums, isa.norm_silu_grad_sums, s1.data(), s2.data());
     for (int64_t g = 0; g < s.groups; ++g) {
-      const double mg = m[n * s.groups + g], rg = r[n * s.groups + g];
+      const int64_t c0 = g * s.per_group(), c1 = c0 + s.per_group();
+      const double mg = m[g], rg = r[g];
       double g1 = 0, g2 = 0;
-      for (int64_t c = g * s.per_group(); c < (g + 1) * s.per_group(); ++c) {
-        const double sum = s1[n * s.channels + c], centred = s2[n * s.channels + c] - mg * sum;
-        g1 += wd[c] * sum;
+      for (int64_t c = c0; c < c1; ++c) {
+        const double centred = s2[c] - mg * s1[c];
+        g1 += wd[c] * s1[c];
         g2 += wd[c] * centred;
-        db[c] += sum;
-        dw[c] += rg * centred;
+        db[n * s.channels + c] = s1[c];
+        dw[n * s.channels + c] = rg * centred;
       }
-      const double a = -rg * rg * rg * g2 / count, b = rg * (mg * rg * rg * g2 - g1) / count;
-      for (int64_t c = g * s.per_group(); c < (g + 1) * s.per_group(); ++c) {
-        ga[n * s.channels + c] = static_cast<float>(a);
-        gb[n * s.channels + c] = static_cast<float>(b);
-      }
+      const double a = -rg * rg * rg * g2 / count, bg = rg * (mg * rg * rg * g2 - g1) / count;
+      std::fill(ga.begin() + c0, ga.begin() + c1, static_cast<float>(a));
+      std::fill(gb.begin() + c0, gb.begin() + c1, static_cast<float>(bg));
     }
-  float* dwd = dweight.data_ptr<float>();
-  float* dbd = dbias.data_ptr<float>();
-  for (int64_t c = 0; c < s.channels; ++c) {
-    dwd[c] = static_cast<float>(dw[c]);
-    dbd[c] = static_cast<float>(db[c]);
-  }
-  const float* xd = x.data_ptr<float>();
-  for_chunks(s, [&](int64_t n, int64_t, int64_t rows, int64_t offset) {
-    NormRows t = rows_of(xd + offset, nullptr, s.channels);
-    t.rows = rows;
-    t.scale = scale.data() + n * s.channels;
-    t.ga = ga.data() + n * s.channels;
-    t.gb = gb.data() + n * s.channels;
-    t.out = dxd + offset;
-    isa.norm_silu_grad(t);
+    NormRows out = rows_of(xd + n * s.image(), nullptr, dxd + n * s.image(), s.channels);
+    out.scale = scale.data();
+    out.ga = ga.data();
+    out.gb = gb.data();
+    over_image(s, out, isa.norm_silu_grad);
   });
-  return {input.is_contiguous() && !input.is_contiguous(at::MemoryFormat::ChannelsLast) ? dx.contiguous() : dx,
-          dweight, dbias};
+  float *dwd = dweight.data_ptr<float>(), *dbd = dbias.data_ptr<float>();
+  for (int64_t c = 0; c < s.channels; ++c) {
+    double wsum = 0, bsum = 0;
+    for (int64_t n = 0; n < s.batch; ++n) {
+      wsum += dw[n * s.channels + c];
+      bsum += db[n * s.channels + c];
+    }
+    dwd[c] = static_cast<float>(wsum);
+    dbd[c] = static_cast<float>(bsum);
+  }
+  return {like_input(input, dx), dweight, dbias};
 }
 
 }  // namespace
