@@ -2,8 +2,8 @@
 
 diffusers' ``ResnetBlock2D`` runs ``norm1`` then ``nonlinearity``, and ``norm2`` then
 ``nonlinearity`` again; ``UNet2DModel`` ends with ``conv_norm_out`` then ``conv_act``. On a CPU
-those GroupNorms and SiLUs are a fifth to a third of a training step of the UNets here
-(:mod:`sparse_kernels.group_norm_silu` says why one op is cheaper). :func:`fuse_group_norm_silu`
+torch's GroupNorms and SiLUs are about a fifth of a dense training step of the demo UNet
+(:mod:`sparse_kernels.group_norm_silu.op` says why one op is cheaper). :func:`fuse_group_norm_silu`
 makes each such norm a :class:`sparse_kernels.GroupNormSiLU` (the same parameters, the same
 state_dict keys) and the SiLU after it an identity. A block's ``nonlinearity`` also activates the
 time embedding before ``time_emb_proj``; that SiLU moves to a forward pre-hook of the block, so
