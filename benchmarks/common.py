@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -68,6 +69,15 @@ def measure_ms(fn: Callable[[], object], device: torch.device, min_seconds: floa
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000.0
+
+
+def run_command(command: List[str], env: Optional[Dict[str, str]] = None) -> None:
+    """Runs ``command`` to the end in a fresh process; a failure raises one line: the exit code,
+    the command and the last lines of its stderr."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"exit code {done.returncode} from {' '.join(command)}: {tail}")
 
 
 def time_in_turns(steps: Dict[str, Callable[[], object]], rounds: int, calls: int, warmup: int) -> Dict[str, List[float]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,8 @@ import torch
 
 from sparse_diffusion.config import block_shape
 
-from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
+from .common import (add_output_arguments, environment, parameters_of, print_table, result_path, run_command,
+                     write_json)
 from .train_loop import MODELS
 
 SETTINGS = ("keep", "system")
@@ -45,10 +45,7 @@ def one_process(setting: str, args: argparse.Namespace, folder: str, index: int)
                "--sparsities", *map(str, args.sparsities), "--block-sizes", *map(str, args.block_sizes),
                "--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--memory-repeats", "0", "--threads", str(args.threads), "--malloc", setting, "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"exit code {done.returncode} from {' '.join(command)}: {tail}")
+    run_command(command)
     payload = json.loads(out.read_text())
     return [{**row, "malloc": setting, "fixed": payload["environment"]["malloc_thresholds_fixed"]}
             for row in payload["rows"]]

@@ -44,15 +44,18 @@ def _cli_path(state, batch: int) -> Callable[[], object]:
     return lambda: generate(state, batch, seed=0)
 
 
-def _export_path(state, batch: int, steps: int, folder: str) -> Callable[[], object]:
-    """A plain DDIM loop over the model that ``sd.save_pretrained`` wrote and ``sd.load_pretrained`` read."""
+def _exported(state, folder: str):
+    """The model that ``sd.save_pretrained`` wrote and ``sd.load_pretrained`` read, and its DDIM scheduler."""
     from diffusers import DDIMScheduler
 
     import sparse_diffusion as sd
 
     sd.save_pretrained(state.denoiser, folder)
-    unet = sd.load_pretrained(folder)
-    scheduler = DDIMScheduler.from_config(state.task.scheduler.config)  # the training schedule, as an export ships it
+    return sd.load_pretrained(folder), DDIMScheduler.from_config(state.task.scheduler.config)  # the training schedule
+
+
+def _export_path(unet, scheduler, batch: int, steps: int) -> Callable[[], object]:
+    """A plain DDIM loop over an exported model."""
     size, channels = unet.config.sample_size, unet.config.in_channels
     labels = torch.arange(batch) % unet.config.num_class_embeds if unet.config.num_class_embeds else None
 
@@ -70,12 +73,12 @@ def _export_path(state, batch: int, steps: int, folder: str) -> Callable[[], obj
 def measure_model(model: str, args: argparse.Namespace, folder: str) -> List[Dict[str, object]]:
     torch.manual_seed(0)
     states = _states(model, args, folder)
+    exported = {sparsity: _exported(state, f"{folder}/export-{model}-{sparsity}") for sparsity, state in states.items()}
     cases: Dict[tuple, Callable[[], object]] = {}
     for batch in args.batch_sizes:
         for sparsity, state in states.items():
             cases[("sample", batch, sparsity)] = _cli_path(state, batch)
-            cases[("export", batch, sparsity)] = _export_path(state, batch, args.steps,
-                                                              f"{folder}/export-{model}-{sparsity}-{batch}")
+            cases[("export", batch, sparsity)] = _export_path(*exported[sparsity], batch, args.steps)
     for case in cases.values():  # warm up
         case()
     times: Dict[tuple, List[float]] = {key: [] for key in cases}

@@ -31,7 +31,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,8 @@ import torch
 
 from sparse_diffusion.config import block_shape
 
-from .common import add_output_arguments, environment, parameters_of, print_table, result_path, write_json
+from .common import (add_output_arguments, environment, parameters_of, print_table, result_path, run_command,
+                     write_json)
 
 MODELS = {
     # make demo's run: the class-conditional pixel UNet on 28x28 Fashion-MNIST.
@@ -181,11 +181,7 @@ def peak_memory(model: str, args: argparse.Namespace, runs: List[Dict[str, objec
 
 def _train_alone(command: List[str], metrics: Path, threads: int) -> Dict:
     """Runs ``command`` to the end in a fresh process; returns its metrics.json."""
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        raise RuntimeError(f"exit code {done.returncode} from {' '.join(command)}: {' | '.join(tail)}")
+    run_command(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return json.loads(metrics.read_text())
 
 

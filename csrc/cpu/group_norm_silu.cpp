@@ -59,15 +59,15 @@ Shape check(const char* op, const at::Tensor& x, const at::Tensor& weight, const
 
 at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
 
-// Calls body(n) for every image: in parallel when the images are shared among the threads.
+// Calls body(i) for i < count: shared among the threads when `parallel`, else one after another.
 template <class Body>
-void for_images(const Shape& s, Body body) {
-  if (!s.by_image) {
-    for (int64_t n = 0; n < s.batch; ++n) body(n);
+void for_each(int64_t count, bool parallel, Body body) {
+  if (!parallel) {
+    for (int64_t i = 0; i < count; ++i) body(i);
     return;
   }
-  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) body(n);
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(i);
   });
 }
 
@@ -95,13 +95,7 @@ void over_image(const Shape& s, const NormRows& base, Kernel kernel, double* sum
     }
     kernel(t);
   };
-  if (s.by_image) {
-    for (int64_t index = 0; index < s.chunks; ++index) chunk(index);
-  } else {
-    at::parallel_for(0, s.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t index = begin; index < end; ++index) chunk(index);
-    });
-  }
+  for_each(s.chunks, !s.by_image, chunk);
   if (!sums) return;
   std::fill(sums, sums + s.channels, 0.0);
   std::fill(sums2, sums2 + s.channels, 0.0);
@@ -143,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
   const float *xd = x.data_ptr<float>(), *wd = w.data_ptr<float>(), *bd = b.data_ptr<float>();
   float *yd = y.data_ptr<float>(), *md = mean.data_ptr<float>(), *rd = rstd.data_ptr<float>();
   const double count = static_cast<double>(s.pixels * s.per_group());
-  for_images(s, [&](int64_t n) {
+  for_each(s.batch, s.by_image, [&](int64_t n) {
     const float* image = xd + n * s.image();
     std::vector<float> pivot(image, image + s.channels), scale(s.channels), shift(s.channels);  // pivot: x at pixel 0
     std::vector<double> sums(s.channels), sums2(s.channels);  // of d = x - pivot
@@ -204,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   const double count = static_cast<double>(s.pixels * s.per_group());
   // Per image: dweight's and dbias's terms, added up over the images afterwards.
   std::vector<double> dw(static_cast<size_t>(s.batch * s.channels)), db(dw.size());
-  for_images(s, [&](int64_t n) {
+  for_each(s.batch, s.by_image, [&](int64_t n) {
     std::vector<float> scale(s.channels), shift(s.channels), ga(s.channels), gb(s.channels);
     std::vector<double> s1(s.channels), s2(s.channels);  // sum dz, sum dz * x
     const float *m = md + n * s.groups, *r = rd + n * s.groups;

@@ -61,7 +61,7 @@ def backward_op_reference(grad_y, x, weight, bias, mean, rstd, groups):
 
 
 REFERENCE_KERNELS: Dict[str, Callable] = {
-    "group_norm_silu": lambda x, weight, bias, groups, eps: group_norm_silu_reference(x, weight, bias, groups, eps),
+    "group_norm_silu": group_norm_silu_reference,
     "group_norm_silu_forward": forward_op_reference,
     "group_norm_silu_backward": backward_op_reference,
 }
