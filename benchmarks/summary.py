@@ -47,12 +47,13 @@ def heading(path: Path, record: Dict) -> List[str]:
 # --------------------------------------------------------------------------- one section per suite
 def train_loop(path: Path, record: Dict) -> List[str]:
     rows = record["rows"]
-    extra = [key for key in ("page_faults_per_step", "peak_rss_mb") if any(key in r for r in rows)]
-    header = ["model", "run", "sparsity", "ms / step (min-max)", "vs dense", "parameters"] + [
-        {"page_faults_per_step": "faults / step", "peak_rss_mb": "peak RSS (MB)"}[key] for key in extra]
+    names = {"speedup_vs_eager": "compiled vs eager", "page_faults_per_step": "faults / step",
+             "peak_rss_mb": "peak RSS (MB)"}
+    extra = [key for key in names if any(key in r for r in rows)]
+    header = ["model", "run", "sparsity", "ms / step (min-max)", "vs dense", "parameters"] + [names[k] for k in extra]
     body = [[r["model"], r["run"], fmt(r["sparsity"]), f"{r['ms_per_step']:.1f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
-             f"{r['speedup_vs_dense']:.2f}x", f"{r['parameters']:,}"] + [fmt(r.get(key), ".0f") for key in extra]
-            for r in rows]
+             f"{r['speedup_vs_dense']:.2f}x", f"{r['parameters']:,}"]
+            + [fmt(r.get(key), ".2f" if key == "speedup_vs_eager" else ".0f") for key in extra] for r in rows]
     parameters = record["parameters"]
     blocks = parameters.get("block_sizes", [parameters.get("block_size")])
     note = (f"batch {parameters.get('batch_size')}, blocks of {', '.join(map(str, blocks))}, "

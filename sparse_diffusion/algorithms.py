@@ -133,6 +133,13 @@ class DynamicSparsity:
     def is_update_step(self, step: int) -> bool:
         return step % self.update_interval == 0 and 0 < step <= self.stop * self.total_steps
 
+    @property
+    def collects_gradients(self) -> bool:
+        """Whether the next forward and backward collect the dense weight gradients (RigL, the
+        step before an update). Module hooks collect them: the caller runs that step eagerly,
+        not through a ``torch.compile``'d network, which would skip them."""
+        return self._armed
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> Optional[Dict]:
         """Counts one optimizer step; updates the masks on update steps.

@@ -78,11 +78,14 @@ class Trainer:
         self._stop_agreed = False  # a signal reached some rank before this step's all-reduce
         if resume:
             self._resume()
-        # The module the loss calls: the denoiser, or its DDP wrapper (which averages gradients).
-        self.network: nn.Module = self.state.denoiser
+        # The module the loss calls: the denoiser, or its DDP wrapper (which averages gradients);
+        # with --compile, that module compiled (the training forward and backward only: sampling
+        # and evaluation run eagerly, and so does a step whose gradients RigL collects with hooks).
+        self.eager_network: nn.Module = self.state.denoiser
         if dist.launched:
-            self.network = DistributedDataParallel(
+            self.eager_network = DistributedDataParallel(
                 self.state.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.network = torch.compile(self.eager_network) if config.compile else self.eager_network
         if writes:
             self.run.write_config(self.state.changes)
         dist.barrier()  # the folder is ready (config, autoencoder copy) before any rank goes on
@@ -155,8 +158,9 @@ class Trainer:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step)
             random = self.dist.random(generator, config.batch_size)  # and this rank's rows of the batch
             batch = draw_batch(state.dataset, config.batch_size, random, self.device)
+        eager = state.algo is not None and state.algo.collects_gradients
         with self.phase("forward"), _autocast(config.precision, self.device):
-            loss = state.task.loss(batch, random, network=self.network)
+            loss = state.task.loss(batch, random, network=self.eager_network if eager else self.network)
         with self.phase("backward"):
             if state.scaler is not None:
                 state.scaler.scale(loss).backward()
