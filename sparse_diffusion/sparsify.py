@@ -31,13 +31,15 @@ WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 # The densities from which a block-sparse layer runs dense kernels on its masked weight
 # (BlockSparseModule.masked_dense): measured layer by layer with benchmarks/layers.py on the
 # demo and small UNets (benchmarks/results/layers-*.json). At stride 1 the block-sparse kernels
-# cost about what oneDNN costs on the masked weight at density 0.8 to 0.85, less below; a
-# strided convolution's grad-input gathers mostly empty taps, and crosses at about 0.5. Vector
-# blocks (bo x 1) cost more per live weight than square ones (each input value feeds one output
-# block, not two): over the layers of both UNets, ours / masked dense is 0.82 at density 0.45-0.55
-# and 1.08 at 0.55-0.65 (layers-2026-12-06-Intel-R-Xeon-R-Processor-2-threads.json).
+# cost about what oneDNN costs on the masked weight at density 0.8 to 0.85, less below. A
+# strided convolution (square blocks; its grad-input computed phase by phase) costs 1.04 of it
+# at density 0.75 and 0.78 at 0.64, forward and backward together
+# (layers-2026-12-06-Intel-R-Xeon-R-Processor-2-threads-strided-phases.json). Vector blocks
+# (bo x 1) cost more per live weight than square ones (each input value feeds one output block,
+# not two): over the layers of both UNets, ours / masked dense is 0.82 at density 0.45-0.55 and
+# 1.08 at 0.55-0.65, strided ones included (layers-2026-12-06-Intel-R-Xeon-R-Processor-2-threads.json).
 MASKED_DENSE_FROM = 0.8
-MASKED_DENSE_FROM_STRIDED = 0.5
+MASKED_DENSE_FROM_STRIDED = 0.75
 MASKED_DENSE_FROM_VECTOR = 0.6
 
 
@@ -199,8 +201,9 @@ def sparsify(
         init: ``random`` draws the live blocks at random (sparse from scratch, torch's RNG);
             ``magnitude`` keeps the largest blocks of the current weights. Either way live
             values keep their current (dense) initialisation.
-        masked_dense: let layers at high density (:data:`MASKED_DENSE_FROM`, or
-            :data:`MASKED_DENSE_FROM_STRIDED` for strided convolutions) run dense kernels on
+        masked_dense: let layers at high density (:data:`MASKED_DENSE_FROM`,
+            :data:`MASKED_DENSE_FROM_STRIDED` for strided convolutions,
+            :data:`MASKED_DENSE_FROM_VECTOR` for vector blocks) run dense kernels on
             their masked weight, where that was measured faster; ``False`` runs every sparse
             layer on the block-sparse kernels. A layer at density 1.0 always stays a plain
             dense module.
@@ -347,10 +350,10 @@ def _sparse_copy(module: nn.Module, block: Tuple[int, int], density: float, init
 
 def _masked_dense_from(module: nn.Module) -> float:
     """The density from which dense kernels on the masked weight were measured faster."""
+    if sk.capability.is_vector_block(module.layout.block_size):
+        return MASKED_DENSE_FROM_VECTOR
     strided = isinstance(module, sk.BlockSparseConv2d) and module.stride != (1, 1)
-    if strided:
-        return MASKED_DENSE_FROM_STRIDED
-    return MASKED_DENSE_FROM_VECTOR if sk.capability.is_vector_block(module.layout.block_size) else MASKED_DENSE_FROM
+    return MASKED_DENSE_FROM_STRIDED if strided else MASKED_DENSE_FROM
 
 
 def _masked_dense_wins(module: nn.Module) -> bool:

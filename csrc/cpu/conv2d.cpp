@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <utility>
 
@@ -122,6 +123,74 @@ void with_tiles(const at::Tensor& src, int64_t batch, int64_t dst_h, int64_t dst
   }
 }
 
+// One axis of phase r of a strided grad-input: the destination coordinates r, r + s, ... below
+// `size` (count of them), the kernel taps whose transposed map reaches them, and each tap's
+// source offset: destination r + s * Y reads source Y + offset.
+struct PhaseAxis {
+  int64_t count = 0;
+  std::vector<int64_t> taps, offsets;
+  // The source coordinate of each (destination Y < count, tap), -1 outside [0, src).
+  std::vector<int64_t> map(int64_t src) const {
+    const int64_t n = static_cast<int64_t>(taps.size());
+    std::vector<int64_t> out(count * n);
+    for (int64_t y = 0; y < count; ++y)
+      for (int64_t i = 0; i < n; ++i) out[y * n + i] = y + offsets[i] >= 0 && y + offsets[i] < src ? y + offsets[i] : -1;
+    return out;
+  }
+};
+
+PhaseAxis phase_axis(int64_t r, int64_t size, int64_t kernel, const Conv& c, int d) {
+  PhaseAxis axis;
+  axis.count = r < size ? ceil_div(size - r, c.stride[d]) : 0;
+  for (int64_t i = 0; i < kernel; ++i) {
+    const int64_t t = r + c.padding[d] - i * c.dilation[d];
+    if (t % c.stride[d] == 0) axis.taps.push_back(i), axis.offsets.push_back(t / c.stride[d]);
+  }
+  return axis;
+}
+
+// dx (NHWC [N, h, w, C]) of a strided convolution with square blocks, one phase (ry, rx) of its
+// pixels at a time: each phase is a stride-1 problem over the taps that reach it (for a 3x3
+// kernel at stride 2, 1, 2, 2 and 4 of the 9 in the four phases), so that no empty tap is
+// gathered or multiplied, as the gather over all taps would. A phase's pixels are computed
+// into a buffer, then scattered into dx (one pass over dx: little against the products).
+void strided_grad_input(const char* op, const at::Tensor& dy, const float* packed, const at::Tensor& row_idx,
+                        const at::Tensor& col_ptr, const at::Tensor& col_slots, const LayoutShape& L, int64_t kh,
+                        int64_t kw, const Conv& c, at::Tensor& dx) {
+  const int64_t batch = dx.size(0), h = dx.size(1), w = dx.size(2), channels = dx.size(3);
+  static thread_local std::vector<float> buffer;
+  for (int64_t ry = 0; ry < c.stride[0]; ++ry)
+    for (int64_t rx = 0; rx < c.stride[1]; ++rx) {
+      const PhaseAxis Y = phase_axis(ry, h, kh, c, 0), X = phase_axis(rx, w, kw, c, 1);
+      const int64_t pixels = batch * Y.count * X.count;
+      if (pixels == 0) continue;
+      const int64_t th = static_cast<int64_t>(Y.taps.size()), tw = static_cast<int64_t>(X.taps.size());
+      float* phase = grow(buffer, static_cast<size_t>(pixels * channels));
+      if (th == 0 || tw == 0) {  // no tap reaches these pixels
+        std::fill(phase, phase + pixels * channels, 0.f);
+      } else {
+        GatherTiles tiles{dy.data_ptr<float>(), dy.size(3), dy.size(1), dy.size(2), Y.count, X.count, th, tw, pixels,
+                          Y.map(dy.size(1)), X.map(dy.size(2))};
+        PanelLayout layout = tiles.layout();
+        layout.weight_taps = kh * kw;
+        for (int64_t i : Y.taps)
+          for (int64_t j : X.taps) layout.weight_tap.push_back(i * kw + j);
+        const PairTable table = make_pairs(op, col_ptr, col_slots, row_idx, L.rows, std::move(layout), L.bo, L.bi,
+                                           packed);
+        run_dsd(select_isa(), tiles, table, L.bi, nullptr, phase);
+      }
+      float* out = dx.data_ptr<float>();
+      at::parallel_for(0, batch * Y.count, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / Y.count, y = ry + row % Y.count * c.stride[0];
+          for (int64_t x = 0; x < X.count; ++x)
+            std::memcpy(out + ((n * h + y) * w + rx + x * c.stride[1]) * channels,
+                        phase + (row * X.count + x) * channels, sizeof(float) * channels);
+        }
+      });
+    }
+}
+
 ConvShape conv_shape(int64_t batch, int64_t h, int64_t w, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
                      const Conv& c) {
   return {batch, h, w, oh, ow, kh, kw, {c.stride[0], c.stride[1]}, {c.padding[0], c.padding[1]},
@@ -167,7 +236,8 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& values, const std::opti
 }
 
 // dx = conv_transpose2d(dy, W): each panel of input pixels gathers the output pixels that
-// each tap maps onto it (none where the stride skips it) and walks each input block's pairs.
+// each tap maps onto it and walks each input block's pairs; a strided convolution phase by
+// phase (strided_grad_input), so that only the taps that reach a pixel are gathered.
 at::Tensor conv2d_grad_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& row_idx,
                            const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
                            const at::Tensor& col_ptr, const at::Tensor& col_slots, c10::IntArrayRef input_size,
@@ -205,11 +275,15 @@ at::Tensor conv2d_grad_input(const at::Tensor& grad_out, const at::Tensor& value
   }
   const at::Tensor src = channels_last(as_float(grad_out));
   at::Tensor dx = at::empty({grad_out.size(0), h, w, in_channels}, src.options());
-  with_tiles(src, grad_out.size(0), h, w, kh, kw, c, true, [&](const auto& tiles) {
-    const PairTable table =
-        make_pairs(op, col_ptr, col_slots, row_idx, L.rows, tiles.layout(), L.bo, L.bi, packed);
-    run_dsd(select_isa(), tiles, table, L.bi, nullptr, dx.data_ptr<float>());
-  });
+  if (c.stride[0] > 1 || c.stride[1] > 1) {
+    strided_grad_input(op, src, packed, row_idx, col_ptr, col_slots, L, kh, kw, c, dx);
+  } else {
+    with_tiles(src, grad_out.size(0), h, w, kh, kw, c, true, [&](const auto& tiles) {
+      const PairTable table =
+          make_pairs(op, col_ptr, col_slots, row_idx, L.rows, tiles.layout(), L.bo, L.bi, packed);
+      run_dsd(select_isa(), tiles, table, L.bi, nullptr, dx.data_ptr<float>());
+    });
+  }
   return finish(dx, is_channels_last(grad_out), grad_out.scalar_type());
 }
 

@@ -60,10 +60,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // `rows` high, tap t reading them from panel row shift[t] on. Packing one tap per group (all
 // shifts 0) works for any gather; a stride-1 convolution packs one group per kernel row, whose
 // taps read the same packed window of an image row at shifted rows.
+// A layout may cover a subset of the weight's taps (a phase of a strided grad-input): tap t
+// then multiplies the weight's tap weight_tap[t] of weight_taps.
 struct PanelLayout {
   int64_t rows, groups;
   std::vector<int64_t> group, shift;  // per tap
   bool triples = false;  // taps in threes of one group at shifts s, s + 1, s + 2 (isa.h: DsdTile)
+  std::vector<int64_t> weight_tap;  // per tap; empty: tap t is the weight's tap t
+  int64_t weight_taps = 0;          // the weight's taps; 0: as many as the layout's
   static PanelLayout per_tap(int64_t taps) {
     PanelLayout layout{kPanelRows, taps, std::vector<int64_t>(taps), std::vector<int64_t>(taps, 0)};
     for (int64_t t = 0; t < taps; ++t) layout.group[t] = t;
@@ -75,7 +79,7 @@ struct PanelLayout {
 // index, and the chunks of 16 input floats they read: used[j] fills the panel column j of every
 // group. A pair reads its block's k inputs (k floats of a pixel: a square block's side, or the
 // one channel of a vector block) from the column of its first chunk on, at its lane there.
-// Pair weights sit at packed + (slot * taps + tap) * k * n.
+// Pair weights sit at packed + (slot * weight taps + weight tap) * k * n (PanelLayout).
 struct PairTable {
   std::vector<DsdPair> pairs;
   std::vector<int64_t> ptr;

@@ -135,10 +135,10 @@ def test_layers_close_to_dense_run_dense_kernels_on_their_masked_weight():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, stride=2, padding=1),
                           nn.Conv2d(64, 64, 3, padding=1))
-    report = sd.sparsify(model, 0.4, block_size=16, keep_dense=[], distribution="uniform")
-    density = 0.6  # 0.4 sparsity, uniform: below the stride-1 threshold, above the strided one
+    report = sd.sparsify(model, 0.25, block_size=16, keep_dense=[], distribution="uniform")
+    density = 0.75  # 0.25 sparsity, uniform: below the stride-1 threshold, at the strided one
     assert module.MASKED_DENSE_FROM_STRIDED <= density < module.MASKED_DENSE_FROM
-    assert [layer.path for layer in report.layers] == ["compiled", "masked dense (density >= 0.5)", "compiled"]
+    assert [layer.path for layer in report.layers] == ["compiled", "masked dense (density >= 0.75)", "compiled"]
     assert [m.masked_dense for m in model] == [False, True, False]
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, stride=2, padding=1))
     report = sd.sparsify(model, 0.4, block_size=16, keep_dense=[], distribution="uniform", masked_dense=False)

@@ -74,11 +74,26 @@ def test_conv_random_cases(batch, hw, grid, kernel, stride, padding, dilation, d
 @pytest.mark.parametrize("width", [12, 25, 30, 49])
 @pytest.mark.parametrize("transposed_stride", [1, 2])
 def test_row_segments_and_gathered_tiles(width, transposed_stride):
-    """Stride-1 widths of at least 12 pixels run in segments of image rows, narrower ones and
-    strides gather every tap; both, with padding, dilation and several segments per row."""
+    """Stride-1 widths of at least 12 pixels run in segments of image rows, narrower ones
+    gather every tap, strided grad-inputs gather phase by phase; with padding, dilation and
+    several segments per row."""
     for kernel, padding, dilation in ((3, 1, 1), (3, 2, 2), ((1, 3), (0, 1), 1), (5, 2, 1)):
         case = (2, 32, 48, (5, width), kernel, transposed_stride, padding, dilation, 16, "random", True)
         run_conv_case(case, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    (3, 2, 1, 1),  # the UNets' downsampling: 1, 2, 2 and 4 taps in the four phases
+    (3, 3, 2, 2),  # the dilated taps fall into phases out of order
+    ((2, 3), (1, 2), (0, 1), 1),  # strided along one axis only
+    (1, 2, 0, 1),  # three of the four phases have no tap: zeros
+    (5, 4, 1, 1),  # a stride larger than half the kernel
+])
+def test_strided_grad_input_phase_by_phase(use_backend, channels_last, kernel, stride, padding, dilation):
+    use_backend("compiled", "cpu")
+    case = (2, 32, 48, (13, 30), kernel, stride, padding, dilation, 16, "random", True)
+    run_conv_case(case, torch.float32, "cpu", channels_last=channels_last)
 
 
 def test_non_contiguous_conv_input(use_backend):
