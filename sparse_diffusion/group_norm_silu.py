@@ -6,18 +6,39 @@ torch's GroupNorms and SiLUs are about a fifth of a dense training step of the d
 (:mod:`sparse_kernels.group_norm_silu.op` says why one op is cheaper). :func:`fuse_group_norm_silu`
 makes each such norm a :class:`sparse_kernels.GroupNormSiLU` (the same parameters, the same
 state_dict keys) and the SiLU after it an identity. A block's ``nonlinearity`` also activates the
-time embedding before ``time_emb_proj``; that SiLU moves to a forward pre-hook of the block, so
-the block computes exactly what it did. diffusers' source is untouched, and a block it does not
-know (another ``time_embedding_norm``, another activation) is left as it is.
+time embedding before ``time_emb_proj``: a block without up- or down-sampling (every block of
+this project's UNets) then runs :func:`_fused_forward`, which also skips the division of the
+residual sum by an ``output_scale_factor`` of 1.0 (a whole pass over the activation, forward and
+backward, for nothing); in the others that SiLU moves to a forward pre-hook. Either way the
+block computes what it did, to fp32 rounding. diffusers' source is untouched, and a block it
+does not know (another ``time_embedding_norm``, another activation) is left as it is.
 """
 from __future__ import annotations
 
+import types
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparse_kernels import GroupNormSiLU
 
 __all__ = ["fuse_group_norm_silu"]
+
+
+def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``ResnetBlock2D.forward`` of a fused block without up- or down-sampling: the same sums,
+    with the SiLUs inside the norms, the time embedding and the shortcut added in place into the
+    convolutions' fresh outputs (which no backward reads), and no division by a scale of 1.0."""
+    hidden = self.conv1(self.norm1(input_tensor))
+    if self.time_emb_proj is not None:
+        temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))[:, :, None, None]
+    if temb is not None:
+        hidden = hidden.add_(temb)
+    hidden = self.conv2(self.dropout(self.norm2(hidden)))
+    shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+    output = hidden.add_(shortcut)
+    return output if self.output_scale_factor == 1.0 else output / self.output_scale_factor
 
 
 def _silu_temb(module, args, kwargs):
@@ -41,7 +62,9 @@ def _fuse_block(block: nn.Module) -> bool:
     block.norm1 = GroupNormSiLU.from_group_norm(block.norm1)
     block.norm2 = GroupNormSiLU.from_group_norm(block.norm2)
     block.nonlinearity = nn.Identity()
-    if block.time_emb_proj is not None and not block.skip_time_act:
+    if block.upsample is None and block.downsample is None:
+        block.forward = types.MethodType(_fused_forward, block)
+    elif block.time_emb_proj is not None and not block.skip_time_act:
         block._silu_temb_hook = block.register_forward_pre_hook(_silu_temb, with_kwargs=True)
     return True
 

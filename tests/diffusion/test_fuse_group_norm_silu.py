@@ -60,3 +60,44 @@ def test_blocks_with_a_scale_shift_time_embedding_are_left_alone():
     assert fuse_group_norm_silu(model) == 1  # only the output norm
     assert all(type(m.norm2) is torch.nn.GroupNorm for m in model.modules() if type(m).__name__ == "ResnetBlock2D")
 
+
+
+def _block_output_and_grads(block, x, temb):
+    block.zero_grad()
+    x = x.detach().requires_grad_()
+    y = block(x, temb)
+    y.square().sum().backward()  # (a mean's backward divides)
+    return y.detach(), x.grad, {name: p.grad.clone() for name, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("options", [
+    dict(out_channels=48, temb_channels=16),  # a shortcut convolution, the time embedding's SiLU
+    dict(out_channels=32, temb_channels=16, skip_time_act=True, output_scale_factor=2.0),
+    dict(out_channels=32, temb_channels=None),  # no time embedding
+    dict(out_channels=48, temb_channels=16, up=True),  # up-sampling: diffusers' forward, a pre-hook
+    dict(out_channels=48, temb_channels=16, down=True),
+], ids=["shortcut", "scale-2", "no-temb", "up", "down"])
+def test_fused_block_computes_what_it_did(options):
+    """Each kind of ResnetBlock2D fused (its own forward, or diffusers' with a pre-hook where it
+    samples up or down): the same output and gradients; a scale of 1.0 costs no division."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=32, groups=8, **options)
+    x = torch.randn(2, 32, 8, 8)
+    temb = torch.randn(2, 16) if options["temb_channels"] else None
+    fused = copy.deepcopy(block)
+    assert fuse_group_norm_silu(fused) == 2
+    samples = options.get("up") or options.get("down")
+    assert ("forward" in vars(fused)) != bool(samples)
+    want_y, want_dx, want_grads = _block_output_and_grads(block, x, temb)
+    got_y, got_dx, got_grads = _block_output_and_grads(fused, x, temb)
+    for name, want, got in [("y", want_y, got_y), ("dx", want_dx, got_dx)] + [
+            (name, grad, got_grads[name]) for name, grad in want_grads.items()]:
+        # fp32 rounding of the fused norms, relative to each tensor's scale
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")
+    if not samples and block.output_scale_factor == 1.0:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            _block_output_and_grads(fused, x, temb)
+        assert not any(event.name == "aten::div" for event in profile.events())
