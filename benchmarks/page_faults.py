@@ -4,9 +4,11 @@ that ``sparse-diffusion`` fixes (:mod:`sparse_diffusion.allocator`).
     python -m benchmarks.page_faults --out-dir benchmarks/results     # demo, 5 processes per setting
     python -m benchmarks.page_faults --models small --processes 3
 
-Each process is one ``benchmarks.train_loop`` (dense and RigL at each sparsity, interleaved in
-rounds) with ``--malloc keep`` or ``--malloc system``; the settings alternate (keep, system,
-system, keep, ...) so that whatever else the machine does falls on both alike. Whether glibc
+Each process is one ``benchmarks.train_loop`` (dense and RigL at one sparsity, interleaved in
+rounds: as close to one training run per process as a comparison with dense allows; four
+trainers in one process fault more, from the mix of their heaps) with ``--malloc keep`` or
+``--malloc system``; the settings alternate (keep, system, system, keep, ...), each with a
+process per sparsity, so that whatever else the machine does falls on both alike. Whether glibc
 hands memory back each step depends on the heap's layout, which differs from process to
 process: one process proves nothing. Per setting and run: the median and range over processes
 of the minor page faults per step and of ms per step.
@@ -38,11 +40,12 @@ def order(processes: int) -> List[str]:
     return [setting for pair in pairs for setting in pair]
 
 
-def one_process(setting: str, args: argparse.Namespace, folder: str, index: int) -> List[Dict[str, object]]:
-    """The rows of one fresh ``benchmarks.train_loop`` process."""
-    out = Path(folder) / f"{index}-{setting}.json"
+def one_process(setting: str, sparsity: float, args: argparse.Namespace, folder: str,
+                index: int) -> List[Dict[str, object]]:
+    """The rows of one fresh ``benchmarks.train_loop`` process: dense and RigL at ``sparsity``."""
+    out = Path(folder) / f"{index}-{setting}-{sparsity}.json"
     command = [sys.executable, "-m", "benchmarks.train_loop", "--models", *args.models, "--methods", "rigl",
-               "--sparsities", *map(str, args.sparsities), "--block-sizes", *map(str, args.block_sizes),
+               "--sparsities", str(sparsity), "--block-sizes", *map(str, args.block_sizes),
                "--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--memory-repeats", "0", "--threads", str(args.threads), "--malloc", setting, "--out", str(out)]
     run_command(command)
@@ -76,10 +79,12 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     rows: List[Dict[str, object]] = []
     with tempfile.TemporaryDirectory() as folder:
         for index, setting in enumerate(order(args.processes)):
-            last = one_process(setting, args, folder, index)
-            rows += last
-            print(f"  process {index + 1}/{2 * args.processes} ({setting}), faults per step: "
-                  + ", ".join(f"{row['model']} {row['run']} {row['page_faults_per_step']:.0f}" for row in last), flush=True)
+            for sparsity in args.sparsities:
+                last = one_process(setting, sparsity, args, folder, index)
+                rows += last
+                print(f"  process {index + 1}/{2 * args.processes} ({setting}, {sparsity}), faults per step: "
+                      + ", ".join(f"{row['model']} {row['run']} {row['page_faults_per_step']:.0f}" for row in last),
+                      flush=True)
     params = parameters_of(args)
     params["models"] = {name: MODELS[name] for name in args.models}
     return {"suite": "page_faults", "environment": env, "parameters": params, "rows": summarize(rows)}
@@ -91,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--block-sizes", nargs="+", type=block_shape, default=[16],
                         help="block shapes: N (N x N) or BOxBI such as 16x1")
-    parser.add_argument("--processes", type=int, default=5, help="fresh processes per setting")
+    parser.add_argument("--processes", type=int, default=5, help="fresh processes per setting and sparsity")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="steps of each run per round")
     parser.add_argument("--warmup", type=int, default=3)
