@@ -3,6 +3,7 @@
     python -m benchmarks.train_loop --out-dir benchmarks/results            # demo, small, chirodiff
     python -m benchmarks.train_loop --models demo --rounds 5 --steps 4      # a quick look
     python -m benchmarks.train_loop --models demo --block-sizes 16 16x1 1   # block shapes side by side
+    python -m benchmarks.train_loop --models demo --compile                # eager and compiled side by side
 
 Every run is a :class:`sparse_diffusion.train.Trainer` (the loop behind ``sparse-diffusion
 train``: data, forward, backward, fused AdamW, RigL/Static mask updates, foreach EMA), with the

@@ -26,6 +26,12 @@ from sparse_kernels import GroupNormSiLU
 __all__ = ["fuse_group_norm_silu"]
 
 
+def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, in place where the sum keeps ``fresh``'s dtype (under autocast a bf16
+    output plus an fp32 shortcut is fp32, as diffusers computes it)."""
+    return fresh.add_(other) if torch.result_type(fresh, other) == fresh.dtype else fresh + other
+
+
 def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``ResnetBlock2D.forward`` of a fused block without up- or down-sampling: the same sums,
     with the SiLUs inside the norms, the time embedding and the shortcut added in place into the
@@ -34,10 +40,10 @@ def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, 
     if self.time_emb_proj is not None:
         temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))[:, :, None, None]
     if temb is not None:
-        hidden = hidden.add_(temb)
+        hidden = _add_into(hidden, temb)
     hidden = self.conv2(self.dropout(self.norm2(hidden)))
     shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-    output = hidden.add_(shortcut)
+    output = _add_into(hidden, shortcut)
     return output if self.output_scale_factor == 1.0 else output / self.output_scale_factor
 
 

@@ -101,3 +101,19 @@ def test_fused_block_computes_what_it_did(options):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             _block_output_and_grads(fused, x, temb)
         assert not any(event.name == "aten::div" for event in profile.events())
+
+
+def test_fused_block_under_autocast_sums_in_the_dtypes_diffusers_does():
+    """bf16 autocast: a bf16 convolution output plus an fp32 input is fp32 in diffusers' block;
+    the fused block's in-place sums must not keep it bf16."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16, groups=8)
+    fused = copy.deepcopy(block)
+    fuse_group_norm_silu(fused)
+    x, temb = torch.randn(2, 32, 8, 8), torch.randn(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = block(x, temb), fused(x, temb)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
