@@ -4,6 +4,7 @@ random cases (hypothesis), thread counts, the tiling paths, dispatch and refusal
 The case grids of test_linear.py and test_conv2d.py run them too (backend ``compiled``)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CONV_CASES, ISAS, LINEAR_CASES, random_block_mask, run_case, run_conv_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -94,6 +95,36 @@ def test_strided_grad_input_phase_by_phase(use_backend, channels_last, kernel, s
     use_backend("compiled", "cpu")
     case = (2, 32, 48, (13, 30), kernel, stride, padding, dilation, 16, "random", True)
     run_conv_case(case, torch.float32, "cpu", channels_last=channels_last)
+
+
+def test_a_channel_slice_gradient_is_copied_once(use_backend):
+    """torch.cat's backward hands a convolution a channel slice of a channels-last gradient: the
+    autograd kernel makes it contiguous once, so neither the grad-input nor the grad-weight kernel
+    copies it again; the gradients are those of the fp64 reference."""
+    use_backend("compiled", "cpu")
+    torch.manual_seed(0)
+    layer = sk.BlockSparseConv2d(32, 32, 3, padding=1, block_size=16, density=0.5)
+    layer = layer.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    other = torch.randn(2, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    y = torch.cat([layer(x), other], 1)
+    grad = torch.randn_like(y)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        y.backward(grad)
+    copies = []  # the ops under which the gradient [2, 32, 10, 10] is copied
+    for event in profile.events():
+        if event.name == "aten::copy_" and event.input_shapes and event.input_shapes[0] == [2, 32, 10, 10]:
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith(("sparse_kernels::", "torch::autograd")):
+                parent = parent.cpu_parent
+            copies.append(parent.name if parent is not None else None)
+    assert len(copies) == 1 and not copies[0].startswith("sparse_kernels::"), copies
+    w64 = layer.to_dense().detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    F.conv2d(x64, w64, layer.bias.detach().double(), padding=1).backward(grad[:, :32].double())
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.values.grad, sk.from_dense(w64.grad.float(), layer.layout), rtol=1e-4, atol=1e-5)
 
 
 def test_non_contiguous_conv_input(use_backend):
