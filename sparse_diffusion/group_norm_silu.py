@@ -27,9 +27,10 @@ __all__ = ["fuse_group_norm_silu"]
 
 
 def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``fresh + other``, in place where the sum keeps ``fresh``'s dtype (under autocast a bf16
-    output plus an fp32 shortcut is fp32, as diffusers computes it)."""
-    return fresh.add_(other) if torch.result_type(fresh, other) == fresh.dtype else fresh + other
+    """``fresh + other``, in place where both have one dtype (under autocast a bf16 output plus an
+    fp32 shortcut is fp32, as diffusers computes it). Compared directly: ``torch.result_type``
+    would break a compiled graph."""
+    return fresh.add_(other) if other.dtype == fresh.dtype else fresh + other
 
 
 def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
