@@ -150,7 +150,7 @@ class TrainConfig:
     device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda, cuda:N; under torchrun: each rank "
                           "takes cuda:LOCAL_RANK")
     compile: bool = setting(False, "run the denoiser's training forward and backward under torch.compile (the "
-                            "sparse ops inside the graph); on a 2-core CPU it changed the step by -3% to +5%, "
+                            "sparse ops inside the graph); on a 2-core CPU it changed the step by -4% to +1%, "
                             "see the README")
     dist_backend: Optional[str] = setting(None, "under torchrun: the process group's backend (default: nccl with a "
                                           "GPU per rank, else gloo)", choices=BACKENDS)
