@@ -61,7 +61,6 @@ def test_blocks_with_a_scale_shift_time_embedding_are_left_alone():
     assert all(type(m.norm2) is torch.nn.GroupNorm for m in model.modules() if type(m).__name__ == "ResnetBlock2D")
 
 
-
 def _block_output_and_grads(block, x, temb):
     block.zero_grad()
     x = x.detach().requires_grad_()
