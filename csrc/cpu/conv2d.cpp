@@ -123,30 +123,18 @@ void with_tiles(const at::Tensor& src, int64_t batch, int64_t dst_h, int64_t dst
   }
 }
 
-// One axis of phase r of a strided grad-input: the destination coordinates r, r + s, ... below
-// `size` (count of them), the kernel taps whose transposed map reaches them, and each tap's
-// source offset: destination r + s * Y reads source Y + offset.
-struct PhaseAxis {
-  int64_t count = 0;
-  std::vector<int64_t> taps, offsets;
-  // The source coordinate of each (destination Y < count, tap), -1 outside [0, src).
-  std::vector<int64_t> map(int64_t src) const {
-    const int64_t n = static_cast<int64_t>(taps.size());
-    std::vector<int64_t> out(count * n);
-    for (int64_t y = 0; y < count; ++y)
-      for (int64_t i = 0; i < n; ++i) out[y * n + i] = y + offsets[i] >= 0 && y + offsets[i] < src ? y + offsets[i] : -1;
-    return out;
-  }
-};
-
-PhaseAxis phase_axis(int64_t r, int64_t size, int64_t kernel, const Conv& c, int d) {
-  PhaseAxis axis;
-  axis.count = r < size ? ceil_div(size - r, c.stride[d]) : 0;
-  for (int64_t i = 0; i < kernel; ++i) {
-    const int64_t t = r + c.padding[d] - i * c.dilation[d];
-    if (t % c.stride[d] == 0) axis.taps.push_back(i), axis.offsets.push_back(t / c.stride[d]);
-  }
-  return axis;
+// The source coordinate of each (destination Y < count, tap) of phase r of `axis`, -1 outside
+// [0, src): the gather map of one phase.
+std::vector<int64_t> phase_map(const PhaseAxis& axis, int64_t r, int64_t src) {
+  const auto& taps = axis.taps[r];
+  const int64_t n = static_cast<int64_t>(taps.size());
+  std::vector<int64_t> map(axis.count[r] * n);
+  for (int64_t y = 0; y < axis.count[r]; ++y)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t source = y + taps[i].second;
+      map[y * n + i] = source >= 0 && source < src ? source : -1;
+    }
+  return map;
 }
 
 // dx (NHWC [N, h, w, C]) of a strided convolution with square blocks, one phase (ry, rx) of its
@@ -158,34 +146,36 @@ void strided_grad_input(const char* op, const at::Tensor& dy, const float* packe
                         const at::Tensor& col_ptr, const at::Tensor& col_slots, const LayoutShape& L, int64_t kh,
                         int64_t kw, const Conv& c, at::Tensor& dx) {
   const int64_t batch = dx.size(0), h = dx.size(1), w = dx.size(2), channels = dx.size(3);
+  const int64_t oh = dy.size(1), ow = dy.size(2);
+  const PhaseAxis Y = phase_axis(h, oh, kh, c.stride[0], c.padding[0], c.dilation[0]);
+  const PhaseAxis X = phase_axis(w, ow, kw, c.stride[1], c.padding[1], c.dilation[1]);
   static thread_local std::vector<float> buffer;
   for (int64_t ry = 0; ry < c.stride[0]; ++ry)
     for (int64_t rx = 0; rx < c.stride[1]; ++rx) {
-      const PhaseAxis Y = phase_axis(ry, h, kh, c, 0), X = phase_axis(rx, w, kw, c, 1);
-      const int64_t pixels = batch * Y.count * X.count;
+      const int64_t rows = Y.count[ry], cols = X.count[rx], pixels = batch * rows * cols;
       if (pixels == 0) continue;
-      const int64_t th = static_cast<int64_t>(Y.taps.size()), tw = static_cast<int64_t>(X.taps.size());
+      const int64_t th = static_cast<int64_t>(Y.taps[ry].size()), tw = static_cast<int64_t>(X.taps[rx].size());
       float* phase = grow(buffer, static_cast<size_t>(pixels * channels));
       if (th == 0 || tw == 0) {  // no tap reaches these pixels
         std::fill(phase, phase + pixels * channels, 0.f);
       } else {
-        GatherTiles tiles{dy.data_ptr<float>(), dy.size(3), dy.size(1), dy.size(2), Y.count, X.count, th, tw, pixels,
-                          Y.map(dy.size(1)), X.map(dy.size(2))};
+        GatherTiles tiles{dy.data_ptr<float>(), dy.size(3), oh, ow, rows, cols, th, tw, pixels,
+                          phase_map(Y, ry, oh), phase_map(X, rx, ow)};
         PanelLayout layout = tiles.layout();
         layout.weight_taps = kh * kw;
-        for (int64_t i : Y.taps)
-          for (int64_t j : X.taps) layout.weight_tap.push_back(i * kw + j);
+        for (const auto& [i, ay] : Y.taps[ry])
+          for (const auto& [j, ax] : X.taps[rx]) layout.weight_tap.push_back(i * kw + j);
         const PairTable table = make_pairs(op, col_ptr, col_slots, row_idx, L.rows, std::move(layout), L.bo, L.bi,
                                            packed);
         run_dsd(select_isa(), tiles, table, L.bi, nullptr, phase);
       }
       float* out = dx.data_ptr<float>();
-      at::parallel_for(0, batch * Y.count, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, batch * rows, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
-          const int64_t n = row / Y.count, y = ry + row % Y.count * c.stride[0];
-          for (int64_t x = 0; x < X.count; ++x)
+          const int64_t n = row / rows, y = ry + row % rows * c.stride[0];
+          for (int64_t x = 0; x < cols; ++x)
             std::memcpy(out + ((n * h + y) * w + rx + x * c.stride[1]) * channels,
-                        phase + (row * X.count + x) * channels, sizeof(float) * channels);
+                        phase + (row * cols + x) * channels, sizeof(float) * channels);
         }
       });
     }

@@ -66,6 +66,26 @@ void check_in_range(const int32_t* v, int64_t size, int64_t bound, const char* o
 
 }  // namespace
 
+PhaseAxis phase_axis(int64_t dst, int64_t src, int64_t kernel, int64_t s, int64_t p, int64_t d) {
+  PhaseAxis axis{s, std::vector<int64_t>(s, 0), std::vector<std::vector<std::pair<int64_t, int64_t>>>(s)};
+  int64_t lo = 0, hi = src;  // source coordinates read: [lo, hi)
+  for (int64_t r = 0; r < s; ++r) {
+    axis.count[r] = r < dst ? (dst - r + s - 1) / s : 0;
+    if (axis.count[r] == 0) continue;
+    for (int64_t i = 0; i < kernel; ++i) {
+      const int64_t t = r + p - i * d;
+      if ((t % s + s) % s != 0) continue;
+      const int64_t a = t / s;  // exact
+      axis.taps[r].push_back({i, a});
+      lo = std::min(lo, a);
+      hi = std::max(hi, axis.count[r] + a);
+    }
+  }
+  axis.before = -lo;
+  axis.extent = hi - lo;
+  return axis;
+}
+
 PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& slots, const at::Tensor& other,
                      int64_t other_blocks, PanelLayout layout, int64_t k, int64_t n, const float* packed) {
   const int64_t nnz = slots.numel(), blocks = ptr.numel() - 1, taps = static_cast<int64_t>(layout.group.size());

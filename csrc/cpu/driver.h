@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -55,6 +56,22 @@ const float* pack_weights(const at::Tensor& values, bool transpose);
 inline at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One axis of a transposed convolution (a strided grad-input), phase by phase: destination (dx)
+// coordinate y = r + s * Y of phase r < s reads source (dy) coordinate Y + a for each tap i with
+// r + p - i * d = a * s. The source coordinates that some tap of some destination reads span
+// [-before, extent - before). The square blocks' grad-input (conv2d.cpp) and the vector blocks'
+// planes (vector_blocks.cpp) both walk it.
+struct PhaseAxis {
+  int64_t stride;
+  std::vector<int64_t> count;                                  // per phase: destination coordinates
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> taps;  // per phase: (tap, a)
+  int64_t before = 0, extent = 0;
+};
+
+// The axis of `dst` destination and `src` source coordinates, kernel size `kernel`, stride s,
+// padding p, dilation d.
+PhaseAxis phase_axis(int64_t dst, int64_t src, int64_t kernel, int64_t s, int64_t p, int64_t d);
 
 // Where a dsd's panel puts each tap's inputs: the taps of one group share packed columns
 // `rows` high, tap t reading them from panel row shift[t] on. Packing one tap per group (all

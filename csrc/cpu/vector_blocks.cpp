@@ -15,54 +15,23 @@ namespace {
 
 
 // ------------------------------------------------------------------------ grad-input geometry
-// One axis of the transposed convolution: destination (dx) coordinate y = r + s * Y of phase
-// r < s reads source (dy) coordinate Y + a for each tap i with r + p - i * d = a * s. A plane
-// holds source coordinate u at u + before, and spans `extent` cells: every tap of every
-// destination coordinate reads inside.
-struct Axis {
-  int64_t stride;
-  std::vector<int64_t> count;                               // per phase: destination coordinates
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> taps;  // per phase: (tap, a)
-  int64_t before = 0, extent = 0;
-};
-
-Axis make_axis(int64_t dst, int64_t src, int64_t kernel, int64_t s, int64_t p, int64_t d) {
-  Axis axis{s, std::vector<int64_t>(s, 0), std::vector<std::vector<std::pair<int64_t, int64_t>>>(s)};
-  int64_t lo = 0, hi = src;  // source coordinates read: [lo, hi)
-  for (int64_t r = 0; r < s; ++r) {
-    axis.count[r] = r < dst ? (dst - r + s - 1) / s : 0;
-    if (axis.count[r] == 0) continue;
-    for (int64_t i = 0; i < kernel; ++i) {
-      const int64_t t = r + p - i * d;
-      if ((t % s + s) % s != 0) continue;
-      const int64_t a = t / s;  // exact
-      axis.taps[r].push_back({i, a});
-      lo = std::min(lo, a);
-      hi = std::max(hi, axis.count[r] + a);
-    }
-  }
-  axis.before = -lo;
-  axis.extent = hi - lo;
-  return axis;
-}
-
 // The planes of one image of dy: channel o at data + o * plane, source pixel (y, x) at
 // (y + rows.before) * pitch + x + cols.before, zeros around (a tap reading left of a row's
 // pixels reads the previous row's trailing zeros).
 struct Planes {
-  Axis rows, cols;
+  PhaseAxis rows, cols;
   int64_t pitch, plane, channels;
   // A tap's offset in a plane, from the destination position it serves.
   int64_t offset(int64_t a_row, int64_t a_col) const { return (a_row + rows.before) * pitch + a_col + cols.before; }
 };
 
 Planes make_planes(const ConvShape& c, int64_t channels) {
-  Planes planes{make_axis(c.in_h, c.out_h, c.kh, c.stride[0], c.padding[0], c.dilation[0]),
-                make_axis(c.in_w, c.out_w, c.kw, c.stride[1], c.padding[1], c.dilation[1]), 0, 0, channels};
+  Planes planes{phase_axis(c.in_h, c.out_h, c.kh, c.stride[0], c.padding[0], c.dilation[0]),
+                phase_axis(c.in_w, c.out_w, c.kw, c.stride[1], c.padding[1], c.dilation[1]), 0, 0, channels};
   // Rows share their zero columns: a row's trailing zeros run on into the next row's leading
   // ones, so the pitch is the data's width plus the wider of the two (not both), and no less
   // than a phase's destination width.
-  const Axis& cols = planes.cols;
+  const PhaseAxis& cols = planes.cols;
   planes.pitch = c.out_w + std::max(cols.before, cols.extent - cols.before - c.out_w);
   for (const int64_t count : cols.count) planes.pitch = std::max(planes.pitch, count);
   planes.pitch = std::max<int64_t>(planes.pitch, 1);
