@@ -107,9 +107,6 @@ PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& sl
   for (int64_t j = 0; j < static_cast<int64_t>(position.size()); ++j)
     if (position[j] == 0) position[j] = static_cast<int64_t>(table.used.size()), table.used.push_back(j);
   const int64_t weight_taps = layout.weight_taps ? layout.weight_taps : taps;
-  std::vector<int64_t> weight_tap = layout.weight_tap;
-  if (weight_tap.empty())
-    for (int64_t tap = 0; tap < taps; ++tap) weight_tap.push_back(tap);
   table.ptr.resize(blocks + 1);
   table.pairs.reserve(nnz * taps);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -117,8 +114,9 @@ PairTable make_pairs(const char* op, const at::Tensor& ptr, const at::Tensor& sl
     for (int64_t i = p[b]; i < p[b + 1]; ++i)
       for (int64_t tap = 0; tap < taps; ++tap) {
         const int64_t first = o[s[i]] * k, column = position[first / kPanelWidth], lane = first % kPanelWidth;
+        const int64_t weight_tap = layout.weight_tap.empty() ? tap : layout.weight_tap[tap];
         table.pairs.push_back({layout.group[tap], (column * layout.rows + layout.shift[tap]) * kPanelWidth + lane,
-                               packed + (s[i] * weight_taps + weight_tap[tap]) * k * n});
+                               packed + (s[i] * weight_taps + weight_tap) * k * n});
       }
   }
   table.ptr[blocks] = static_cast<int64_t>(table.pairs.size());
