@@ -4,7 +4,7 @@ import torch
 
 import sparse_diffusion as sd
 import sparse_kernels as sk
-from sparse_diffusion.channels_last import channels_last
+from sparse_diffusion.channels_last import ChannelsLastAttention, channels_last
 
 
 def _formats(model, run):
@@ -59,7 +59,18 @@ def _autoencoder():
     return model, lambda m: m(x).sample
 
 
-@pytest.mark.parametrize("build", [_unet, _conditional_unet, _autoencoder], ids=["unet", "conditional", "autoencoder"])
+def _attention_unet():
+    from diffusers import UNet2DModel
+
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                        norm_num_groups=8, attention_head_dim=16, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    return model, lambda m: m(x, t).sample
+
+
+@pytest.mark.parametrize("build", [_unet, _conditional_unet, _autoencoder, _attention_unet],
+                         ids=["unet", "conditional", "autoencoder", "attention"])
 @pytest.mark.parametrize("method", ["dense", "sparse"])
 def test_every_convolution_stays_channels_last_through_the_shortcuts(method, build):
     torch.manual_seed(0)
@@ -82,3 +93,50 @@ def test_every_convolution_stays_channels_last_through_the_shortcuts(method, bui
     # Outside ResnetBlock2D, .contiguous() still makes NCHW copies.
     z = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     assert z.contiguous().is_contiguous()
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the aten ops run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+def test_attention_takes_channels_last_tokens_as_views(method, heads):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, heads=heads, dim_head=64 // heads, norm_num_groups=8, residual_connection=True,
+                     bias=True, upcast_softmax=True, _from_deprecated_attn_block=True)
+    if method == "sparse":
+        sd.sparsify(attn, 0.5, block_size=16, distribution="uniform", masked_dense=False)
+    original = attn.processor
+    x = torch.randn(2, 64, 5, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    params = [p for p in attn.parameters() if p.requires_grad]
+
+    def run():
+        with _Ops() as ops:
+            y = attn(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *params])
+        return y, grads, ops.names
+
+    want, want_grads, plain_ops = run()
+    channels_last(attn)
+    assert isinstance(attn.processor, ChannelsLastAttention)
+    got, got_grads, ops = run()
+    assert attn.processor.fallback is original
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    # diffusers' processor copies the tokens it normalises and each projection's input; here
+    # every reshape is a view
+    assert plain_ops.count("clone") + plain_ops.count("copy_") >= 1
+    assert ops.count("clone") + ops.count("copy_") == 0, ops
