@@ -145,37 +145,41 @@ class Conv2d : public torch::autograd::Function<Conv2d> {
   }
 };
 
-using NormForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                           const at::Tensor&, int64_t, double);
-using NormBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+using NormForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, const std::optional<at::Tensor>&);
+using NormBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t);
+    int64_t, const std::optional<at::Tensor>&);
 
 class GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& bias, int64_t groups, double eps) {
+                            const at::Tensor& bias, int64_t groups, double eps,
+                            const std::optional<at::Tensor>& shift) {
     static const auto op = handle<NormForwardSignature>("sparse_kernels::group_norm_silu_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, mean, rstd] = op.call(x, weight, bias, groups, eps);
+    auto [y, mean, rstd] = op.call(x, weight, bias, groups, eps, shift);
     ctx->saved_data["groups"] = groups;
-    ctx->save_for_backward({x, weight, bias, mean, rstd});
+    ctx->save_for_backward({x, weight, bias, mean, rstd, shift.value_or(at::Tensor())});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = handle<NormBackwardSignature>("sparse_kernels::group_norm_silu_backward");
     const variable_list saved = ctx->get_saved_variables();
-    auto [dx, dweight, dbias] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                                        ctx->saved_data["groups"].toInt());
+    const std::optional<at::Tensor> shift = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
+    auto [dx, dweight, dbias, dshift] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                                ctx->saved_data["groups"].toInt(), shift);
+    // one gradient per argument; needs_input_grad counts the tensor arguments only (shift is the 4th)
     return {ctx->needs_input_grad(0) ? dx : at::Tensor(), ctx->needs_input_grad(1) ? dweight : at::Tensor(),
-            ctx->needs_input_grad(2) ? dbias : at::Tensor(), at::Tensor(), at::Tensor()};
+            ctx->needs_input_grad(2) ? dbias : at::Tensor(), at::Tensor(), at::Tensor(),
+            shift && ctx->needs_input_grad(3) ? dshift : at::Tensor()};
   }
 };
 
 at::Tensor group_norm_silu_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                    int64_t groups, double eps) {
-  return GroupNormSiLU::apply(x, weight, bias, groups, eps);
+                                    int64_t groups, double eps, const std::optional<at::Tensor>& shift) {
+  return GroupNormSiLU::apply(x, weight, bias, groups, eps, shift);
 }
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,

@@ -201,14 +201,17 @@ TORCH_LIBRARY(sparse_kernels, m) {
       "Tensor row_slots, Tensor col_ptr, Tensor col_slots, SymInt[4] block_shape, int[2] stride, int[2] padding, "
       "int[2] dilation) -> Tensor");
 
-  // y = silu(group_norm(x, groups, weight, bias, eps)) for x [N, C, H, W] (fp32 on the CPU),
-  // stored like x; differentiable (autograd.cpp). _forward also returns mean and rstd [N, groups];
-  // _backward returns the gradients of x, weight and bias.
-  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, int groups, float eps) -> Tensor");
-  m.def("group_norm_silu_forward(Tensor x, Tensor weight, Tensor bias, int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  // y = silu(group_norm(x + shift[:, :, None, None], groups, weight, bias, eps)) for x [N, C, H, W]
+  // (fp32 on the CPU) and an optional shift [N, C] (a time embedding), stored like x;
+  // differentiable (autograd.cpp). _forward also returns mean and rstd [N, groups] (of x + shift);
+  // _backward returns the gradients of x, weight, bias and shift (empty [0] without a shift).
+  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, int groups, float eps, Tensor? shift=None) -> Tensor");
+  m.def(
+      "group_norm_silu_forward(Tensor x, Tensor weight, Tensor bias, int groups, float eps, Tensor? shift=None) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
-      "int groups) -> (Tensor, Tensor, Tensor)");
+      "int groups, Tensor? shift=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace sparse_kernels

@@ -7,9 +7,11 @@ torch's GroupNorms and SiLUs are about a fifth of a dense training step of the d
 makes each such norm a :class:`sparse_kernels.GroupNormSiLU` (the same parameters, the same
 state_dict keys) and the SiLU after it an identity. A block's ``nonlinearity`` also activates the
 time embedding before ``time_emb_proj``: a block without up- or down-sampling (every block of
-this project's UNets) then runs :func:`_fused_forward`, which also skips the division of the
-residual sum by an ``output_scale_factor`` of 1.0 (a whole pass over the activation, forward and
-backward, for nothing); in the others that SiLU moves to a forward pre-hook. Either way the
+this project's UNets) then runs :func:`_fused_forward`, which also adds the time embedding inside
+``norm2`` (a whole pass over the activation saved, and its gradient's sum over the pixels made
+as the norm's backward writes it) and skips the division of the residual sum by an
+``output_scale_factor`` of 1.0 (another pass, forward and backward, for nothing); in the others
+that SiLU moves to a forward pre-hook. Either way the
 block computes what it did, to fp32 rounding. diffusers' source is untouched, and a block it
 does not know (another ``time_embedding_norm``, another activation) is left as it is.
 """
@@ -35,14 +37,16 @@ def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``ResnetBlock2D.forward`` of a fused block without up- or down-sampling: the same sums,
-    with the SiLUs inside the norms, the time embedding and the shortcut added in place into the
-    convolutions' fresh outputs (which no backward reads), and no division by a scale of 1.0."""
+    with the SiLUs inside the norms, the time embedding added inside ``norm2`` (its ``shift``),
+    the shortcut added in place into the last convolution's fresh output (which no backward
+    reads), and no division by a scale of 1.0."""
     hidden = self.conv1(self.norm1(input_tensor))
-    if self.time_emb_proj is not None:
-        temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))[:, :, None, None]
-    if temb is not None:
-        hidden = _add_into(hidden, temb)
-    hidden = self.conv2(self.dropout(self.norm2(hidden)))
+    if self.time_emb_proj is not None and temb is not None:
+        # the projected time embedding [N, C] is added to every pixel inside norm2, never formed
+        hidden = self.norm2(hidden, self.time_emb_proj(temb if self.skip_time_act else F.silu(temb)))
+    else:
+        hidden = self.norm2(hidden if temb is None else _add_into(hidden, temb))
+    hidden = self.conv2(self.dropout(hidden))
     shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
     output = _add_into(hidden, shortcut)
     return output if self.output_scale_factor == 1.0 else output / self.output_scale_factor

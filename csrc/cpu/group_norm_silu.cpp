@@ -12,6 +12,11 @@
 // where G1 = sum_{c in g} weight[c] sum dz and G2 = sum_{c in g} weight[c] sum dz (x - mean): one
 // pass writes dz into dx and sums it, one turns it into dx in place (the exp, the costly part,
 // once per value).
+// With a shift s [N, C] (diffusers adds the time embedding to a block's activation right before
+// its second norm), x + s is normalised without being formed: its moments are x's less the same
+// pivot, and s enters only per-channel constants, B += s A, sum dz (x + s - mean) = sum dz x + (s -
+// mean) sum dz and b_g += a_g s; the shift's gradient, sum over the pixels of dx, is summed as dx is
+// written.
 // The statistics are per image, so an image is done whole, both passes back to back: its second
 // pass reads what the first left in L2 (an image of the demo UNet is 25-100 KB per tensor), and
 // the images are shared among the threads. With fewer images than threads, the images go one
@@ -22,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -40,7 +46,8 @@ struct Shape {
   int64_t image() const { return pixels * channels; }  // floats per image
 };
 
-Shape check(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups) {
+Shape check(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
+            const std::optional<at::Tensor>& shift) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"weight", weight}, {"bias", bias}}) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
@@ -52,6 +59,12 @@ Shape check(const char* op, const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == channels && bias.dim() == 1 && bias.size(0) == channels,
                     op, ": weight and bias must have shape [", channels, "], got ", weight.sizes(), " and ",
                     bias.sizes());
+  if (shift) {
+    TORCH_CHECK_TYPE(shift->scalar_type() == at::kFloat, op, ": shift must be float32, got ", shift->scalar_type());
+    TORCH_CHECK_VALUE(shift->device().is_cpu(), op, ": shift must be on the CPU, got ", shift->device());
+    TORCH_CHECK_VALUE(shift->dim() == 2 && shift->size(0) == x.size(0) && shift->size(1) == channels, op,
+                      ": shift must have shape [", x.size(0), ", ", channels, "], got ", shift->sizes());
+  }
   const int64_t pixels = x.size(2) * x.size(3);
   return {x.size(0), channels, pixels, groups, std::max<int64_t>(ceil_div(pixels, kRows), 1),
           x.size(0) >= at::get_num_threads()};
@@ -106,13 +119,14 @@ void over_image(const Shape& s, const NormRows& base, Kernel kernel, double* sum
     }
 }
 
-// scale[c] = rstd * weight[c], shift[c] = bias[c] - mean * scale[c] for one image.
+// scale[c] = rstd * weight[c], shift[c] = bias[c] + (x_shift[c] - mean) * scale[c] for one image
+// (x_shift: the shift added to x, nullptr for none), so that z = x * scale + shift.
 void affine(const Shape& s, const float* mean, const float* rstd, const float* weight, const float* bias, float* scale,
-            float* shift) {
+            float* shift, const float* x_shift) {
   for (int64_t c = 0; c < s.channels; ++c) {
     const int64_t g = c / s.per_group();
     scale[c] = rstd[g] * weight[c];
-    shift[c] = bias[c] - mean[g] * rstd[g] * weight[c];
+    shift[c] = bias[c] + ((x_shift ? x_shift[c] : 0.0f) - mean[g]) * rstd[g] * weight[c];
   }
 }
 
@@ -125,10 +139,18 @@ at::Tensor like_input(const at::Tensor& input, const at::Tensor& t) {
   return input.is_contiguous() && !input.is_contiguous(at::MemoryFormat::ChannelsLast) ? t.contiguous() : t;
 }
 
+// The shift's values, contiguous (nullptr without one).
+const float* shift_data(const std::optional<at::Tensor>& shift, at::Tensor& keep) {
+  if (!shift) return nullptr;
+  keep = shift->contiguous();
+  return keep.data_ptr<float>();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Tensor& weight,
-                                                       const at::Tensor& bias, int64_t groups, double eps) {
+                                                       const at::Tensor& bias, int64_t groups, double eps,
+                                                       const std::optional<at::Tensor>& shift) {
   const char* op = "group_norm_silu";
-  const Shape s = check(op, input, weight, bias, groups);
+  const Shape s = check(op, input, weight, bias, groups, shift);
   const Isa& isa = select_isa();
   const at::Tensor x = channels_last(input), w = weight.contiguous(), b = bias.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
@@ -136,9 +158,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
   if (x.numel() == 0) return {like_input(input, y), mean, rstd};
   const float *xd = x.data_ptr<float>(), *wd = w.data_ptr<float>(), *bd = b.data_ptr<float>();
   float *yd = y.data_ptr<float>(), *md = mean.data_ptr<float>(), *rd = rstd.data_ptr<float>();
+  at::Tensor shift_values;
+  const float* sd = shift_data(shift, shift_values);
   const double count = static_cast<double>(s.pixels * s.per_group());
   for_each(s.batch, s.by_image, [&](int64_t n) {
     const float* image = xd + n * s.image();
+    const float* sh = sd ? sd + n * s.channels : nullptr;
     std::vector<float> pivot(image, image + s.channels), scale(s.channels), shift(s.channels);  // pivot: x at pixel 0
     std::vector<double> sums(s.channels), sums2(s.channels);  // of d = x - pivot
     NormRows moments = rows_of(image, nullptr, nullptr, s.channels);
@@ -147,19 +172,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
     float *m = md + n * s.groups, *r = rd + n * s.groups;
     for (int64_t g = 0; g < s.groups; ++g) {
       const int64_t c0 = g * s.per_group(), c1 = c0 + s.per_group();
+      // the pivot of x + shift is pivot + shift, and the sums of (x + shift) less it are those of x
+      const auto pivot_of = [&](int64_t c) { return static_cast<double>(pivot[c]) + (sh ? sh[c] : 0.0); };
       double total = 0;
-      for (int64_t c = c0; c < c1; ++c) total += sums[c] + static_cast<double>(s.pixels) * pivot[c];
+      for (int64_t c = c0; c < c1; ++c) total += sums[c] + static_cast<double>(s.pixels) * pivot_of(c);
       const double mu = total / count;
       // sum over the group of (x - mu)^2 = sum_c sum2_c + 2 (p_c - mu) sum_c + pixels (p_c - mu)^2
       double centred2 = 0;
       for (int64_t c = c0; c < c1; ++c) {
-        const double p = pivot[c] - mu;
+        const double p = pivot_of(c) - mu;
         centred2 += sums2[c] + 2 * p * sums[c] + static_cast<double>(s.pixels) * p * p;
       }
       m[g] = static_cast<float>(mu);
       r[g] = static_cast<float>(1.0 / std::sqrt(std::max(centred2 / count, 0.0) + eps));
     }
-    affine(s, m, r, wd, bd, scale.data(), shift.data());
+    affine(s, m, r, wd, bd, scale.data(), shift.data(), sh);
     NormRows out = rows_of(image, nullptr, yd + n * s.image(), s.channels);
     out.scale = scale.data();
     out.shift = shift.data();
@@ -169,16 +196,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
 }
 
 at::Tensor group_norm_silu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
-                           double eps) {
-  return std::get<0>(forward(x, weight, bias, groups, eps));
+                           double eps, const std::optional<at::Tensor>& shift) {
+  return std::get<0>(forward(x, weight, bias, groups, eps, shift));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& input,
-                                                        const at::Tensor& weight, const at::Tensor& bias,
-                                                        const at::Tensor& mean, const at::Tensor& rstd,
-                                                        int64_t groups) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, const std::optional<at::Tensor>& shift) {
   const char* op = "group_norm_silu_backward";
-  const Shape s = check(op, input, weight, bias, groups);
+  const Shape s = check(op, input, weight, bias, groups, shift);
   TORCH_CHECK_VALUE(grad_y.sizes() == input.sizes() && grad_y.scalar_type() == at::kFloat, op,
                     ": grad_y must be float32 of x's shape ", input.sizes(), ", got ", grad_y.scalar_type(), " ",
                     grad_y.sizes());
@@ -191,7 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   const at::Tensor b = bias.contiguous(), mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   at::Tensor dweight = at::zeros_like(w), dbias = at::zeros_like(w);
-  if (x.numel() == 0) return {like_input(input, dx), dweight, dbias};
+  at::Tensor dshift = shift ? at::zeros({s.batch, s.channels}, x.options()) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {like_input(input, dx), dweight, dbias, dshift};
+  at::Tensor shift_values;
+  const float* sd = shift_data(shift, shift_values);
+  float* dsd = shift ? dshift.data_ptr<float>() : nullptr;
   const float *xd = x.data_ptr<float>(), *dyd = dy.data_ptr<float>(), *wd = w.data_ptr<float>();
   const float *bd = b.data_ptr<float>(), *md = mu.data_ptr<float>(), *rd = rs.data_ptr<float>();
   float* dxd = dx.data_ptr<float>();
@@ -202,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
     std::vector<float> scale(s.channels), shift(s.channels), ga(s.channels), gb(s.channels);
     std::vector<double> s1(s.channels), s2(s.channels);  // sum dz, sum dz * x
     const float *m = md + n * s.groups, *r = rd + n * s.groups;
-    affine(s, m, r, wd, bd, scale.data(), shift.data());
+    const float* sh = sd ? sd + n * s.channels : nullptr;
+    affine(s, m, r, wd, bd, scale.data(), shift.data(), sh);
     NormRows sums = rows_of(xd + n * s.image(), dyd + n * s.image(), dxd + n * s.image(), s.channels);
     sums.scale = scale.data();
     sums.shift = shift.data();
@@ -212,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
       const double mg = m[g], rg = r[g];
       double g1 = 0, g2 = 0;
       for (int64_t c = c0; c < c1; ++c) {
-        const double centred = s2[c] - mg * s1[c];
+        const double centred = s2[c] + ((sh ? sh[c] : 0.0) - mg) * s1[c];  // sum dz (x + shift - mean)
         g1 += wd[c] * s1[c];
         g2 += wd[c] * centred;
         db[n * s.channels + c] = s1[c];
@@ -220,13 +251,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
       }
       const double a = -rg * rg * rg * g2 / count, bg = rg * (mg * rg * rg * g2 - g1) / count;
       std::fill(ga.begin() + c0, ga.begin() + c1, static_cast<float>(a));
-      std::fill(gb.begin() + c0, gb.begin() + c1, static_cast<float>(bg));
+      for (int64_t c = c0; c < c1; ++c) gb[c] = static_cast<float>(bg + (sh ? a * sh[c] : 0.0));
     }
     NormRows out = rows_of(xd + n * s.image(), nullptr, dxd + n * s.image(), s.channels);
     out.scale = scale.data();
     out.ga = ga.data();
     out.gb = gb.data();
-    over_image(s, out, isa.norm_silu_grad);
+    if (!dsd) {
+      over_image(s, out, isa.norm_silu_grad);
+      return;
+    }
+    std::vector<double> total(s.channels), unused(s.channels);  // the shift's gradient: dx summed
+    over_image(s, out, isa.norm_silu_grad, total.data(), unused.data());
+    for (int64_t c = 0; c < s.channels; ++c) dsd[n * s.channels + c] = static_cast<float>(total[c]);
   });
   float *dwd = dweight.data_ptr<float>(), *dbd = dbias.data_ptr<float>();
   for (int64_t c = 0; c < s.channels; ++c) {
@@ -238,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
     dwd[c] = static_cast<float>(wsum);
     dbd[c] = static_cast<float>(bsum);
   }
-  return {like_input(input, dx), dweight, dbias};
+  return {like_input(input, dx), dweight, dbias, dshift};
 }
 
 }  // namespace

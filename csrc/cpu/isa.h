@@ -127,7 +127,8 @@ struct SddVectorTile {
 // `rows` channels-last pixels of `channels` floats each (rows `channels` floats apart) at x, dy
 // and out; per-channel arrays scale, shift (z = x * scale + shift), ga, gb and the fp32 sums.
 // norm_moments sums x - shift and its square; norm_silu writes y; norm_silu_grad_sums writes dz = dy * silu'(z)
-// to out and sums dz and dz * x; norm_silu_grad turns out's dz into dx = scale dz + ga x + gb.
+// to out and sums dz and dz * x; norm_silu_grad turns out's dz into dx = scale dz + ga x + gb (and
+// sums dx where sum is set).
 struct NormRows {
   const float* x;
   const float* dy;

@@ -111,14 +111,19 @@ void norm_silu_grad_sums(const NormRows& t) {
   });
 }
 
-// out[r][c] = scale[c] * dz + ga[c] * x + gb[c], in place over the dz that out holds.
+// out[r][c] = scale[c] * dz + ga[c] * x + gb[c], in place over the dz that out holds; with sum,
+// sum[c] += out[r][c] over the rows.
 void norm_silu_grad(const NormRows& t) {
   over_channels(t, [&](int64_t c, int64_t count) {
     const vec a = load_part(t.scale + c, count), ga = load_part(t.ga + c, count), gb = load_part(t.gb + c, count);
+    vec total{};
     for (int64_t r = 0; r < t.rows; ++r) {
       float* out = t.out + r * t.channels + c;
-      store_part(out, a * load_part(out, count) + ga * load_part(t.x + r * t.channels + c, count) + gb, count);
+      const vec dx = a * load_part(out, count) + ga * load_part(t.x + r * t.channels + c, count) + gb;
+      store_part(out, dx, count);
+      total += dx;
     }
+    if (t.sum) store_part(t.sum + c, load_part(t.sum + c, count) + total, count);
   });
 }
 

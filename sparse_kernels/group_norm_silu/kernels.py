@@ -3,7 +3,7 @@ with the ops' signatures, and :func:`cuda_kernels`; :mod:`sparse_kernels.registr
 
 The ops (schemas in csrc/ops.cpp): ``group_norm_silu`` (differentiable; its Autograd kernel in
 csrc/autograd.cpp calls the other two), ``group_norm_silu_forward`` (y, mean, rstd) and
-``group_norm_silu_backward``. Their compiled kernels are for fp32 CPU tensors
+``group_norm_silu_backward`` (the gradients of x, weight, bias and the optional shift). Their compiled kernels are for fp32 CPU tensors
 (csrc/cpu/group_norm_silu.cpp); CUDA tensors run the references (torch's own GroupNorm and SiLU).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .reference import group_norm_silu_reference
+from .reference import group_norm_silu_reference, shifted
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -20,16 +20,20 @@ def _like(x):
     return torch.empty_like(x)
 
 
-def _forward_fake(x, weight, bias, groups, eps):
+def _forward_fake(x, weight, bias, groups, eps, shift=None):
     return _like(x), x.new_empty(x.shape[0], groups), x.new_empty(x.shape[0], groups)
 
 
-def _backward_fake(grad_y, x, weight, bias, mean, rstd, groups):
-    return _like(x), torch.empty_like(weight), torch.empty_like(bias)
+def _backward_fake(grad_y, x, weight, bias, mean, rstd, groups, shift=None):
+    return _like(x), torch.empty_like(weight), torch.empty_like(bias), _shift_grad_like(x, shift)
+
+
+def _shift_grad_like(x, shift):
+    return x.new_empty(0) if shift is None else torch.empty_like(shift)
 
 
 FAKE_KERNELS: Dict[str, Callable] = {
-    "group_norm_silu": lambda x, weight, bias, groups, eps: _like(x),
+    "group_norm_silu": lambda x, weight, bias, groups, eps, shift=None: _like(x),
     "group_norm_silu_forward": _forward_fake,
     "group_norm_silu_backward": _backward_fake,
 }
@@ -42,22 +46,25 @@ def _moments(x, groups, eps):
     return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
 
 
-def forward_op_reference(x, weight, bias, groups, eps):
+def forward_op_reference(x, weight, bias, groups, eps, shift=None):
     """``group_norm_silu_forward`` in pure torch: y, mean, rstd."""
-    mean, rstd = _moments(x, groups, eps)
-    return group_norm_silu_reference(x, weight, bias, groups, eps), mean, rstd
+    mean, rstd = _moments(shifted(x, shift), groups, eps)
+    return group_norm_silu_reference(x, weight, bias, groups, eps, shift), mean, rstd
 
 
-def backward_op_reference(grad_y, x, weight, bias, mean, rstd, groups):
+def backward_op_reference(grad_y, x, weight, bias, mean, rstd, groups, shift=None):
     """``group_norm_silu_backward`` in pure torch: the gradients of the reference, with the
-    normalisation taken from ``mean`` and ``rstd``."""
+    normalisation taken from ``mean`` and ``rstd`` (the shift's: empty without one)."""
     with torch.enable_grad():
         x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+        inputs = (x, weight, bias) if shift is None else (x, weight, bias, shift.detach().requires_grad_())
+        h = shifted(x, None if shift is None else inputs[3])
         shape = (x.shape[0], groups, -1)
-        normalised = ((x.reshape(shape) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+        normalised = ((h.reshape(shape) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
         affine = [1, -1] + [1] * (x.dim() - 2)
         y = torch.nn.functional.silu(normalised * weight.reshape(affine) + bias.reshape(affine))
-        return torch.autograd.grad(y, (x, weight, bias), grad_y)
+        grads = torch.autograd.grad(y, inputs, grad_y)
+        return (*grads, x.new_empty(0)) if shift is None else grads
 
 
 REFERENCE_KERNELS: Dict[str, Callable] = {

@@ -23,18 +23,22 @@ from .reference import group_norm_silu_reference
 
 
 def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int,
-                    eps: float = 1e-5) -> Tensor:
-    """``silu(group_norm(x, groups, weight, bias, eps))``, differentiable in x, weight and bias.
+                    eps: float = 1e-5, shift: Optional[Tensor] = None) -> Tensor:
+    """``silu(group_norm(x + shift[:, :, None, None], groups, weight, bias, eps))``, differentiable
+    in x, weight, bias and shift; ``x + shift`` is never formed.
 
     Args:
         x: ``[N, C, H, W]`` (any memory format; y is stored like x), C divisible by ``groups``.
         weight, bias: ``[C]``, or ``None`` (no affine: the reference path).
+        shift: ``[N, C]`` added to every pixel of x before the norm (diffusers adds a block's
+            time embedding so), or ``None``.
     """
     if (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu" and weight is not None
             and bias is not None and weight.dtype == torch.float32 and bias.dtype == torch.float32
+            and (shift is None or (shift.dtype == torch.float32 and shift.device.type == "cpu"))
             and extension.library() is not None):
-        return ops().group_norm_silu.default(x, weight, bias, groups, eps)
-    return group_norm_silu_reference(x, weight, bias, groups, eps)
+        return ops().group_norm_silu.default(x, weight, bias, groups, eps, shift)
+    return group_norm_silu_reference(x, weight, bias, groups, eps, shift)
 
 
 class GroupNormSiLU(nn.GroupNorm):
@@ -48,5 +52,6 @@ class GroupNormSiLU(nn.GroupNorm):
         fused.__dict__.update(norm.__dict__)
         return fused
 
-    def forward(self, x: Tensor) -> Tensor:
-        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps)
+    def forward(self, x: Tensor, shift: Optional[Tensor] = None) -> Tensor:
+        """``silu(norm(x + shift[:, :, None, None]))``; see :func:`group_norm_silu`."""
+        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, shift)

@@ -78,7 +78,8 @@ def _block_output_and_grads(block, x, temb):
 ], ids=["shortcut", "scale-2", "no-temb", "up", "down"])
 def test_fused_block_computes_what_it_did(options):
     """Each kind of ResnetBlock2D fused (its own forward, or diffusers' with a pre-hook where it
-    samples up or down): the same output and gradients; a scale of 1.0 costs no division."""
+    samples up or down): the same output and gradients; a scale of 1.0 costs no division, and
+    the time embedding is added inside the norm, not broadcast over the activation."""
     from diffusers.models.resnet import ResnetBlock2D
 
     torch.manual_seed(0)
@@ -96,10 +97,14 @@ def test_fused_block_computes_what_it_did(options):
         # fp32 rounding of the fused norms, relative to each tensor's scale
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()),
                                    msg=lambda m: f"{name}: {m}")
-    if not samples and block.output_scale_factor == 1.0:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    if not samples:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
             _block_output_and_grads(fused, x, temb)
-        assert not any(event.name == "aten::div" for event in profile.events())
+        events = profile.events()
+        assert any(event.name == "aten::div" for event in events) == (block.output_scale_factor != 1.0)
+        broadcast = [(event.name, event.input_shapes) for event in events if event.name in ("aten::add", "aten::add_")
+                     and any(len(shape) == 4 and shape[2:] == [1, 1] for shape in event.input_shapes)]
+        assert not broadcast, broadcast
 
 
 def test_fused_block_under_autocast_sums_in_the_dtypes_diffusers_does():

@@ -1,6 +1,6 @@
 """group_norm_silu: the compiled CPU kernel (every instruction set) against the fp64 reference,
-forward and the gradients of x, weight and bias; memory formats, opcheck, torch.compile, the
-reference path for what the kernel does not take, and refusals."""
+forward and the gradients of x, weight, bias and the optional shift; memory formats, opcheck,
+torch.compile, the reference path for what the kernel does not take, and refusals."""
 import pytest
 import torch
 from helpers import ISAS
@@ -29,22 +29,36 @@ def _operands(case, channels_last, seed=0):
     return x, weight, bias, grad, groups
 
 
-def _forward_backward(fn, x, weight, bias, grad, groups):
+def _shift(x, seed=1):
+    """A shift [N, C] as large as x's spread: the time embedding a block adds before its norm."""
+    return 2 * torch.randn(x.shape[0], x.shape[1], generator=torch.Generator().manual_seed(seed))
+
+
+def _forward_backward(fn, x, weight, bias, grad, groups, shift=None):
     x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    y = fn(x, weight, bias, groups, 1e-5)
+    if shift is None:
+        y = fn(x, weight, bias, groups, 1e-5)
+        y.backward(grad.to(y.dtype))
+        return y, x.grad, weight.grad, bias.grad
+    shift = shift.detach().clone().requires_grad_()
+    y = fn(x, weight, bias, groups, 1e-5, shift)
     y.backward(grad.to(y.dtype))
-    return y, x.grad, weight.grad, bias.grad
+    return y, x.grad, weight.grad, bias.grad, shift.grad
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_and_gradients_against_fp64(case, channels_last, isa, monkeypatch):
+def test_forward_and_gradients_against_fp64(case, channels_last, shifted, isa, monkeypatch):
     monkeypatch.setenv("SPARSE_KERNELS_CPU_ISA", isa)
     x, weight, bias, grad, groups = _operands(case, channels_last)
-    ours = _forward_backward(ops.group_norm_silu.default, x, weight, bias, grad, groups)
-    truth = _forward_backward(sk.group_norm_silu_reference, *(t.double() for t in (x, weight, bias, grad)), groups)
-    for name, got, want in zip(("y", "dx", "dweight", "dbias"), ours, truth):
+    shift = _shift(x) if shifted else None
+    ours = _forward_backward(ops.group_norm_silu.default, x, weight, bias, grad, groups, shift)
+    truth = _forward_backward(sk.group_norm_silu_reference, *(t.double() for t in (x, weight, bias, grad)), groups,
+                              None if shift is None else shift.double())
+    assert len(ours) == (5 if shifted else 4)
+    for name, got, want in zip(("y", "dx", "dweight", "dbias", "dshift"), ours, truth):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     assert ours[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -60,14 +74,17 @@ def test_mean_and_rstd_are_torchs():
     torch.testing.assert_close(y, torch.nn.functional.silu(want_y))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
+def test_opcheck(shifted):
     x, weight, bias, grad, groups = _operands((2, 16, 4, 5, 4), True)
-    torch.library.opcheck(ops.group_norm_silu.default, (x, weight.requires_grad_(), bias.requires_grad_(), groups, 1e-5))
+    shift = _shift(x).requires_grad_() if shifted else None
+    torch.library.opcheck(ops.group_norm_silu.default,
+                          (x, weight.requires_grad_(), bias.requires_grad_(), groups, 1e-5, shift))
     with torch.no_grad():
-        _, mean, rstd = ops.group_norm_silu_forward.default(x, weight, bias, groups, 1e-5)
+        _, mean, rstd = ops.group_norm_silu_forward.default(x, weight, bias, groups, 1e-5, shift)
     torch.library.opcheck(ops.group_norm_silu_backward.default,
                           (grad.contiguous(memory_format=torch.channels_last), x, weight.detach(), bias.detach(), mean,
-                           rstd, groups))
+                           rstd, groups, None if shift is None else shift.detach()))
 
 
 def test_module_under_torch_compile_fullgraph():
@@ -87,6 +104,10 @@ def test_what_the_kernel_does_not_take_runs_the_reference(dtype):
     flat = torch.randn(2, 16, 9, dtype=dtype)  # not 4-D
     torch.testing.assert_close(sk.group_norm_silu(flat, weight, bias, groups),
                                sk.group_norm_silu_reference(flat, weight, bias, groups))
+    shift = _shift(x).to(dtype)
+    torch.testing.assert_close(sk.group_norm_silu(x, weight, bias, groups, shift=shift),
+                               torch.nn.functional.silu(torch.nn.functional.group_norm(
+                                   x + shift[:, :, None, None], groups, weight, bias)))
 
 
 def test_refusals_name_the_argument():
@@ -97,6 +118,8 @@ def test_refusals_name_the_argument():
         ops.group_norm_silu.default(x, weight[:8], bias, 4, 1e-5)
     with pytest.raises(TypeError, match="x must be float32, got Half"):
         ops.group_norm_silu.default(x.half(), weight, bias, 4, 1e-5)
+    with pytest.raises(ValueError, match=r"shift must have shape \[2, 16\], got \[2, 16, 1, 1\]"):
+        ops.group_norm_silu.default(x, weight, bias, 4, 1e-5, torch.zeros(2, 16, 1, 1))
 
 
 def test_a_mean_far_larger_than_the_spread_does_not_cancel():
