@@ -120,15 +120,12 @@ class Conv2d : public torch::autograd::Function<Conv2d> {
   }
 
   // grad_out arrives strided like y; grad-input gives dx in grad_out's memory format. A channel
-  // slice of a channels-last gradient (the backward of torch.cat in a UNet's up blocks) is made
-  // contiguous once here on a CPU, not once by each of the two kernels.
+  // slice of a channels-last gradient (the backward of torch.cat in a UNet's up blocks) goes to
+  // the kernels as it is: the CPU ones read its pixels in place.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &values = saved[1];
-    const bool slice = grads[0].device().is_cpu() && grads[0].dim() == 4 &&
-                       grads[0].suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
-                       !grads[0].is_contiguous(at::MemoryFormat::ChannelsLast);
-    const at::Tensor grad_out = slice ? grads[0].contiguous(at::MemoryFormat::ChannelsLast) : grads[0];
+    const at::Tensor& grad_out = grads[0];
     const at::Tensor* index = saved.data() + kIndex;
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();

@@ -77,6 +77,27 @@ at::Tensor channels_last(const at::Tensor& t) {
   return out;
 }
 
+// The floats from one pixel to the next in an NHWC view whose pixels are evenly spaced (as
+// channels_last and pixel_rows give them), read off an axis longer than 1: a stride along an
+// axis of one element means nothing.
+int64_t pixel_stride(const at::Tensor& nhwc) {
+  for (int d = 2; d >= 0; --d)
+    if (nhwc.size(d) > 1) return nhwc.stride(d) / (d == 2 ? 1 : d == 1 ? nhwc.size(2) : nhwc.size(1) * nhwc.size(2));
+  return nhwc.size(3);
+}
+
+// The NHWC [N, H, W, C] view of a channels-last tensor or of a channel slice of one (the backward
+// of torch.cat gives those): pixels evenly spaced, pixel_stride >= C floats apart, read in place;
+// anything else as channels_last gives it.
+at::Tensor pixel_rows(const at::Tensor& t) {
+  const at::Tensor nhwc = t.permute({0, 2, 3, 1});
+  const int64_t step = pixel_stride(nhwc), w = nhwc.size(2), hw = nhwc.size(1) * w;
+  const auto spaced = [&](int d, int64_t stride) { return nhwc.size(d) == 1 || nhwc.stride(d) == stride; };
+  const bool rows = spaced(3, 1) && step >= nhwc.size(3) && spaced(2, step) && spaced(1, w * step) &&
+                    spaced(0, hw * step);
+  return rows ? nhwc : channels_last(t);
+}
+
 // An NHWC result as an NCHW tensor in `dtype`: channels-last as computed, or copied into
 // contiguous NCHW.
 at::Tensor finish(const at::Tensor& nhwc, bool channels_last_out, at::ScalarType dtype) {
@@ -111,14 +132,14 @@ std::vector<int64_t> source_map(int64_t dst, int64_t kernel, int64_t src, const 
 template <class Dsd>
 void with_tiles(const at::Tensor& src, int64_t batch, int64_t dst_h, int64_t dst_w, int64_t kh, int64_t kw,
                 const Conv& c, bool transposed, Dsd&& dsd) {
-  const int64_t h = src.size(1), w = src.size(2), channels = src.size(3);
+  const int64_t h = src.size(1), w = src.size(2), channels = src.size(3), step = pixel_stride(src);
   std::vector<int64_t> rows = source_map(dst_h, kh, h, c, 0, transposed);
   if (c.stride[1] == 1 && kw > 1 && dst_w >= kPanelRows / 2) {
     const int64_t d = c.dilation[1], shift = transposed ? c.padding[1] - (kw - 1) * d : -c.padding[1];
-    dsd(SegmentTiles{src.data_ptr<float>(), channels, h, w, dst_h, dst_w, kh, kw, batch, shift, d, transposed,
+    dsd(SegmentTiles{src.data_ptr<float>(), channels, step, h, w, dst_h, dst_w, kh, kw, batch, shift, d, transposed,
                      std::move(rows)});
   } else {
-    dsd(GatherTiles{src.data_ptr<float>(), channels, h, w, dst_h, dst_w, kh, kw, batch * dst_h * dst_w,
+    dsd(GatherTiles{src.data_ptr<float>(), channels, step, h, w, dst_h, dst_w, kh, kw, batch * dst_h * dst_w,
                     std::move(rows), source_map(dst_w, kw, w, c, 1, transposed)});
   }
 }
@@ -159,7 +180,7 @@ void strided_grad_input(const char* op, const at::Tensor& dy, const float* packe
       if (th == 0 || tw == 0) {  // no tap reaches these pixels
         std::fill(phase, phase + pixels * channels, 0.f);
       } else {
-        GatherTiles tiles{dy.data_ptr<float>(), dy.size(3), oh, ow, rows, cols, th, tw, pixels,
+        GatherTiles tiles{dy.data_ptr<float>(), dy.size(3), pixel_stride(dy), oh, ow, rows, cols, th, tw, pixels,
                           phase_map(Y, ry, oh), phase_map(X, rx, ow)};
         PanelLayout layout = tiles.layout();
         layout.weight_taps = kh * kw;
@@ -263,7 +284,7 @@ at::Tensor conv2d_grad_input(const at::Tensor& grad_out, const at::Tensor& value
                       conv_shape(grad_out.size(0), h, w, grad_out.size(2), grad_out.size(3), kh, kw, c), Strided::of(dx));
     return dx.to(grad_out.scalar_type());
   }
-  const at::Tensor src = channels_last(as_float(grad_out));
+  const at::Tensor src = pixel_rows(as_float(grad_out));
   at::Tensor dx = at::empty({grad_out.size(0), h, w, in_channels}, src.options());
   if (c.stride[0] > 1 || c.stride[1] > 1) {
     strided_grad_input(op, src, packed, row_idx, col_ptr, col_slots, L, kh, kw, c, dx);
@@ -316,7 +337,10 @@ at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
     return live_blocks(dense, L, row_idx, col_idx);
   }
   check_slots(op, row_idx, col_idx, bi == 1 ? row_slots : col_slots, L.rows, L.cols);
-  const at::Tensor dy = channels_last(as_float(grad_out)), src = channels_last(as_float(x));
+  // dy's pixels dy_stride floats apart (a channel slice is read in place), x's cin
+  const at::Tensor dy = bi == 1 ? channels_last(as_float(grad_out)) : pixel_rows(as_float(grad_out));
+  const at::Tensor src = channels_last(as_float(x));
+  const int64_t dy_stride = pixel_stride(dy);
   if (bi == 1) {  // vector blocks (vector_blocks.h)
     static thread_local std::vector<float> buffer;  // [nnz][taps][bo]
     float* acc = grow(buffer, static_cast<size_t>(L.nnz * kh * kw * bo));
@@ -335,14 +359,14 @@ at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
       const int64_t sx = lo * c.stride[1] + j * c.dilation[1] - c.padding[1];
       for (int64_t row = r0; row < std::min(out_rows, r0 + rows_per_chunk) && lo < hi; ++row) {
         const int64_t n = row / oh, sy = row % oh * c.stride[0] + i * c.dilation[0] - c.padding[0];
-        if (sy >= 0 && sy < h) plan.add((row * ow + lo) * cout, ((n * h + sy) * w + sx) * cin, hi - lo, cout,
-                                        c.stride[1] * cin);
+        if (sy >= 0 && sy < h) plan.add((row * ow + lo) * dy_stride, ((n * h + sy) * w + sx) * cin, hi - lo,
+                                        dy_stride, c.stride[1] * cin);
       }
       plan.close();
     }
   static thread_local std::vector<float> buffer;  // [nnz][taps][bo][bi]
   float* acc = grow(buffer, static_cast<size_t>(L.nnz * taps * bo * bi));
-  run_sdd(select_isa(), dy.data_ptr<float>(), cout, src.data_ptr<float>(), c.stride[1] * cin, plan,
+  run_sdd(select_isa(), dy.data_ptr<float>(), dy_stride, src.data_ptr<float>(), c.stride[1] * cin, plan,
           row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), col_slots.data_ptr<int32_t>(), L.nnz, bo, bi, acc);
   const at::Tensor by_tap = at::from_blob(acc, {L.nnz, kh, kw, bo, bi}, src.options());
   return by_tap.permute({0, 3, 4, 1, 2}).to(x.scalar_type(), false, true, at::MemoryFormat::Contiguous);

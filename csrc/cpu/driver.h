@@ -156,8 +156,8 @@ struct DirectTiles {
 // forward, the input for grad-input) of an NHWC source, for any stride, padding and dilation:
 // kPanelRows pixels at a time, each tap packed on its own.
 struct GatherTiles {
-  const float* src;  // NHWC [batch, src_h, src_w, channels]
-  int64_t channels, src_h, src_w, dst_h, dst_w, kh, kw, total;
+  const float* src;  // NHWC [batch, src_h, src_w, channels], pixels pixel_stride >= channels floats apart
+  int64_t channels, pixel_stride, src_h, src_w, dst_h, dst_w, kh, kw, total;
   // The source row of destination row y at kernel row i, source_rows[y * kh + i], and the source
   // column of destination column x at kernel column j, source_cols[x * kw + j]; -1 outside.
   std::vector<int64_t> source_rows, source_cols;
@@ -174,12 +174,12 @@ struct GatherTiles {
     panel.pixels.assign(taps * kPanelRows, nullptr);  // tap-major: pixels[tap * kPanelRows + r]
     int64_t x = m0 % dst_w, y = m0 / dst_w % dst_h, n = m0 / (dst_w * dst_h);
     for (int64_t r = 0; r < rows; ++r) {
-      const float* image = src + n * src_h * src_w * channels;
+      const float* image = src + n * src_h * src_w * pixel_stride;
       for (int64_t i = 0; i < kh; ++i) {
         const int64_t sy = source_rows[y * kh + i];
         for (int64_t j = 0; j < kw; ++j) {
           const int64_t sx = source_cols[x * kw + j];
-          if (sy >= 0 && sx >= 0) panel.pixels[(i * kw + j) * kPanelRows + r] = image + (sy * src_w + sx) * channels;
+          if (sy >= 0 && sx >= 0) panel.pixels[(i * kw + j) * kPanelRows + r] = image + (sy * src_w + sx) * pixel_stride;
         }
       }
       if (++x == dst_w) {
@@ -202,8 +202,8 @@ struct GatherTiles {
 // included), at shifted rows for its taps, and a window packed for one destination row serves
 // the next ones too (a ring of kh windows per thread). Each source row is packed about once.
 struct SegmentTiles {
-  const float* src;
-  int64_t channels, src_h, src_w, dst_h, dst_w, kh, kw, batch;
+  const float* src;  // as GatherTiles
+  int64_t channels, pixel_stride, src_h, src_w, dst_h, dst_w, kh, kw, batch;
   int64_t window_shift;  // source column of panel row 0 = destination column x0 + window_shift
   int64_t dilation;      // along the width
   bool transposed;
@@ -253,11 +253,11 @@ struct SegmentTiles {
         while (panel.keys[slot] >= 0 && std::find(wanted.begin(), wanted.end(), panel.keys[slot]) != wanted.end())
           ++slot;
         const int64_t sy = source_rows[y * kh + i];
-        const float* line = src + ((n * src_h + sy) * src_w) * channels;
+        const float* line = src + ((n * src_h + sy) * src_w) * pixel_stride;
         panel.pixels.resize(width);
         for (int64_t q = 0; q < width; ++q) {
           const int64_t sx = x0 + window_shift + q;
-          panel.pixels[q] = sx >= 0 && sx < src_w ? line + sx * channels : nullptr;
+          panel.pixels[q] = sx >= 0 && sx < src_w ? line + sx * pixel_stride : nullptr;
         }
         pack_group(isa, table, panel, width, panel.storage.data() + slot * floats);
         panel.keys[slot] = wanted[i];
