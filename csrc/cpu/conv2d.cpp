@@ -338,14 +338,14 @@ at::Tensor conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
   }
   check_slots(op, row_idx, col_idx, bi == 1 ? row_slots : col_slots, L.rows, L.cols);
   // dy's pixels dy_stride floats apart (a channel slice is read in place), x's cin
-  const at::Tensor dy = bi == 1 ? channels_last(as_float(grad_out)) : pixel_rows(as_float(grad_out));
+  const at::Tensor dy = pixel_rows(as_float(grad_out));
   const at::Tensor src = channels_last(as_float(x));
   const int64_t dy_stride = pixel_stride(dy);
   if (bi == 1) {  // vector blocks (vector_blocks.h)
     static thread_local std::vector<float> buffer;  // [nnz][taps][bo]
     float* acc = grow(buffer, static_cast<size_t>(L.nnz * kh * kw * bo));
-    vector_grad_weight(op, select_isa(), dy.data_ptr<float>(), src.data_ptr<float>(), col_idx, row_ptr, row_slots, L,
-                       conv_shape(x.size(0), h, w, oh, ow, kh, kw, c), acc);
+    vector_grad_weight(op, select_isa(), dy.data_ptr<float>(), dy_stride, src.data_ptr<float>(), col_idx, row_ptr,
+                       row_slots, L, conv_shape(x.size(0), h, w, oh, ow, kh, kw, c), acc);
     const at::Tensor by_tap = at::from_blob(acc, {L.nnz, kh, kw, bo, bi}, src.options());
     return by_tap.permute({0, 3, 4, 1, 2}).to(x.scalar_type(), false, true, at::MemoryFormat::Contiguous);
   }

@@ -96,8 +96,8 @@ at::Tensor linear_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, c
   check_slots(op, row_idx, col_idx, bi == 1 ? row_slots : col_slots, L.rows, L.cols);
   at::Tensor dw = at::empty({L.nnz, bo, bi}, a.options());
   if (bi == 1) {  // vector blocks (vector_blocks.h)
-    vector_grad_weight(op, select_isa(), dy.data_ptr<float>(), a.data_ptr<float>(), col_idx, row_ptr, row_slots, L,
-                       ConvShape::linear(a.size(0)), dw.data_ptr<float>());
+    vector_grad_weight(op, select_isa(), dy.data_ptr<float>(), out, a.data_ptr<float>(), col_idx, row_ptr, row_slots,
+                       L, ConvShape::linear(a.size(0)), dw.data_ptr<float>());
     return dw.to(x.scalar_type());
   }
   static thread_local SddPlan plan;  // chunks of 128 rows: a chunk of dy and x stays in cache across the slots

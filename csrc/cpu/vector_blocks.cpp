@@ -222,10 +222,10 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
   });
 }
 
-void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const float* x, const at::Tensor& col_idx,
-                        const at::Tensor& row_ptr, const at::Tensor& row_slots, const LayoutShape& L,
-                        const ConvShape& c, float* acc) {
-  const int64_t cin = L.cols, cout = L.rows * L.bo, taps = c.taps(), bo = L.bo;
+void vector_grad_weight(const char* op, const Isa& isa, const float* dy, int64_t dy_stride, const float* x,
+                        const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
+                        const LayoutShape& L, const ConvShape& c, float* acc) {
+  const int64_t cin = L.cols, taps = c.taps(), bo = L.bo;
   if (L.nnz > 0) std::memset(acc, 0, sizeof(float) * L.nnz * taps * bo);
   // Per chunk of about kChunkPixels output pixels and per tap, the runs of the chunk's pixels
   // (along output rows) whose tap reads inside x: x is read in place, no padded copy.
@@ -247,8 +247,8 @@ void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const f
         const int64_t sy = y * c.stride[0] + i * c.dilation[0] - c.padding[0];
         const int64_t first = std::max(x0, lo), last = std::min(x1, hi);
         if (sy >= 0 && sy < c.in_h && first < last)
-          plan.add((row * c.out_w + first) * cout, ((n * c.in_h + sy) * c.in_w + first * sx + shift) * cin,
-                   last - first, cout, sx * cin);
+          plan.add((row * c.out_w + first) * dy_stride, ((n * c.in_h + sy) * c.in_w + first * sx + shift) * cin,
+                   last - first, dy_stride, sx * cin);
         m += x1 - x0;
       }
       plan.close();
@@ -279,7 +279,7 @@ void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const f
         const ItemTile& tile = tiles[i];
         const int64_t first = plan.start[chunk * taps + tile.tap], runs = plan.start[chunk * taps + tile.tap + 1] - first;
         if (runs > 0)
-          isa.sdd_vector({dy + tile.block * bo, cout, x, sx * cin, plan.runs.data() + first, runs, tile.offsets,
+          isa.sdd_vector({dy + tile.block * bo, dy_stride, x, sx * cin, plan.runs.data() + first, runs, tile.offsets,
                           tile.acc, tile.items, bo});
       }
   });

@@ -51,11 +51,12 @@ void vector_grad_input(const char* op, const Isa& isa, const Strided& dy, const 
                        const LayoutShape& layout, const ConvShape& conv, const Strided& dx);
 
 // acc [nnz][taps][bo] = grad-weight of vector blocks at the live slots: dy NHWC [batch, out_h,
-// out_w, cout] and x NHWC [batch, in_h, in_w, cin], both contiguous fp32; the row-sorted index
-// (row_ptr, row_slots; row_slots checked by the caller: check_slots) and the slots' col_idx.
-void vector_grad_weight(const char* op, const Isa& isa, const float* dy, const float* x, const at::Tensor& col_idx,
-                        const at::Tensor& row_ptr, const at::Tensor& row_slots, const LayoutShape& layout,
-                        const ConvShape& conv, float* acc);
+// out_w, cout] with its pixels dy_stride >= cout floats apart (a channel slice read in place) and
+// x NHWC [batch, in_h, in_w, cin] contiguous, fp32; the row-sorted index (row_ptr, row_slots;
+// row_slots checked by the caller: check_slots) and the slots' col_idx.
+void vector_grad_weight(const char* op, const Isa& isa, const float* dy, int64_t dy_stride, const float* x,
+                        const at::Tensor& col_idx, const at::Tensor& row_ptr, const at::Tensor& row_slots,
+                        const LayoutShape& layout, const ConvShape& conv, float* acc);
 
 }  // namespace cpu
 }  // namespace sparse_kernels
