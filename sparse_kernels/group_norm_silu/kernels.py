@@ -53,16 +53,21 @@ def forward_op_reference(x, weight, bias, groups, eps, shift=None):
 
 
 def backward_op_reference(grad_y, x, weight, bias, mean, rstd, groups, shift=None):
-    """``group_norm_silu_backward`` in pure torch: the gradients of the reference, with the
-    normalisation taken from ``mean`` and ``rstd`` (the shift's: empty without one)."""
+    """``group_norm_silu_backward`` in pure torch: the gradients of the reference, through its
+    moments (the mean recomputed, the same value as ``mean``). ``rstd`` carries eps, which is not
+    an argument here: the normalisation uses it as a value, with ``-rstd^3 / 2`` times the
+    variance's gradient as its gradient, which is rstd's."""
     with torch.enable_grad():
-        x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
-        inputs = (x, weight, bias) if shift is None else (x, weight, bias, shift.detach().requires_grad_())
-        h = shifted(x, None if shift is None else inputs[3])
-        shape = (x.shape[0], groups, -1)
-        normalised = ((h.reshape(shape) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+        inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
+        if shift is not None:
+            inputs.append(shift.detach().requires_grad_())
+        h = shifted(inputs[0], inputs[3] if shift is not None else None)
+        values = h.reshape(x.shape[0], groups, -1)
+        var = values.var(dim=2, unbiased=False)
+        r = rstd + (var - var.detach()) * (-0.5 * rstd ** 3)  # rstd's value, its gradient
+        normalised = ((values - values.mean(dim=2, keepdim=True)) * r[..., None]).reshape(x.shape)
         affine = [1, -1] + [1] * (x.dim() - 2)
-        y = torch.nn.functional.silu(normalised * weight.reshape(affine) + bias.reshape(affine))
+        y = torch.nn.functional.silu(normalised * inputs[1].reshape(affine) + inputs[2].reshape(affine))
         grads = torch.autograd.grad(y, inputs, grad_y)
         return (*grads, x.new_empty(0)) if shift is None else grads
 

@@ -134,3 +134,24 @@ def test_a_mean_far_larger_than_the_spread_does_not_cancel():
     torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-5), rtol=1e-4, atol=0)
     for name, got, want in zip(("y", "dx", "dweight", "dbias"), ours, truth):
         torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
+def test_the_reference_kernels_are_the_compiled_ops(shifted):
+    """What a CUDA tensor runs (the ops' pure-torch kernels, cuda_kernels()) gives what the CPU
+    kernels give: y, mean, rstd and every gradient, with and without a shift."""
+    from sparse_kernels.group_norm_silu import kernels
+
+    x, weight, bias, grad, groups = _operands((2, 32, 6, 5, 8), True)
+    shift = _shift(x) if shifted else None
+    reference = kernels.cuda_kernels()
+    ours = ops.group_norm_silu_forward.default(x, weight, bias, groups, 1e-5, shift)
+    theirs = reference["group_norm_silu_forward"](x, weight, bias, groups, 1e-5, shift)
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _, mean, rstd = ours
+    ours = ops.group_norm_silu_backward.default(grad, x, weight, bias, mean, rstd, groups, shift)
+    theirs = reference["group_norm_silu_backward"](grad, x, weight, bias, mean, rstd, groups, shift)
+    assert len(ours) == len(theirs) == 4 and ours[3].shape == theirs[3].shape == ((2, 32) if shifted else (0,))
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
