@@ -90,8 +90,9 @@ def channels_last(model: nn.Module) -> nn.Module:
     model.to(memory_format=torch.channels_last)
     for module in model.modules():
         processor = getattr(module, "processor", None)
-        if type(module).__name__ == "Attention" and processor is not None and not isinstance(processor, ChannelsLastAttention):
-            module.set_processor(ChannelsLastAttention(processor))
+        if type(module).__name__ == "Attention" and processor is not None:
+            if not isinstance(processor, ChannelsLastAttention):
+                module.set_processor(ChannelsLastAttention(processor))
         if type(module).__name__ == "ResnetBlock2D" and getattr(module, "conv_shortcut", None) is not None:
             if getattr(module, "_channels_last_hooks", None) is None:
                 module._channels_last_hooks = (

@@ -11,9 +11,9 @@ this project's UNets) then runs :func:`_fused_forward`, which also adds the time
 ``norm2`` (a whole pass over the activation saved, and its gradient's sum over the pixels made
 as the norm's backward writes it) and skips the division of the residual sum by an
 ``output_scale_factor`` of 1.0 (another pass, forward and backward, for nothing); in the others
-that SiLU moves to a forward pre-hook. Either way the
-block computes what it did, to fp32 rounding. diffusers' source is untouched, and a block it
-does not know (another ``time_embedding_norm``, another activation) is left as it is.
+that SiLU moves to a forward pre-hook. Either way the block computes what it did, to fp32
+rounding. diffusers' source is untouched, and a block it does not know (another
+``time_embedding_norm``, another activation) is left as it is.
 """
 from __future__ import annotations
 

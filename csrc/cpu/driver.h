@@ -179,7 +179,8 @@ struct GatherTiles {
         const int64_t sy = source_rows[y * kh + i];
         for (int64_t j = 0; j < kw; ++j) {
           const int64_t sx = source_cols[x * kw + j];
-          if (sy >= 0 && sx >= 0) panel.pixels[(i * kw + j) * kPanelRows + r] = image + (sy * src_w + sx) * pixel_stride;
+          if (sy >= 0 && sx >= 0)
+            panel.pixels[(i * kw + j) * kPanelRows + r] = image + (sy * src_w + sx) * pixel_stride;
         }
       }
       if (++x == dst_w) {

@@ -3,8 +3,9 @@ with the ops' signatures, and :func:`cuda_kernels`; :mod:`sparse_kernels.registr
 
 The ops (schemas in csrc/ops.cpp): ``group_norm_silu`` (differentiable; its Autograd kernel in
 csrc/autograd.cpp calls the other two), ``group_norm_silu_forward`` (y, mean, rstd) and
-``group_norm_silu_backward`` (the gradients of x, weight, bias and the optional shift). Their compiled kernels are for fp32 CPU tensors
-(csrc/cpu/group_norm_silu.cpp); CUDA tensors run the references (torch's own GroupNorm and SiLU).
+``group_norm_silu_backward`` (the gradients of x, weight, bias and the optional shift). Their
+compiled kernels are for fp32 CPU tensors (csrc/cpu/group_norm_silu.cpp); CUDA tensors run the
+references (torch's own GroupNorm and SiLU).
 """
 from __future__ import annotations
 
