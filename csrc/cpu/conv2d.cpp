@@ -81,8 +81,9 @@ at::Tensor channels_last(const at::Tensor& t) {
 // channels_last and pixel_rows give them), read off an axis longer than 1: a stride along an
 // axis of one element means nothing.
 int64_t pixel_stride(const at::Tensor& nhwc) {
-  for (int d = 2; d >= 0; --d)
-    if (nhwc.size(d) > 1) return nhwc.stride(d) / (d == 2 ? 1 : d == 1 ? nhwc.size(2) : nhwc.size(1) * nhwc.size(2));
+  int64_t pixels = 1;  // pixels per step along axis d
+  for (int d = 2; d >= 0; pixels *= nhwc.size(d--))
+    if (nhwc.size(d) > 1) return nhwc.stride(d) / pixels;
   return nhwc.size(3);
 }
 

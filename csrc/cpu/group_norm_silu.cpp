@@ -120,13 +120,13 @@ void over_image(const Shape& s, const NormRows& base, Kernel kernel, double* sum
 }
 
 // scale[c] = rstd * weight[c], shift[c] = bias[c] + (x_shift[c] - mean) * scale[c] for one image
-// (x_shift: the shift added to x, nullptr for none), so that z = x * scale + shift.
+// (x_shift: the shift added to x), so that z = x * scale + shift.
 void affine(const Shape& s, const float* mean, const float* rstd, const float* weight, const float* bias, float* scale,
             float* shift, const float* x_shift) {
   for (int64_t c = 0; c < s.channels; ++c) {
     const int64_t g = c / s.per_group();
     scale[c] = rstd[g] * weight[c];
-    shift[c] = bias[c] + ((x_shift ? x_shift[c] : 0.0f) - mean[g]) * rstd[g] * weight[c];
+    shift[c] = bias[c] + (x_shift[c] - mean[g]) * rstd[g] * weight[c];
   }
 }
 
@@ -139,10 +139,9 @@ at::Tensor like_input(const at::Tensor& input, const at::Tensor& t) {
   return input.is_contiguous() && !input.is_contiguous(at::MemoryFormat::ChannelsLast) ? t.contiguous() : t;
 }
 
-// The shift's values, contiguous (nullptr without one).
-const float* shift_data(const std::optional<at::Tensor>& shift, at::Tensor& keep) {
-  if (!shift) return nullptr;
-  keep = shift->contiguous();
+// The shift's values [N, C], contiguous: zeros without one (x + 0 is x).
+const float* shift_data(const std::optional<at::Tensor>& shift, const Shape& s, at::Tensor& keep) {
+  keep = shift ? shift->contiguous() : at::zeros({s.batch, s.channels}, at::kFloat);
   return keep.data_ptr<float>();
 }
 
@@ -159,11 +158,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
   const float *xd = x.data_ptr<float>(), *wd = w.data_ptr<float>(), *bd = b.data_ptr<float>();
   float *yd = y.data_ptr<float>(), *md = mean.data_ptr<float>(), *rd = rstd.data_ptr<float>();
   at::Tensor shift_values;
-  const float* sd = shift_data(shift, shift_values);
+  const float* sd = shift_data(shift, s, shift_values);
   const double count = static_cast<double>(s.pixels * s.per_group());
   for_each(s.batch, s.by_image, [&](int64_t n) {
     const float* image = xd + n * s.image();
-    const float* sh = sd ? sd + n * s.channels : nullptr;
+    const float* sh = sd + n * s.channels;
     std::vector<float> pivot(image, image + s.channels), scale(s.channels), shift(s.channels);  // pivot: x at pixel 0
     std::vector<double> sums(s.channels), sums2(s.channels);  // of d = x - pivot
     NormRows moments = rows_of(image, nullptr, nullptr, s.channels);
@@ -173,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input, 
     for (int64_t g = 0; g < s.groups; ++g) {
       const int64_t c0 = g * s.per_group(), c1 = c0 + s.per_group();
       // the pivot of x + shift is pivot + shift, and the sums of (x + shift) less it are those of x
-      const auto pivot_of = [&](int64_t c) { return static_cast<double>(pivot[c]) + (sh ? sh[c] : 0.0); };
+      const auto pivot_of = [&](int64_t c) { return static_cast<double>(pivot[c]) + sh[c]; };
       double total = 0;
       for (int64_t c = c0; c < c1; ++c) total += sums[c] + static_cast<double>(s.pixels) * pivot_of(c);
       const double mu = total / count;
@@ -220,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dshift = shift ? at::zeros({s.batch, s.channels}, x.options()) : at::empty({0}, x.options());
   if (x.numel() == 0) return {like_input(input, dx), dweight, dbias, dshift};
   at::Tensor shift_values;
-  const float* sd = shift_data(shift, shift_values);
+  const float* sd = shift_data(shift, s, shift_values);
   float* dsd = shift ? dshift.data_ptr<float>() : nullptr;
   const float *xd = x.data_ptr<float>(), *dyd = dy.data_ptr<float>(), *wd = w.data_ptr<float>();
   const float *bd = b.data_ptr<float>(), *md = mu.data_ptr<float>(), *rd = rs.data_ptr<float>();
@@ -232,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     std::vector<float> scale(s.channels), shift(s.channels), ga(s.channels), gb(s.channels);
     std::vector<double> s1(s.channels), s2(s.channels);  // sum dz, sum dz * x
     const float *m = md + n * s.groups, *r = rd + n * s.groups;
-    const float* sh = sd ? sd + n * s.channels : nullptr;
+    const float* sh = sd + n * s.channels;
     affine(s, m, r, wd, bd, scale.data(), shift.data(), sh);
     NormRows sums = rows_of(xd + n * s.image(), dyd + n * s.image(), dxd + n * s.image(), s.channels);
     sums.scale = scale.data();
@@ -243,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       const double mg = m[g], rg = r[g];
       double g1 = 0, g2 = 0;
       for (int64_t c = c0; c < c1; ++c) {
-        const double centred = s2[c] + ((sh ? sh[c] : 0.0) - mg) * s1[c];  // sum dz (x + shift - mean)
+        const double centred = s2[c] + (sh[c] - mg) * s1[c];  // sum dz (x + shift - mean)
         g1 += wd[c] * s1[c];
         g2 += wd[c] * centred;
         db[n * s.channels + c] = s1[c];
@@ -251,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       }
       const double a = -rg * rg * rg * g2 / count, bg = rg * (mg * rg * rg * g2 - g1) / count;
       std::fill(ga.begin() + c0, ga.begin() + c1, static_cast<float>(a));
-      for (int64_t c = c0; c < c1; ++c) gb[c] = static_cast<float>(bg + (sh ? a * sh[c] : 0.0));
+      for (int64_t c = c0; c < c1; ++c) gb[c] = static_cast<float>(bg + a * sh[c]);
     }
     NormRows out = rows_of(xd + n * s.image(), nullptr, dxd + n * s.image(), s.channels);
     out.scale = scale.data();
