@@ -1,7 +1,8 @@
 """The convergence questions of a grid's report, over the cells whose runs evaluated FID during
 training (``eval_every``): FID against steps and against training wall-clock, whether each cell
-matches dense within the seed noise, which is best at equal wall-clock, and how long each needs
-to reach a fixed FID.
+matches dense within the seed noise (Welch's t-test), which is best at equal wall-clock, and
+how long each needs to reach a fixed FID (both read from the curves interpolated between
+evaluations).
 """
 from __future__ import annotations
 
@@ -19,31 +20,84 @@ BUDGETS = (0.25, 0.5, 1.0)
 TARGET_OVER_DENSE = 1.10
 
 
-def _fid_by(curve: List[Dict], seconds: float) -> Optional[float]:
-    """The FID of the last evaluation at or before ``seconds`` of training (None: none yet)."""
-    done = [p for p in curve if p["wall_clock_s"] <= seconds and p.get("fid") is not None]
-    return done[-1]["fid"] if done else None
+def _fid_at(curve: List[Dict], seconds: float) -> Optional[float]:
+    """The FID at ``seconds`` of training, read from the curve linearly interpolated between
+    evaluations (so that a cut-off just before or after an evaluation reads nearly the same);
+    the last FID once training has ended; None before the first evaluation."""
+    points = [p for p in curve if p.get("fid") is not None]
+    if not points or seconds < points[0]["wall_clock_s"]:
+        return None
+    for before, after in zip(points, points[1:]):
+        if seconds <= after["wall_clock_s"]:
+            span = after["wall_clock_s"] - before["wall_clock_s"]
+            share = (seconds - before["wall_clock_s"]) / span if span > 0 else 1.0
+            return before["fid"] + share * (after["fid"] - before["fid"])
+    return points[-1]["fid"]
 
 
 def _time_to(curve: List[Dict], fid: float) -> Optional[float]:
-    """Training seconds at the first evaluation with FID <= ``fid`` (None: never)."""
-    return next((p["wall_clock_s"] for p in curve if p.get("fid") is not None and p["fid"] <= fid), None)
+    """Training seconds at which the curve, linearly interpolated between evaluations, first
+    reaches ``fid``: the first evaluation's time if that one already has (None: never)."""
+    points = [p for p in curve if p.get("fid") is not None]
+    for i, p in enumerate(points):
+        if p["fid"] <= fid:
+            if i == 0:
+                return p["wall_clock_s"]
+            before = points[i - 1]
+            share = (before["fid"] - fid) / (before["fid"] - p["fid"])
+            return before["wall_clock_s"] + share * (p["wall_clock_s"] - before["wall_clock_s"])
+    return None
+
+
+def welch(row: Dict, dense: Dict, confidence: float = 0.95) -> Optional[Tuple[float, float, float]]:
+    """Welch's t-test of the row's final FIDs against dense's (unequal variances): the gap of
+    the means (row - dense), the half-width of its ``confidence`` interval, and the
+    Welch-Satterthwaite degrees of freedom. None with fewer than two seeds on a side or no
+    spread on either."""
+    from scipy import stats
+
+    if row["fid"] is None or dense["fid"] is None or min(row["seeds"], dense["seeds"]) < 2:
+        return None
+    a, b = row["fid_std"] ** 2 / row["seeds"], dense["fid_std"] ** 2 / dense["seeds"]
+    if a + b == 0:
+        return None
+    freedom = (a + b) ** 2 / (a ** 2 / (row["seeds"] - 1) + b ** 2 / (dense["seeds"] - 1))
+    half_width = stats.t.ppf(0.5 + confidence / 2, freedom) * math.sqrt(a + b)
+    return row["fid"] - dense["fid"], half_width, freedom
 
 
 def _against_dense(row: Dict, dense: Dict) -> str:
-    """``better`` / ``matches`` / ``worse``: the difference of mean final FIDs against two
-    standard errors of that difference (seed standard deviations); ``-`` with a single seed."""
-    if row["fid"] is None or dense["fid"] is None or min(row["seeds"], dense["seeds"]) < 2:
-        return "-"
-    error = math.sqrt(row["fid_std"] ** 2 / row["seeds"] + dense["fid_std"] ** 2 / dense["seeds"])
-    difference = row["fid"] - dense["fid"]
-    return "matches" if abs(difference) <= 2 * error else ("better" if difference < 0 else "worse")
+    """The final FID's gap to dense with its 95% interval and Welch's degrees of freedom, and
+    ``better`` / ``worse`` where the interval excludes 0, ``within noise`` where it does not;
+    ``-`` where :func:`welch` cannot tell."""
+    test = welch(row, dense)
+    if test is None:
+        return "- | - | -"
+    gap, half_width, freedom = test
+    verdict = "within noise" if abs(gap) <= half_width else ("better" if gap < 0 else "worse")
+    return f"{gap:+.1f} ± {half_width:.1f} | {freedom:.1f} | {verdict}"
 
 
 def _minutes_to(row: Dict, fid: float) -> Tuple[Optional[float], int]:
     """Mean training minutes of the row's seeds that reached ``fid`` (None: none did), and how many did."""
     reached = [t for t in (_time_to(c, fid) for c in row["curves"]) if t is not None]
     return (sum(reached) / len(reached) / 60 if reached else None), len(reached)
+
+
+def _sooner(rows: List[Dict], dense: Dict, target: float) -> str:
+    """A sentence naming the sparse cells whose every seed reached ``target`` sooner than dense's
+    mean time to it, or saying that none did."""
+    dense_minutes, _ = _minutes_to(dense, target)
+    if dense_minutes is None:
+        return "No seed of dense reaches the target: no cell is compared with it.\n"
+    sooner = []
+    for r in rows:
+        minutes, reached = _minutes_to(r, target)
+        if r is not dense and minutes is not None and reached == len(r["curves"]) and minutes < dense_minutes:
+            sooner.append(f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])} "
+                          f"({minutes:.1f} min)")
+    return (f"Sooner than dense ({dense_minutes:.1f} min), every seed: "
+            + ("; ".join(sooner) if sooner else "no sparse cell") + ".\n")
 
 
 def _where(row: Dict) -> str:
@@ -65,17 +119,19 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
     parts = [f"## Convergence ({name})\n",
              "Each run evaluated FID during training (metrics.json `curve`); wall-clock is training time only "
              "(evaluations excluded; data, optimizer, EMA, mask updates, sample grids and checkpoints included). "
-             "\"vs dense\": |mean final FID - dense's| <= 2 standard errors of the difference (seed standard "
-             "deviations) is \"matches\", else better / worse. Clean timing: seeds whose machine load stayed "
+             "Gap: mean final FID less dense's, ± the half-width of its 95% confidence interval from Welch's t-test "
+             "over the seeds (df: its Welch-Satterthwaite degrees of freedom; with two seeds a side about 1-2, so "
+             "only large gaps resolve); \"vs dense\": better / worse where the interval excludes 0, else \"within "
+             "noise\" (not resolved by these seeds, which is not the same as equal). Clean timing: seeds whose machine load stayed "
              "within the run's own threads + 0.75 (metrics.json `timing`); own s / step: the runs' own "
              "wall-clock, comparable between runs only when both were clean and on the same machine."
              + (f" {timing_note}" if timing_note else "") + "\n"]
-    lines = ["| method | sparsity | block | seeds | final FID | vs dense | s / step | speed-up | "
-             "wall-clock (min) | own s / step | clean timing |",
-             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | sparsity | block | seeds | final FID | gap to dense (95% CI) | df | vs dense | s / step | "
+             "speed-up | wall-clock (min) | own s / step | clean timing |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in curved:
         fid = fid_text(r)
-        versus = "-" if dense is None or r is dense else _against_dense(r, dense)
+        versus = "- | - | -" if dense is None or r is dense else _against_dense(r, dense)
         minutes = r["wall_clock_s"] / 60 if r["wall_clock_s"] else None
         step = fmt(r["s_per_step"], ".3f") + (" (own)" if retimed and not r["retimed"] else "")
         lines.append(f"{_where(r)} {r['seeds']} | {fid} | {versus} | {step} | {fmt(r['speedup'], '.2f')} | "
@@ -89,12 +145,14 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
         for r in curved:
             at_budget = []
             for i, budget in enumerate(budgets):
-                fid, _ = mean_std([_fid_by(c, budget) for c in r["curves"]])
+                fid, _ = mean_std([_fid_at(c, budget) for c in r["curves"]])
                 at_budget.append(fmt(fid, ".1f"))
                 if fid is not None and fid < best[i][0]:
                     best[i] = (fid, f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])}")
             lines.append(f"{_where(r)} " + " | ".join(at_budget) + " |")
-        parts.append("At equal training wall-clock (the last evaluation by each budget, mean over seeds; budgets are "
+        parts.append("At equal training wall-clock (each seed's FID curve read at the budget, linearly interpolated "
+                     "between evaluations, its final FID once it has finished; mean over seeds; \"-\": no evaluation "
+                     "yet; budgets are "
                      f"{', '.join(f'{f:g}' for f in BUDGETS)} x dense's):\n\n" + "\n".join(lines) + "\n")
         parts.append("Best by each budget: " + "; ".join(
             f"{b / 60:.1f} min: " + (f"{who} ({fid:.1f})" if math.isfinite(fid) else "no evaluation yet")
@@ -107,8 +165,10 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
             minutes, reached = _minutes_to(r, target)
             lines.append(f"{_where(r)} {fmt(minutes, '.1f')} | {reached}/{len(r['curves'])} |")
         parts.append(f"Time to quality: target FID {target:.1f} (dense's final FID {dense['fid']:.1f} + 10%), at the "
-                     "first evaluation at or below it (resolved to the evaluation interval):\n\n"
+                     "time its FID curve, linearly interpolated between evaluations, first reaches it (mean over the seeds "
+                     "that did):\n\n"
                      + "\n".join(lines) + "\n")
+        parts.append(_sooner(curved, dense, target))
         parts.extend(_structures(curved, dense, target))
     blocks = sorted({r["block"] for r in curved if r["block"] is not None}, key=block_order)
     parts.extend(_pivot(curved, "block", "Block size at equal target sparsity (final FID, the sparsity reached in "

@@ -60,33 +60,35 @@ def study_plots(study: str, rows: List[Dict], folder: Path) -> List[Path]:
         if dense and dense[0]["fid"] is not None:
             ax.axhline(dense[0]["fid"], color="black", linestyle="--", label=label(dense[0]))
 
-    figure, ax = plt.subplots(figsize=(6, 4))
-    lines(ax, [r for r in sparse if r["block"] == block], "sparsity")
+    figure, ax = plt.subplots(figsize=(7, 4))
+    lines(ax, [r for r in sparse if r["block"] == block], "actual_sparsity")
     dense_line(ax)
-    ax.set(xlabel="sparsity", ylabel="FID (lower is better)", title=f"{study}: FID vs sparsity (block {block})")
+    fid_axis(ax)
+    ax.set(xlabel="sparsity reached", title=f"{study}: FID vs sparsity (block {block})")
     legend(ax)
     paths.append(save_figure(figure, folder / f"{study}-fid-vs-sparsity.png"))
 
     if len(blocks) > 1:  # one block size has no block-size axis
-        figure, ax = plt.subplots(figsize=(6, 4))
+        figure, ax = plt.subplots(figsize=(7, 4))
         lines(ax, [r for r in sparse if r["sparsity"] == top_sparsity], "block")
         dense_line(ax)
         block_axis(ax, blocks)
-        ax.set(ylabel="FID (lower is better)",
-               title=f"{study}: FID vs block size (sparsity {top_sparsity:g})")
+        fid_axis(ax)
+        ax.set(title=f"{study}: FID vs block size (target sparsity {top_sparsity:g})")
         legend(ax)
         paths.append(save_figure(figure, folder / f"{study}-fid-vs-block.png"))
 
-    figure, ax = plt.subplots(figsize=(6, 4))
+    figure, ax = plt.subplots(figsize=(7, 4))
     for block in blocks:
-        by_sparsity: Dict[float, List[float]] = {}
-        for r in sparse:
-            if r["block"] == block and r["speedup"]:
-                by_sparsity.setdefault(r["sparsity"], []).append(r["speedup"])
-        xs = sorted(by_sparsity)
-        ax.plot(xs, [sum(by_sparsity[x]) / len(by_sparsity[x]) for x in xs], marker="o", label=f"block {block}")
+        for name in dict.fromkeys(line_name(r) for r in sparse if r["block"] == block):
+            points = sorted((r["actual_sparsity"], r["speedup"]) for r in sparse
+                            if r["block"] == block and line_name(r) == name and r["speedup"])
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"{name}, block {block}")
     ax.axhline(1.0, color="black", linestyle="--", label=label(dense[0]) if dense else "dense")
-    ax.set(xlabel="sparsity", ylabel="training speed-up vs dense (s/step)", title=f"{study}: speed-up vs sparsity")
+    timed = ("s / step re-timed on one machine" if any(r["retimed"] for r in sparse) else "the runs' own s / step")
+    ax.set(xlabel="sparsity reached", ylabel="training speed-up vs dense", title=f"{study}: speed-up vs sparsity")
+    ax.text(0.01, 0.01, f"dense s / step over the cell's ({timed})", transform=ax.transAxes, fontsize=7)
     legend(ax)
     paths.append(save_figure(figure, folder / f"{study}-speedup-vs-sparsity.png"))
     return paths
@@ -112,8 +114,8 @@ def curve_plots(rows: List[Dict], folder: Path, name: str) -> List[Path]:
                 style = {"color": "black", "linestyle": "--"} if r["method"] == "dense" else {}
                 ax.plot(xs, [p[2] for p in points], marker=".", label=line_name(r), **style)
             ax.set(xlabel=x_label, title="dense" if sparsity is None else f"sparsity {sparsity:g}, block {block}")
-            legend(ax)
-        axes[0][0].set_ylabel("FID (lower is better)")
+            fid_axis(ax)
+        legend(axes[0][-1])
         paths.append(save_figure(figure, folder / f"{name}-fid-vs-{x}.png"))
     return paths
 
@@ -139,9 +141,9 @@ def block_plot(rows: List[Dict], folder: Path, name: str) -> List[Path]:
         if dense is not None:
             ax.axhline(dense["fid"], color="black", linestyle="--", label=label(dense))
         block_axis(ax, sorted({b for by in groups for b in by}, key=block_order))
+        fid_axis(ax, "final FID (log scale, lower is better)")
         ax.set(title=f"target sparsity {sparsity:g}")
-        legend(ax)
-    axes[0][0].set_ylabel("final FID (lower is better)")
+    legend(axes[0][-1])
     return [save_figure(figure, folder / f"{name}-final-fid-vs-block.png")]
 
 
@@ -156,10 +158,23 @@ def mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
     return points
 
 
+def fid_axis(ax, text: str = "FID (log scale, lower is better)") -> None:
+    """A log-scaled FID axis with plain numbers on its ticks: FIDs run from the best cells' 40 to
+    a few hundred early in training, and a linear axis flattens the region the comparison is about."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel(text)
+
+
 def legend(ax) -> None:
-    """The axis's legend, or "no data" on an axis with no line."""
+    """The axis's legend outside it, on the right, so that it never covers a line; "no data" on an
+    axis with no line."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     else:  # no FID in these runs (eval_samples: 0)
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
 
@@ -167,7 +182,7 @@ def legend(ax) -> None:
 def save_figure(figure, path: Path) -> Path:
     """Writes ``figure`` to ``path`` (PNG) and closes it."""
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(figure)

@@ -72,20 +72,27 @@ def _report(tmp_path, blocks=False, unclean=None, seeds=(0, 1), **grid_changes):
 
 def test_the_report_answers_the_convergence_questions(tmp_path):
     text, _, _ = _report(tmp_path, unclean=("rigl", 1))
-    # Final FIDs: dense 51 ± 1.4; RigL 53 ± 1.4 is within 2 standard errors (2.8), exact-k is not.
-    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - |" in text
-    assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | matches |" in text and "| 1/2 |" in text
-    assert "| rigl exact-k | 0.5 | 16 | 2 | 71.0 ± 1.4 | worse |" in text
-    # Budgets 0.25 / 0.5 / 1 x dense's 122 s: nobody has evaluated by 30.5 s; by 61 s dense's
-    # seed 0 (80) and both RigL seeds (86); by 122 s dense 66 (50 and 82), RigL 53.
-    assert "| dense | 0 | - | - | 80.0 | 66.0 |" in text
-    assert "| rigl | 0.5 | 16 | - | 86.0 | 53.0 |" in text
-    assert "0.5 min: no evaluation yet; 1.0 min: dense at sparsity 0, block - (80.0); " in text
-    assert "2.0 min: rigl at sparsity 0.5, block 16 (53.0)" in text
-    # Target 56.1: dense after 122 s (2.0 min), RigL after 82 s (1.4 min), exact-k never.
+    # Final FIDs: dense 51 ± 1.4, RigL 53 ± 1.4, exact-k 71 ± 1.4 (two seeds each). Welch: the
+    # standard error of a gap is sqrt(1 + 1), its degrees of freedom (1 + 1)^2 / (1 + 1) = 2 and
+    # t(0.975, 2) = 4.303, so the 95% interval is ± 6.1: RigL's +2 is within it, exact-k's +20 not.
+    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | - | - |" in text
+    assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | +2.0 ± 6.1 | 2.0 | within noise |" in text and "| 1/2 |" in text
+    assert "| rigl exact-k | 0.5 | 16 | 2 | 71.0 ± 1.4 | +20.0 ± 6.1 | 2.0 | worse |" in text
+    # Budgets 0.25 / 0.5 / 1 x dense's 122 s, each curve read between its evaluations: nobody has
+    # evaluated by 30.5 s; at 61 s dense's seed 0 80 - 30 / 60 = 79.5 (seed 1 not yet), RigL
+    # 85 - 33 x 21 / 40 and 87 - 33 x 19 / 42: 69.9; at 122 s dense 50 (finished) and
+    # 82 - 30 x 60 / 62 = 53.0: 51.5, RigL 53.
+    assert "| dense | 0 | - | - | 79.5 | 51.5 |" in text
+    assert "| rigl | 0.5 | 16 | - | 69.9 | 53.0 |" in text
+    assert "0.5 min: no evaluation yet; 1.0 min: rigl at sparsity 0.5, block 16 (69.9); " in text
+    assert "2.0 min: dense at sparsity 0, block - (51.5)" in text
+    # Target 56.1 = 51 + 10%, where each curve crosses it: dense at 60 + 60 x 23.9 / 30 and
+    # 62 + 62 x 25.9 / 30 s (mean 111.7 s, 1.9 min), RigL at 40 + 40 x 28.9 / 33 and
+    # 42 + 42 x 30.9 / 33 s (78.2 s, 1.3 min), exact-k never.
     assert "target FID 56.1" in text
-    assert "| dense | 0 | - | 2.0 | 2/2 |" in text and "| rigl | 0.5 | 16 | 1.4 | 2/2 |" in text
+    assert "| dense | 0 | - | 1.9 | 2/2 |" in text and "| rigl | 0.5 | 16 | 1.3 | 2/2 |" in text
     assert "| rigl exact-k | 0.5 | 16 | - | 0/2 |" in text
+    assert "Sooner than dense (1.9 min), every seed: rigl at sparsity 0.5, block 16 (1.3 min)." in text
     assert "| rigl | 0.5 | 16 | 0.3 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
     for plot in ("runs-fid-vs-steps.png", "runs-fid-vs-wall-clock.png"):
         assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
@@ -120,12 +127,12 @@ def test_vector_blocks_take_their_place_between_unstructured_and_square_blocks(t
     assert "| rigl | 0.5 | 16x1 | 2 | 50.0 ± 1.4 |" in text
     assert (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").stat().st_size > 0
     # The structures side by side (Static / RigL / MagRan; only RigL ran): final FID, speed-up
-    # (dense's 0.122 s / step over the cell's) and minutes to dense's 51 + 10% = 56.1, which blocks
-    # of 32 never reach.
+    # (dense's 0.122 s / step over the cell's) and minutes to dense's 51 + 10% = 56.1 (16x1: at
+    # 45 + 45 x 25.9 / 33 and 46 + 46 x 27.9 / 33 s, 1.4 min), which blocks of 32 never reach.
     structures = text[text.index("Structures side by side"):text.index("Block size at equal")]
-    assert "| 0 | dense | 51.0 | 1.00 | 2.0 |" in structures
+    assert "| 0 | dense | 51.0 | 1.00 | 1.9 |" in structures
     assert structures.index("| 0.5 | 1 |") < structures.index("| 0.5 | 16x1 |") < structures.index("| 0.5 | 16 |")
-    assert "| 0.5 | 16x1 | - / 50.0 / - | - / 1.34 / - | - / 1.5 / - |" in structures
+    assert "| 0.5 | 16x1 | - / 50.0 / - | - / 1.34 / - | - / 1.4 / - |" in structures
     assert "| 0.5 | 32 | - / 61.0 / - | - / 1.97 / - | - / - / - |" in structures
 
 
@@ -147,21 +154,23 @@ def test_the_report_retimes_runs_from_one_machines_step_times(tmp_path):
     assert "re-timed" in text and "Test CPU, 2 threads, 2026-12-03" in text
     assert "1 finished cell(s) are not in that file" in text
     # Dense 1,000 steps x 0.1 s = 100 s; RigL 0.05 s / step (own: 80 and 84 s for 1,000 steps).
-    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | 0.100 | 1.00 | 1.7 | 0.122 | 2/2 |" in text
-    assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | matches | 0.050 | 2.00 | 0.8 | 0.082 | 2/2 |" in text
-    assert "| rigl exact-k | 0.5 | 16 | 2 | 71.0 ± 1.4 | worse | 0.082 (own) | 1.22 | 1.4 | 0.082 | 2/2 |" in text
-    # Budgets 25 / 50 / 100 s: RigL's step 500 is at 25 s, dense's at 50 s; exact-k's own 40 s.
+    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | - | - | 0.100 | 1.00 | 1.7 | 0.122 | 2/2 |" in text
+    assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | +2.0 ± 6.1 | 2.0 | within noise | 0.050 | 2.00 | 0.8 | 0.082 | 2/2 |" in text
+    assert "| rigl exact-k | 0.5 | 16 | 2 | 71.0 ± 1.4 | +20.0 ± 6.1 | 2.0 | worse | 0.082 (own) | 1.22 | 1.4 | 0.082 | 2/2 |" in text
+    # Budgets 25 / 50 / 100 s: RigL's step 500 is at 25 s, dense's at 50 s; exact-k keeps its own
+    # clock (step 500 at 40 and 42 s): at 50 s 90 - 20 x 10 / 40 and 92 - 20 x 8 / 42, 86.6.
     assert "| dense | 0 | - | - | 81.0 | 51.0 |" in text
     assert "| rigl | 0.5 | 16 | 86.0 | 53.0 | 53.0 |" in text
-    assert "| rigl exact-k | 0.5 | 16 | - | 91.0 | 71.0 |" in text
-    # Target 56.1: dense at step 1,000 (100 s), RigL at step 1,000 (50 s).
-    assert "| dense | 0 | - | 1.7 | 2/2 |" in text and "| rigl | 0.5 | 16 | 0.8 | 2/2 |" in text
+    assert "| rigl exact-k | 0.5 | 16 | - | 86.6 | 71.0 |" in text
+    # Target 56.1 between steps 500 and 1,000: dense at 50 + 50 x 23.9 / 30 and 50 + 50 x 25.9 / 30 s
+    # (91.5 s), RigL at 25 + 25 x 28.9 / 33 and 25 + 25 x 30.9 / 33 s (47.6 s).
+    assert "| dense | 0 | - | 1.5 | 2/2 |" in text and "| rigl | 0.5 | 16 | 0.8 | 2/2 |" in text
 
 
 def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
     text, grid, runs = _report(tmp_path, wall_clock_from=str(tmp_path / "nowhere.json"))
     assert f"wall_clock_from names {tmp_path / 'nowhere.json'}, which does not exist yet" in text
-    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | 0.122 | 1.00 | 2.0 | 0.122 | 2/2 |" in text
+    assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | - | - | 0.122 | 1.00 | 2.0 | 0.122 | 2/2 |" in text
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"suite": "train_loop", "rows": []}))
     with pytest.raises(ValueError, match=f"wall_clock_from {wrong}: not a benchmarks.study_timing result"):
@@ -199,3 +208,37 @@ def test_a_study_without_dense_compares_with_the_dense_run_trained_the_same_way(
     text = write_report(tmp_path / "runs", grid, runs).read_text()
     exact = text[text.index("## exact"):text.index("## Convergence")]
     assert "dense (study" not in exact and "| rigl exact-k (drop 0.3) | 71.0 ± 1.4 (-x) |" in exact
+
+
+def test_welch_agrees_with_scipys_test_on_the_raw_fids():
+    """The gap, its 95% interval and the degrees of freedom from the rows' means and spreads are
+    scipy's Welch test on the seeds' FIDs themselves (unequal seeds and spreads)."""
+    stats = pytest.importorskip("scipy.stats")
+    from sparse_diffusion.study.convergence import welch
+    from sparse_diffusion.study.results import mean_std
+
+    sparse, dense = [44.0, 47.5, 45.1], [38.2, 38.9]
+    rows = []
+    for fids in (sparse, dense):
+        mean, std = mean_std(fids)
+        rows.append({"fid": mean, "fid_std": std, "seeds": len(fids)})
+    gap, half_width, freedom = welch(*rows)
+    test = stats.ttest_ind(sparse, dense, equal_var=False)
+    low, high = test.confidence_interval(0.95)
+    assert gap == pytest.approx((low + high) / 2) and half_width == pytest.approx((high - low) / 2)
+    assert freedom == pytest.approx(test.df)
+    assert welch({**rows[0], "seeds": 1}, rows[1]) is None  # one seed: no spread to test with
+    assert welch({**rows[0], "fid_std": 0.0}, {**rows[1], "fid_std": 0.0}) is None
+
+
+def test_curves_are_read_between_evaluations():
+    """FID at a budget and time to a target come from the curve interpolated between its
+    evaluations; a curve already below the target at its first evaluation reaches it there."""
+    from sparse_diffusion.study.convergence import _fid_at, _time_to
+
+    curve = [{"step": 1, "wall_clock_s": 10.0, "fid": 90.0}, {"step": 2, "wall_clock_s": 20.0, "fid": 60.0},
+             {"step": 3, "wall_clock_s": 30.0, "fid": 50.0}]
+    assert _fid_at(curve, 9.9) is None and _fid_at(curve, 10.0) == 90.0
+    assert _fid_at(curve, 15.0) == pytest.approx(75.0) and _fid_at(curve, 99.0) == 50.0
+    assert _time_to(curve, 75.0) == pytest.approx(15.0) and _time_to(curve, 55.0) == pytest.approx(25.0)
+    assert _time_to(curve, 95.0) == 10.0 and _time_to(curve, 49.9) is None
