@@ -2,7 +2,7 @@
 
     evaluator = SampleEvaluator("fashion-mnist", reference_images, reference_labels)
     evaluator.evaluate(samples)   # {"fid", "kid_mean", "kid_std", "fd_local", "kid_local_mean",
-                                  #  "num_samples", "num_reference"}
+                                  #  "local_network", "num_samples", "num_reference"}
 
 Images are float ``[N, C, H, W]`` in ``[-1, 1]`` with C 1 or 3. Stroke data is rasterised
 first with :func:`rasterize_strokes`. The reference statistics are computed once and cached
@@ -132,6 +132,9 @@ class SampleEvaluator:
         reference = reference_images.detach().float().clamp(-1, 1)
         self.local_net = load_or_train_local_features(name, reference.to(self.device), reference_labels,
                                                       self.cache_dir)
+        # Each cache trains its own local network, and its FDs are on that network's scale: a
+        # result names it, so that only FDs of one network are compared.
+        self.local_sha1 = _fingerprint(self.local_net.state_dict().values())
         self.reference = self._load_or_compute_reference(reference.cpu())
 
     @property
@@ -148,7 +151,7 @@ class SampleEvaluator:
     def _load_or_compute_reference(self, reference: Tensor) -> Dict[str, np.ndarray]:
         """The cached arrays, with what is missing or stale computed and the file rewritten."""
         images_sha1 = _fingerprint([reference])
-        local_sha1 = _fingerprint(self.local_net.state_dict().values())
+        local_sha1 = self.local_sha1
         stored: Dict[str, np.ndarray] = {}
         if self.cache_path.is_file():
             stored = _load_npz(self.cache_path)
@@ -174,8 +177,8 @@ class SampleEvaluator:
 
         Returns:
             ``fid``, ``kid_mean``, ``kid_std`` (Inception; only with ``use_inception``),
-            ``fd_local``, ``kid_local_mean`` (local network), ``num_samples``,
-            ``num_reference``. KID uses subsets of ``min(1000, M, N)`` images.
+            ``fd_local``, ``kid_local_mean`` (local network), ``local_network`` (the first 12
+            hex digits of its weights' SHA-1), ``num_samples``, ``num_reference``. KID uses subsets of ``min(1000, M, N)`` images.
         """
         _check_images(samples, "samples")
         if tuple(samples.shape[1:]) != self.image_shape:
@@ -192,6 +195,7 @@ class SampleEvaluator:
         features = local_features(self.local_net, samples)
         result["fd_local"] = frechet_distance(*feature_statistics(features), ref["local_mu"], ref["local_sigma"])
         result["kid_local_mean"] = kernel_distance(features, ref["local_features"])[0]
+        result["local_network"] = self.local_sha1[:12]
         result["num_samples"] = samples.shape[0]
         result["num_reference"] = self.num_reference
         return result

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .plots import block_plot, curve_plots
+from .plots import block_plot, curve_plots, structure_plot
 from .results import block_order, block_text, differing_in, label, mean_std
 from .tables import fid_text, fmt
 
@@ -100,6 +100,46 @@ def _sooner(rows: List[Dict], dense: Dict, target: float) -> str:
             + ("; ".join(sooner) if sooner else "no sparse cell") + ".\n")
 
 
+def _network(row: Dict) -> Optional[str]:
+    """The one local network all of a row's seeds name, or None (not recorded, or several)."""
+    return next(iter(row["local_networks"])) if len(row["local_networks"]) == 1 else None
+
+
+def _local_fd(rows: List[Dict], dense: Dict) -> List[str]:
+    """Final Inception FID beside the final local FD, each against dense's, and the cells where
+    they disagree on the side of dense; a local FD is compared with dense's only when both come
+    from one recorded local network (each machine's cache trains its own, and an FD is on its
+    network's scale)."""
+    if dense["fd_local"] is None:
+        return []
+
+    def side(value: Optional[float], reference: Optional[float]) -> str:
+        return "-" if value is None or reference is None else ("better" if value < reference else "worse")
+
+    lines = ["| method | sparsity | block | final FID | FID vs dense | final local FD | local FD vs dense | network |",
+             "| --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
+    disagree, unknown = [], 0
+    for r in rows:
+        comparable = r is not dense and _network(r) is not None and _network(r) == _network(dense)
+        unknown += r is not dense and not comparable
+        by_fid = "-" if r is dense else side(r["fid"], dense["fid"])
+        by_local = side(r["fd_local"], dense["fd_local"]) if comparable else "-"
+        if "-" not in (by_fid, by_local) and by_fid != by_local:
+            disagree.append(f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])}")
+        networks = ", ".join(sorted(n or "not recorded" for n in r["local_networks"]))
+        lines.append(f"{_where(r)} {fmt(r['fid'], '.1f')} | {by_fid} | {fmt(r['fd_local'], '.4g')} | {by_local} | "
+                     f"{networks} |")
+    verdict = (f"They disagree on the side of dense for: {'; '.join(disagree)}." if disagree
+               else "Where both compare, they agree on the side of dense.")
+    if unknown:
+        verdict += (f" {unknown} cell(s) do not share dense's recorded network (runs made before results named "
+                    "their network record none), so their local FDs are shown but not compared.")
+    return ["Inception FID and the local FD (FD in the features of a small network trained on the test split; "
+            "every machine's cache trains its own, and an FD is on its network's scale, so two runs' local FDs "
+            "compare only when their results name the same network). Means over seeds, at the end of "
+            "training:\n\n" + "\n".join(lines) + "\n", verdict + "\n"]
+
+
 def _where(row: Dict) -> str:
     return f"| {label(row)} | {row['sparsity']:g} | {block_text(row['block'])} |"
 
@@ -170,13 +210,16 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
                      + "\n".join(lines) + "\n")
         parts.append(_sooner(curved, dense, target))
         parts.extend(_structures(curved, dense, target))
+    if dense is not None:
+        parts.extend(_local_fd(curved, dense))
     blocks = sorted({r["block"] for r in curved if r["block"] is not None}, key=block_order)
     parts.extend(_pivot(curved, "block", "Block size at equal target sparsity (final FID, the sparsity reached in "
                         "brackets; block 1 is unstructured)", {b: f"block {b}" for b in blocks}))
     parts.extend(_pivot([r for r in curved if r["method"] in ("rigl", "magran")], "exact_k",
                         "Growth rule (final FID): the RigL paper's against exactly k blocks moved per update",
                         {False: "paper rule", True: "exact k"}))
-    for path in curve_plots(curved, folder, name) + block_plot(curved, folder, name):
+    plots = curve_plots(curved, folder, name) + structure_plot(curved, folder, name, METHODS)
+    for path in plots + block_plot(curved, folder, name):
         parts.append(f"![{path.stem}](plots/{path.name})\n")
     return "\n".join(parts)
 

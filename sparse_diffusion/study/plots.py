@@ -6,7 +6,7 @@ speed-up (:func:`study_plots`); over the grid FID against steps and training wal
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from .results import block_order, block_weights, differing_in, label, line_name, main_block
 
@@ -114,7 +114,7 @@ def curve_plots(rows: List[Dict], folder: Path, name: str) -> List[Path]:
                 style = {"color": "black", "linestyle": "--"} if r["method"] == "dense" else {}
                 ax.plot(xs, [p[2] for p in points], marker=".", label=line_name(r), **style)
             ax.set(xlabel=x_label, title="dense" if sparsity is None else f"sparsity {sparsity:g}, block {block}")
-            fid_axis(ax)
+            fid_axis(ax, FID_LABEL if ax is axes[0][0] else "")
         legend(axes[0][-1])
         paths.append(save_figure(figure, folder / f"{name}-fid-vs-{x}.png"))
     return paths
@@ -141,10 +141,42 @@ def block_plot(rows: List[Dict], folder: Path, name: str) -> List[Path]:
         if dense is not None:
             ax.axhline(dense["fid"], color="black", linestyle="--", label=label(dense))
         block_axis(ax, sorted({b for by in groups for b in by}, key=block_order))
-        fid_axis(ax, "final FID (log scale, lower is better)")
+        fid_axis(ax, "final " + FID_LABEL if ax is axes[0][0] else "")
         ax.set(title=f"target sparsity {sparsity:g}")
     legend(axes[0][-1])
     return [save_figure(figure, folder / f"{name}-final-fid-vs-block.png")]
+
+
+def structure_plot(rows: List[Dict], folder: Path, name: str, methods: Sequence[str]) -> List[Path]:
+    """FID against training wall-clock, one panel per sparsity with more than one block shape and
+    per method of ``methods`` (the paper's rules), one line per block shape, dense in every panel."""
+    dense = [r for r in rows if r["method"] == "dense"]
+    rows = [r for r in rows if r["method"] in methods and not r["exact_k"]]
+    shapes = {(r["sparsity"], r["method"]): set() for r in rows}
+    for r in rows:
+        shapes[(r["sparsity"], r["method"])].add(r["block"])
+    sparsities = sorted({s for (s, _), blocks in shapes.items() if len(blocks) > 1})
+    if not sparsities:
+        return []
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(len(sparsities), len(methods), figsize=(4 * len(methods), 3.2 * len(sparsities)),
+                                squeeze=False, sharex=True, sharey=True)
+    for i, sparsity in enumerate(sparsities):
+        for j, method in enumerate(methods):
+            ax = axes[i][j]
+            cells = sorted((r for r in rows if r["sparsity"] == sparsity and r["method"] == method),
+                           key=lambda r: block_order(r["block"]))
+            for r in dense + cells:
+                points = mean_curve(r)
+                style = {"color": "black", "linestyle": "--"} if r["method"] == "dense" else {}
+                ax.plot([p[1] / 60 for p in points], [p[2] for p in points], marker=".",
+                        label="dense" if r["method"] == "dense" else f"block {r['block']}", **style)
+            ax.set(title=f"{method}, sparsity {sparsity:g}",
+                   xlabel="training wall-clock (min)" if i == len(sparsities) - 1 else "")
+            fid_axis(ax, FID_LABEL if j == 0 else "")
+        legend(axes[i][-1])
+    return [save_figure(figure, folder / f"{name}-fid-vs-wall-clock-by-block.png")]
 
 
 def mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
@@ -158,15 +190,22 @@ def mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
     return points
 
 
-def fid_axis(ax, text: str = "FID (log scale, lower is better)") -> None:
+# Ticks of the log FID axis: round numbers about 20-25% apart (those inside the axis show).
+FID_TICKS = [m * 10 ** e for e in range(4) for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)]
+
+
+FID_LABEL = "FID (log scale, lower is better)"
+
+
+def fid_axis(ax, text: str = FID_LABEL) -> None:
     """A log-scaled FID axis with plain numbers on its ticks: FIDs run from the best cells' 40 to
     a few hundred early in training, and a linear axis flattens the region the comparison is about."""
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(FixedLocator(FID_TICKS))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylabel(text)
 
 

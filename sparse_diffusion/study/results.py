@@ -129,7 +129,8 @@ def _retimed(curve: List[Dict], seconds_per_step: float) -> List[Dict]:
 
 def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> List[Dict]:
     """One row per cell of the finished ``records``: means and spreads over seeds, each seed's
-    FID curve and whether its timing was clean. A cell in ``timing`` (:func:`load_timing`) is
+    FID curve and whether its timing was clean, the mean local FD and the local networks its
+    seeds name (None: not recorded). A cell in ``timing`` (:func:`load_timing`) is
     re-timed: its s / step is the one measured there and its wall-clocks are steps x that; its
     runs' own s / step stays in ``own_s_per_step``."""
     groups: Dict[Tuple, List[Dict]] = {}
@@ -141,6 +142,7 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
         results = [m["results"] for m in members]
         fids = [x.get("metrics", {}).get("fid") for x in results]
         fid, fid_std = mean_std(fids)
+        fd_local, _ = mean_std([x.get("metrics", {}).get("fd_local") for x in results])
         own_step, _ = mean_std([x["seconds_per_step"] for x in results])
         memory, _ = mean_std([x.get("state_bytes") for x in results])
         wall_clock, _ = mean_std([x.get("wall_clock_s") for x in results])
@@ -151,7 +153,8 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
             curves = [_retimed(c, step) for c in curves]
         rows.append({
             "method": key[0], "sparsity": key[1], "block": key[2], "drop": key[3], "exact_k": key[4],
-            "seeds": len(members), "fid": fid, "fid_std": fid_std, "fids": fids,
+            "seeds": len(members), "fid": fid, "fid_std": fid_std, "fids": fids, "fd_local": fd_local,
+            "local_networks": {x.get("metrics", {}).get("local_network") for x in results},
             "actual_sparsity": results[0]["sparsity"], "parameters": results[0]["parameters"],
             "flops": results[0]["flops_per_sample"], "s_per_step": own_step if step is None else step,
             "own_s_per_step": own_step, "retimed": step is not None, "wall_clock_s": wall_clock,

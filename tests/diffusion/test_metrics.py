@@ -320,13 +320,26 @@ def test_sample_evaluator_local_distances(tmp_path):
     images, labels = pattern_dataset(256)
     evaluator = SampleEvaluator("patterns", images, labels, cache_dir=tmp_path, use_inception=False)
     same = evaluator.evaluate(images)
-    assert set(same) == {"fd_local", "kid_local_mean", "num_samples", "num_reference"}
+    assert set(same) == {"fd_local", "kid_local_mean", "local_network", "num_samples", "num_reference"}
     assert abs(same["fd_local"]) < 1e-6 and same["num_samples"] == same["num_reference"] == 256
     noise = evaluator.evaluate(noise_images(256, 1, 28, seed=5))
     assert noise["fd_local"] > 100 * max(abs(same["fd_local"]), 1e-3)
     assert noise["kid_local_mean"] > 10 * abs(same["kid_local_mean"])
     with pytest.raises(ValueError, match=r"samples must be \[M, 1, 28, 28\]"):
         evaluator.evaluate(torch.zeros(4, 3, 28, 28))
+
+
+def test_a_result_names_the_local_network_its_distances_come_from(tmp_path):
+    """Each cache trains its own local network and FDs are on its scale: a result carries the
+    network's fingerprint, the same for the same network, another for another one."""
+    images, labels = pattern_dataset(64)
+    first = SampleEvaluator("patterns", images, labels, cache_dir=tmp_path / "a", use_inception=False)
+    again = SampleEvaluator("patterns", images, labels, cache_dir=tmp_path / "a", use_inception=False)
+    other = SampleEvaluator("patterns", images, None, cache_dir=tmp_path / "b", use_inception=False)
+    network = first.evaluate(images)["local_network"]
+    assert len(network) == 12 and int(network, 16) >= 0
+    assert again.evaluate(images)["local_network"] == network
+    assert other.evaluate(images)["local_network"] != network  # an autoencoder, not a classifier
 
 
 def test_sample_evaluator_reuses_cached_reference(tmp_path, monkeypatch, inception):
@@ -350,8 +363,8 @@ def test_sample_evaluator_reuses_cached_reference(tmp_path, monkeypatch, incepti
 
     result = second.evaluate(reference)
     assert calls == [8, 8]
-    assert set(result) == {"fid", "kid_mean", "kid_std", "fd_local", "kid_local_mean", "num_samples",
-                           "num_reference"}
+    assert set(result) == {"fid", "kid_mean", "kid_std", "fd_local", "kid_local_mean", "local_network",
+                           "num_samples", "num_reference"}
     assert abs(result["fid"]) < 1e-6 and abs(result["fd_local"]) < 1e-6
     assert result == first.evaluate(reference)
 

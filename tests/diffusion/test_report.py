@@ -98,6 +98,7 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
         assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
     assert "Block size at equal" not in text and "Structures side by side" not in text  # one block size
     assert not (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").exists()
+    assert not (tmp_path / "runs" / "plots" / "runs-fid-vs-wall-clock-by-block.png").exists()
 
 
 def test_block_sizes_and_growth_rules_compare_cells_that_differ_in_that_alone(tmp_path):
@@ -125,7 +126,8 @@ def test_vector_blocks_take_their_place_between_unstructured_and_square_blocks(t
     assert "| method | sparsity | drop | block 1 | block 16x1 | block 16 | block 32 |" in blocks
     assert "| rigl | 0.5 | 0.3 | 49.0 ± 1.4 (0.50) | 50.0 ± 1.4 (0.50) | 53.0 ± 1.4 (0.50) | 61.0 ± 1.4 (0.50) |" in blocks
     assert "| rigl | 0.5 | 16x1 | 2 | 50.0 ± 1.4 |" in text
-    assert (tmp_path / "runs" / "plots" / "runs-final-fid-vs-block.png").stat().st_size > 0
+    for plot in ("runs-final-fid-vs-block.png", "runs-fid-vs-wall-clock-by-block.png"):
+        assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
     # The structures side by side (Static / RigL / MagRan; only RigL ran): final FID, speed-up
     # (dense's 0.122 s / step over the cell's) and minutes to dense's 51 + 10% = 56.1 (16x1: at
     # 45 + 45 x 25.9 / 33 and 46 + 46 x 27.9 / 33 s, 1.4 min), which blocks of 32 never reach.
@@ -242,3 +244,22 @@ def test_curves_are_read_between_evaluations():
     assert _fid_at(curve, 15.0) == pytest.approx(75.0) and _fid_at(curve, 99.0) == 50.0
     assert _time_to(curve, 75.0) == pytest.approx(15.0) and _time_to(curve, 55.0) == pytest.approx(25.0)
     assert _time_to(curve, 95.0) == 10.0 and _time_to(curve, 49.9) is None
+
+
+def test_local_fds_compare_only_within_one_local_network(tmp_path):
+    """The local FD sits beside Inception FID; a cell is compared with dense on it only when both
+    name the same local network, and the cells where the two metrics disagree are named."""
+    _, grid, runs = _report(tmp_path)
+    local = {("dense", True): (0.5, "aaa"), ("rigl", True): (0.4, "aaa"), ("rigl", False): (0.9, "bbb")}
+    for run in runs:
+        path = Path(run.config.out) / "metrics.json"
+        result = json.loads(path.read_text())
+        fd, network = local[(run.config.method, run.config.regrow_dropped)]
+        result["metrics"].update(fd_local=fd + run.config.seed / 100, local_network=network)
+        path.write_text(json.dumps(result))
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    assert "| dense | 0 | - | 51.0 | - | 0.505 | - | aaa |" in text
+    assert "| rigl | 0.5 | 16 | 53.0 | worse | 0.405 | better | aaa |" in text
+    assert "| rigl exact-k | 0.5 | 16 | 71.0 | worse | 0.905 | - | bbb |" in text
+    assert "They disagree on the side of dense for: rigl at sparsity 0.5, block 16." in text
+    assert "1 cell(s) do not share dense's recorded network" in text
