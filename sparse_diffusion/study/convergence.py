@@ -106,22 +106,23 @@ def _network(row: Dict) -> Optional[str]:
 
 
 def _local_fd(rows: List[Dict], dense: Dict) -> List[str]:
-    """Final Inception FID beside the final local FD, each against dense's, and the cells where
-    they disagree on the side of dense; a local FD is compared with dense's only when both come
+    """Final Inception FID beside the final local FD, each mean above or below dense's, and the
+    cells the two put on opposite sides of dense; a local FD is compared with dense's only when both come
     from one recorded local network (each machine's cache trains its own, and an FD is on its
     network's scale)."""
     if dense["fd_local"] is None:
         return []
 
     def side(value: Optional[float], reference: Optional[float]) -> str:
-        return "-" if value is None or reference is None else ("better" if value < reference else "worse")
+        return "-" if value is None or reference is None else ("lower" if value < reference else "higher")
 
-    lines = ["| method | sparsity | block | final FID | FID vs dense | final local FD | local FD vs dense | network |",
+    lines = ["| method | sparsity | block | final FID | than dense's | final local FD | than dense's | network |",
              "| --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
-    disagree, unknown = [], 0
+    disagree, unknown, compared = [], 0, 0
     for r in rows:
         comparable = r is not dense and _network(r) is not None and _network(r) == _network(dense)
         unknown += r is not dense and not comparable
+        compared += comparable
         by_fid = "-" if r is dense else side(r["fid"], dense["fid"])
         by_local = side(r["fd_local"], dense["fd_local"]) if comparable else "-"
         if "-" not in (by_fid, by_local) and by_fid != by_local:
@@ -129,8 +130,9 @@ def _local_fd(rows: List[Dict], dense: Dict) -> List[str]:
         networks = ", ".join(sorted(n or "not recorded" for n in r["local_networks"]))
         lines.append(f"{_where(r)} {fmt(r['fid'], '.1f')} | {by_fid} | {fmt(r['fd_local'], '.4g')} | {by_local} | "
                      f"{networks} |")
-    verdict = (f"They disagree on the side of dense for: {'; '.join(disagree)}." if disagree
-               else "Where both compare, they agree on the side of dense.")
+    verdict = (f"They put these cells on opposite sides of dense: {'; '.join(disagree)}." if disagree
+               else "Where both compare, they put every cell on the same side of dense." if compared
+               else "No cell shares dense's recorded network, so none is compared on the local FD.")
     if unknown:
         verdict += (f" {unknown} cell(s) do not share dense's recorded network (runs made before results named "
                     "their network record none), so their local FDs are shown but not compared.")

@@ -259,7 +259,7 @@ def test_local_fds_compare_only_within_one_local_network(tmp_path):
         path.write_text(json.dumps(result))
     text = write_report(tmp_path / "runs", grid, runs).read_text()
     assert "| dense | 0 | - | 51.0 | - | 0.505 | - | aaa |" in text
-    assert "| rigl | 0.5 | 16 | 53.0 | worse | 0.405 | better | aaa |" in text
-    assert "| rigl exact-k | 0.5 | 16 | 71.0 | worse | 0.905 | - | bbb |" in text
-    assert "They disagree on the side of dense for: rigl at sparsity 0.5, block 16." in text
+    assert "| rigl | 0.5 | 16 | 53.0 | higher | 0.405 | lower | aaa |" in text
+    assert "| rigl exact-k | 0.5 | 16 | 71.0 | higher | 0.905 | - | bbb |" in text
+    assert "They put these cells on opposite sides of dense: rigl at sparsity 0.5, block 16." in text
     assert "1 cell(s) do not share dense's recorded network" in text
