@@ -20,7 +20,7 @@ BUDGETS = (0.25, 0.5, 1.0)
 TARGET_OVER_DENSE = 1.10
 
 
-def _fid_at(curve: List[Dict], seconds: float) -> Optional[float]:
+def fid_at(curve: List[Dict], seconds: float) -> Optional[float]:
     """The FID at ``seconds`` of training, read from the curve linearly interpolated between
     evaluations (so that a cut-off just before or after an evaluation reads nearly the same);
     the last FID once training has ended; None before the first evaluation."""
@@ -35,7 +35,7 @@ def _fid_at(curve: List[Dict], seconds: float) -> Optional[float]:
     return points[-1]["fid"]
 
 
-def _time_to(curve: List[Dict], fid: float) -> Optional[float]:
+def time_to(curve: List[Dict], fid: float) -> Optional[float]:
     """Training seconds at which the curve, linearly interpolated between evaluations, first
     reaches ``fid``: the first evaluation's time if that one already has (None: never)."""
     points = [p for p in curve if p.get("fid") is not None]
@@ -80,7 +80,7 @@ def _against_dense(row: Dict, dense: Dict) -> str:
 
 def _minutes_to(row: Dict, fid: float) -> Tuple[Optional[float], int]:
     """Mean training minutes of the row's seeds that reached ``fid`` (None: none did), and how many did."""
-    reached = [t for t in (_time_to(c, fid) for c in row["curves"]) if t is not None]
+    reached = [t for t in (time_to(c, fid) for c in row["curves"]) if t is not None]
     return (sum(reached) / len(reached) / 60 if reached else None), len(reached)
 
 
@@ -187,7 +187,7 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
         for r in curved:
             at_budget = []
             for i, budget in enumerate(budgets):
-                fid, _ = mean_std([_fid_at(c, budget) for c in r["curves"]])
+                fid, _ = mean_std([fid_at(c, budget) for c in r["curves"]])
                 at_budget.append(fmt(fid, ".1f"))
                 if fid is not None and fid < best[i][0]:
                     best[i] = (fid, f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])}")

@@ -236,14 +236,14 @@ def test_welch_agrees_with_scipys_test_on_the_raw_fids():
 def test_curves_are_read_between_evaluations():
     """FID at a budget and time to a target come from the curve interpolated between its
     evaluations; a curve already below the target at its first evaluation reaches it there."""
-    from sparse_diffusion.study.convergence import _fid_at, _time_to
+    from sparse_diffusion.study.convergence import fid_at, time_to
 
     curve = [{"step": 1, "wall_clock_s": 10.0, "fid": 90.0}, {"step": 2, "wall_clock_s": 20.0, "fid": 60.0},
              {"step": 3, "wall_clock_s": 30.0, "fid": 50.0}]
-    assert _fid_at(curve, 9.9) is None and _fid_at(curve, 10.0) == 90.0
-    assert _fid_at(curve, 15.0) == pytest.approx(75.0) and _fid_at(curve, 99.0) == 50.0
-    assert _time_to(curve, 75.0) == pytest.approx(15.0) and _time_to(curve, 55.0) == pytest.approx(25.0)
-    assert _time_to(curve, 95.0) == 10.0 and _time_to(curve, 49.9) is None
+    assert fid_at(curve, 9.9) is None and fid_at(curve, 10.0) == 90.0
+    assert fid_at(curve, 15.0) == pytest.approx(75.0) and fid_at(curve, 99.0) == 50.0
+    assert time_to(curve, 75.0) == pytest.approx(15.0) and time_to(curve, 55.0) == pytest.approx(25.0)
+    assert time_to(curve, 95.0) == 10.0 and time_to(curve, 49.9) is None
 
 
 def test_local_fds_compare_only_within_one_local_network(tmp_path):
