@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .plots import block_plot, curve_plots, structure_plot
+from .plots import block_plot, curve_plots, mean_curve, structure_plot
 from .results import block_order, block_text, differing_in, label, mean_std
 from .tables import fid_text, fmt
 
@@ -18,6 +18,8 @@ from .tables import fid_text, fmt
 # the FID each cell must reach in the time-to-quality comparison (dense's final FID + 10%).
 BUDGETS = (0.25, 0.5, 1.0)
 TARGET_OVER_DENSE = 1.10
+# Earlier targets of the time-to-quality question: dense's FID at these fractions of its training.
+EARLIER_TARGETS = (1 / 3, 2 / 3)
 
 
 def fid_at(curve: List[Dict], seconds: float) -> Optional[float]:
@@ -84,20 +86,36 @@ def _minutes_to(row: Dict, fid: float) -> Tuple[Optional[float], int]:
     return (sum(reached) / len(reached) / 60 if reached else None), len(reached)
 
 
-def _sooner(rows: List[Dict], dense: Dict, target: float) -> str:
-    """A sentence naming the sparse cells whose every seed reached ``target`` sooner than dense's
-    mean time to it, or saying that none did."""
-    dense_minutes, _ = _minutes_to(dense, target)
-    if dense_minutes is None:
-        return "No seed of dense reaches the target: no cell is compared with it.\n"
-    sooner = []
-    for r in rows:
-        minutes, reached = _minutes_to(r, target)
-        if r is not dense and minutes is not None and reached == len(r["curves"]) and minutes < dense_minutes:
-            sooner.append(f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])} "
-                          f"({minutes:.1f} min)")
-    return (f"Sooner than dense ({dense_minutes:.1f} min), every seed: "
-            + ("; ".join(sooner) if sooner else "no sparse cell") + ".\n")
+def _targets(dense: Dict) -> List[Tuple[str, float]]:
+    """The FIDs of the time-to-quality question, from dense's curve (mean over its seeds): its FID
+    at the evaluations nearest :data:`EARLIER_TARGETS` of its training, and its final FID + 10%."""
+    points = mean_curve(dense)
+    targets = []
+    for fraction in EARLIER_TARGETS:
+        step, _, fid = min(points, key=lambda p: abs(p[0] - fraction * points[-1][0]))
+        if step != points[-1][0] and all(f != fid for _, f in targets):
+            targets.append((f"dense's FID at step {step:,}", fid))
+    return targets + [(f"dense's final FID {dense['fid']:.1f} + 10%", dense["fid"] * TARGET_OVER_DENSE)]
+
+
+def _sooner(rows: List[Dict], dense: Dict, targets: List[Tuple[str, float]]) -> str:
+    """A sentence per target naming the sparse cells whose every seed reached it sooner than
+    dense's mean time to it, or saying that none did."""
+    sentences = []
+    for _, target in targets:
+        dense_minutes, _ = _minutes_to(dense, target)
+        if dense_minutes is None:
+            sentences.append(f"FID {target:.1f}: no seed of dense reaches it, no cell is compared")
+            continue
+        sooner = []
+        for r in rows:
+            minutes, reached = _minutes_to(r, target)
+            if r is not dense and minutes is not None and reached == len(r["curves"]) and minutes < dense_minutes:
+                sooner.append(f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])} "
+                              f"({minutes:.1f} min)")
+        sentences.append(f"FID {target:.1f} (dense {dense_minutes:.1f} min): "
+                         + ("; ".join(sooner) if sooner else "no sparse cell"))
+    return "Sooner than dense, every seed: " + ". ".join(sentences) + ".\n"
 
 
 def _network(row: Dict) -> Optional[str]:
@@ -200,17 +218,19 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
             f"{b / 60:.1f} min: " + (f"{who} ({fid:.1f})" if math.isfinite(fid) else "no evaluation yet")
             for b, (fid, who) in zip(budgets, best)) + ".\n")
     if dense is not None and dense["fid"] is not None:
-        target = dense["fid"] * TARGET_OVER_DENSE
-        lines = ["| method | sparsity | block | wall-clock to target (min) | seeds that reached it |",
-                 "| --- | ---: | ---: | ---: | ---: |"]
+        targets = _targets(dense)
+        lines = ["| method | sparsity | block | " + " | ".join(f"to FID {fid:.1f}" for _, fid in targets) + " |",
+                 "| --- | ---: | ---: |" + " ---: |" * len(targets)]
         for r in curved:
-            minutes, reached = _minutes_to(r, target)
-            lines.append(f"{_where(r)} {fmt(minutes, '.1f')} | {reached}/{len(r['curves'])} |")
-        parts.append(f"Time to quality: target FID {target:.1f} (dense's final FID {dense['fid']:.1f} + 10%), at the "
-                     "time its FID curve, linearly interpolated between evaluations, first reaches it (mean over the seeds "
-                     "that did):\n\n"
-                     + "\n".join(lines) + "\n")
-        parts.append(_sooner(curved, dense, target))
+            times = [_minutes_to(r, fid) for _, fid in targets]
+            lines.append(f"{_where(r)} " + " | ".join(f"{fmt(minutes, '.1f')} ({reached}/{len(r['curves'])})"
+                                                      for minutes, reached in times) + " |")
+        parts.append("Time to quality: training minutes to each target FID (" + "; ".join(
+            f"{fid:.1f}: {name}" for name, fid in targets) + "), at the time a seed's FID curve, linearly "
+            "interpolated between evaluations, first reaches it; mean over the seeds that did (how many in "
+            "brackets):\n\n" + "\n".join(lines) + "\n")
+        parts.append(_sooner(curved, dense, targets))
+        target = targets[-1][1]
         parts.extend(_structures(curved, dense, target))
     if dense is not None:
         parts.extend(_local_fd(curved, dense))

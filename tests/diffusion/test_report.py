@@ -86,13 +86,19 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
     assert "| rigl | 0.5 | 16 | - | 69.9 | 53.0 |" in text
     assert "0.5 min: no evaluation yet; 1.0 min: rigl at sparsity 0.5, block 16 (69.9); " in text
     assert "2.0 min: dense at sparsity 0, block - (51.5)" in text
-    # Target 56.1 = 51 + 10%, where each curve crosses it: dense at 60 + 60 x 23.9 / 30 and
-    # 62 + 62 x 25.9 / 30 s (mean 111.7 s, 1.9 min), RigL at 40 + 40 x 28.9 / 33 and
-    # 42 + 42 x 30.9 / 33 s (78.2 s, 1.3 min), exact-k never.
-    assert "target FID 56.1" in text
-    assert "| dense | 0 | - | 1.9 | 2/2 |" in text and "| rigl | 0.5 | 16 | 1.3 | 2/2 |" in text
-    assert "| rigl exact-k | 0.5 | 16 | - | 0/2 |" in text
-    assert "Sooner than dense (1.9 min), every seed: rigl at sparsity 0.5, block 16 (1.3 min)." in text
+    # Targets: dense's FID at step 500 (the evaluation nearest a third and two thirds of its 1,000
+    # steps), 81, and its final 51 + 10% = 56.1, where each curve crosses them. 81: dense's seed 0
+    # at its first evaluation (60 s), seed 1 at 62 + 62 / 30 s (1.0 min); RigL at 40 + 40 x 4 / 33
+    # and 42 + 42 x 6 / 33 s (0.8 min); exact-k at 40 + 40 x 9 / 20 and 42 + 42 x 11 / 20 s (1.0 min).
+    # 56.1: dense at 60 + 60 x 23.9 / 30 and 62 + 62 x 25.9 / 30 s (1.9 min), RigL at
+    # 40 + 40 x 28.9 / 33 and 42 + 42 x 30.9 / 33 s (1.3 min), exact-k never.
+    assert "(81.0: dense's FID at step 500; 56.1: dense's final FID 51.0 + 10%)" in text
+    assert "| dense | 0 | - | 1.0 (2/2) | 1.9 (2/2) |" in text and "| rigl | 0.5 | 16 | 0.8 (2/2) | 1.3 (2/2) |" in text
+    assert "| rigl exact-k | 0.5 | 16 | 1.0 (2/2) | - (0/2) |" in text
+    # exact-k's 61.6 s to 81 is just ahead of dense's 62.0 s.
+    assert ("Sooner than dense, every seed: FID 81.0 (dense 1.0 min): rigl at sparsity 0.5, block 16 (0.8 min); "
+            "rigl exact-k at sparsity 0.5, block 16 (1.0 min). FID 56.1 (dense 1.9 min): rigl at sparsity 0.5, "
+            "block 16 (1.3 min).") in text
     assert "| rigl | 0.5 | 16 | 0.3 | 53.0 ± 1.4 | 71.0 ± 1.4 |" in text  # growth rule: paper vs exact-k
     for plot in ("runs-fid-vs-steps.png", "runs-fid-vs-wall-clock.png"):
         assert (tmp_path / "runs" / "plots" / plot).stat().st_size > 0 and f"(plots/{plot})" in text
@@ -164,9 +170,10 @@ def test_the_report_retimes_runs_from_one_machines_step_times(tmp_path):
     assert "| dense | 0 | - | - | 81.0 | 51.0 |" in text
     assert "| rigl | 0.5 | 16 | 86.0 | 53.0 | 53.0 |" in text
     assert "| rigl exact-k | 0.5 | 16 | - | 86.6 | 71.0 |" in text
-    # Target 56.1 between steps 500 and 1,000: dense at 50 + 50 x 23.9 / 30 and 50 + 50 x 25.9 / 30 s
-    # (91.5 s), RigL at 25 + 25 x 28.9 / 33 and 25 + 25 x 30.9 / 33 s (47.6 s).
-    assert "| dense | 0 | - | 1.5 | 2/2 |" in text and "| rigl | 0.5 | 16 | 0.8 | 2/2 |" in text
+    # Targets 81 and 56.1 between steps 500 and 1,000: dense at 50 and 50 + 50 / 30 s (50.8 s), then
+    # 50 + 50 x 23.9 / 30 and 50 + 50 x 25.9 / 30 s (91.5 s); RigL at 25 + 25 x 4 / 33 and
+    # 25 + 25 x 6 / 33 s (28.8 s), then 25 + 25 x 28.9 / 33 and 25 + 25 x 30.9 / 33 s (47.6 s).
+    assert "| dense | 0 | - | 0.8 (2/2) | 1.5 (2/2) |" in text and "| rigl | 0.5 | 16 | 0.5 (2/2) | 0.8 (2/2) |" in text
 
 
 def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
