@@ -10,6 +10,7 @@ Files, each importing only those above it::
     tables.py       the markdown tables of a study's cells; fmt, fid_text
     plots.py        the report's matplotlib figures (plots/*.png)
     convergence.py  the convergence questions: FID against steps and wall-clock, budgets, targets
+    frontier.py     the FID-vs-wall-clock frontier: the best cell by each training budget
     report.py       write_report: report.md and plots/ from the run folders alone
     runner.py       run_grid: trains what is missing, records failures, then the report
 

@@ -179,6 +179,39 @@ def structure_plot(rows: List[Dict], folder: Path, name: str, methods: Sequence[
     return [save_figure(figure, folder / f"{name}-fid-vs-wall-clock-by-block.png")]
 
 
+def frontier_plot(rows: List[Dict], best: List[Dict], envelope: List[Tuple[float, float]], folder: Path,
+                  name: str) -> List[Path]:
+    """Every cell's mean FID curve against training wall-clock (grey; dense dashed black), the
+    curves of the ``best`` cells (those on the frontier) in colour, and the frontier ``envelope``
+    (``(seconds, FID)`` points) as a thick line."""
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    figure, ax = plt.subplots(figsize=(8, 4.5))
+    best = {id(r) for r in best}
+    for r in sorted(rows, key=lambda r: id(r) in best):
+        points = mean_curve(r)
+        xs, ys = [p[1] / 60 for p in points], [p[2] for p in points]
+        if r["method"] == "dense":
+            ax.plot(xs, ys, color="black", linestyle="--", marker=".", label="dense", zorder=3)
+        elif id(r) in best:
+            ax.plot(xs, ys, marker=".", label=f"{line_name(r)} {r['sparsity']:g}, block {r['block']}", zorder=3)
+        else:
+            ax.plot(xs, ys, color="0.8", linewidth=0.8, zorder=1)
+    ax.plot([s / 60 for s, _ in envelope], [f for _, f in envelope], color="tab:red", linewidth=4, alpha=0.3,
+            label="frontier (best by each budget)", zorder=2)
+    ax.set(xlabel="training wall-clock (min)", xscale="log", title=f"{name}: FID vs training wall-clock, all cells")
+    ax.xaxis.set_major_formatter(_plain())
+    fid_axis(ax)
+    legend(ax)
+    return [save_figure(figure, folder / f"{name}-frontier.png")]
+
+
+def _plain():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:g}")
+
+
 def mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
     """``(step, mean training wall-clock, mean FID)`` over the seeds, at the steps every seed
     evaluated."""

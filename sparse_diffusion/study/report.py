@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .convergence import convergence_section
+from .frontier import frontier_section
 from .grid import RunSpec
 from .plots import study_plots
 from .results import cell_key, cells, load_timing, main_block, read_runs, summarize
@@ -82,9 +83,11 @@ def write_report(root: Path, grid: Dict, runs: Sequence[RunSpec]) -> Path:
         parts.append(markdown_table(rows) + "\n")
         for path in study_plots(study, rows, root / "plots"):
             parts.append(f"![{path.stem}](plots/{path.name})\n")
-    convergence = convergence_section(cells(records, timing), root / "plots", root.name, timing_note)
+    rows = cells(records, timing)
+    convergence = convergence_section(rows, root / "plots", root.name, timing_note)
     if convergence:
         parts.append(convergence)
+        parts.extend(frontier_section(rows, root / "plots", root.name))
     failed = [r for r in records if "error" in r]
     if failed:
         parts.append("## Failed runs\n")

@@ -270,3 +270,19 @@ def test_local_fds_compare_only_within_one_local_network(tmp_path):
     assert "| rigl exact-k | 0.5 | 16 | 71.0 | higher | 0.905 | - | bbb |" in text
     assert "They put these cells on opposite sides of dense: rigl at sparsity 0.5, block 16." in text
     assert "1 cell(s) do not share dense's recorded network" in text
+
+
+def test_the_frontier_names_the_best_cell_by_each_budget(tmp_path):
+    """From 62 s (every seed has evaluated once) to 124 s (the longest run), 24 budgets on a log
+    scale: RigL (finished at 53 by 84 s) is best until dense's seeds, read between evaluations,
+    average below 53, between the budgets at 116.8 s (51.6 and 55.5) and 120.3 s (50 and 53.8)."""
+    text, _, _ = _report(tmp_path)
+    frontier = text[text.index("FID-vs-wall-clock frontier"):]
+    # RigL's largest lead is at the budget of 62 x 2^(9/23) = 81.4 s, just after its seed 0 has
+    # finished: dense 80 - 30 x 21.4 / 60 and 82 - 30 x 19.4 / 62 (70.9) against RigL's 52 and
+    # 87 - 33 x 39.4 / 42 (54.0).
+    assert "| 1.0 - 1.9 | rigl 0.5 16 | 53.0 | 53.6 | 16.9 |" in frontier
+    assert "| 2.0 - 2.1 | dense | 51.0 | 51.0 | 0.0 |" in frontier
+    assert "Sparse cells on the frontier: rigl 0.5 16 from 1.0 to 1.9 min (by up to 16.9 FID)." in frontier
+    assert (tmp_path / "runs" / "plots" / "runs-frontier.png").stat().st_size > 0
+    assert "(plots/runs-frontier.png)" in frontier

@@ -1,0 +1,96 @@
+"""The FID-vs-wall-clock frontier of a grid: for every training budget, the cell with the best FID
+by then, over all cells (every model size, dense and sparse, every structure). It answers the
+question a user asks of sparse training: which model and sparsity gives the best samples for the
+hours I have?
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .convergence import fid_at
+from .plots import frontier_plot
+from .results import block_text, label, mean_std
+from .tables import fmt
+
+# Budgets the frontier is read at: this many, spaced evenly on a log scale from the time every
+# cell has evaluated once to the end of the longest training.
+FRONTIER_BUDGETS = 24
+
+
+def cell_name(row: Dict) -> str:
+    """``dense`` or ``static 0.5 16x1``: a cell as the frontier names it."""
+    return "dense" if row["method"] == "dense" else f"{label(row)} {row['sparsity']:g} {block_text(row['block'])}"
+
+
+def fid_by(row: Dict, seconds: float) -> Optional[float]:
+    """The cell's FID after ``seconds`` of training, the mean over its seeds of each curve read
+    between evaluations (:func:`.convergence.fid_at`); None until every seed has evaluated."""
+    fids = [fid_at(curve, seconds) for curve in row["curves"]]
+    return None if any(f is None for f in fids) else mean_std(fids)[0]
+
+
+def budgets(rows: List[Dict]) -> List[float]:
+    """:data:`FRONTIER_BUDGETS` training budgets in seconds, log-spaced from the time every seed
+    of every cell has evaluated once (before that a cell would lead for lack of rivals, not for
+    its FID) to the end of the longest run."""
+    starts = [p["wall_clock_s"] for r in rows for c in r["curves"] for p in c[:1]]
+    ends = [p["wall_clock_s"] for r in rows for c in r["curves"] for p in c[-1:]]
+    if not starts or min(starts) <= 0:
+        return []
+    low, high = math.log(max(starts)), math.log(max(ends))
+    return [math.exp(low + (high - low) * i / (FRONTIER_BUDGETS - 1)) for i in range(FRONTIER_BUDGETS)]
+
+
+def frontier(rows: List[Dict]) -> List[Tuple[float, Dict, float]]:
+    """``(budget seconds, best cell, its FID)`` at each of :func:`budgets`."""
+    points = []
+    for budget in budgets(rows):
+        scored = [(fid_by(r, budget), i) for i, r in enumerate(rows)]
+        scored = [(fid, i) for fid, i in scored if fid is not None]
+        if scored:
+            fid, i = min(scored)
+            points.append((budget, rows[i], fid))
+    return points
+
+
+def frontier_section(rows: List[Dict], folder: Path, name: str) -> List[str]:
+    """The frontier as ranges of budgets with one best cell each (its FID and dense's at the end
+    of the range), a sentence on whether a sparse cell is ever on it, and its plot."""
+    curved = [r for r in rows if r["curves"]]
+    points = frontier(curved)
+    if not points:
+        return []
+    dense = next((r for r in curved if r["method"] == "dense"), None)
+    ranges: List[List] = []  # [first budget, last budget, best cell, its FID at the last, its leads on dense]
+    for budget, row, fid in points:
+        dense_fid = fid_by(dense, budget) if dense is not None else None
+        leads = [] if dense_fid is None else [dense_fid - fid]
+        if ranges and ranges[-1][2] is row:
+            ranges[-1][1], ranges[-1][3] = budget, fid
+            ranges[-1][4] += leads
+        else:
+            ranges.append([budget, budget, row, fid, leads])
+    lines = ["| budget (min) | best cell | its FID | dense's FID | largest lead on dense |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    sparse_wins = []
+    for start, end, row, fid, leads in ranges:
+        lead = max(leads, default=None)
+        dense_fid = fid_by(dense, end) if dense is not None else None
+        span = f"{start / 60:.1f}" if start == end else f"{start / 60:.1f} - {end / 60:.1f}"
+        lines.append(f"| {span} | {cell_name(row)} | {fid:.1f} | {fmt(dense_fid, '.1f')} | {fmt(lead, '.1f')} |")
+        if row["method"] != "dense":
+            sparse_wins.append(f"{cell_name(row)} from {start / 60:.1f} to {end / 60:.1f} min"
+                               + (f" (by up to {lead:.1f} FID)" if lead is not None else ""))
+    verdict = ("Sparse cells on the frontier: " + "; ".join(sparse_wins) + "." if sparse_wins
+               else "No sparse cell is on the frontier at any budget.")
+    text = (f"FID-vs-wall-clock frontier: at {len(points)} training budgets spaced evenly on a log scale, the cell "
+            "with the best FID by then, from the time every cell has evaluated once to the end of the longest run "
+            "(each seed's curve read between evaluations, mean over seeds; a run that has finished keeps its final "
+            "FID). Consecutive budgets with one best cell are merged: its FID and dense's "
+            "at the end of the range, and its largest lead on dense over the range. The gaps are means over seeds: read them against the seed spread above.\n\n"
+            + "\n".join(lines) + "\n")
+    plots = frontier_plot(curved, [best[2] for best in ranges], [(budget, fid) for budget, _, fid in points],
+                          folder, name)
+    return [text, verdict + "\n"] + [f"![{path.stem}](plots/{path.name})\n" for path in plots]
