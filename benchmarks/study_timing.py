@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             key = cell_key(dataclasses.asdict(selected[row["run"]].config))
             rows.append({**row, "key": list(key), "nominal_sparsity": key[1], "block_size": key[2],
                          "checkpoint_every": selected[row["run"]].config.checkpoint_every})
-    dense = next((r["ms_per_step"] for r in rows if r["method"] == "dense"), None)
+    dense = {r["key"][5]: r["ms_per_step"] for r in rows if r["method"] == "dense"}  # per model size
     for row in rows:
-        row["speedup_vs_dense"] = dense / row["ms_per_step"] if dense else None
+        step = dense.get(row["key"][5])
+        row["speedup_vs_dense"] = step / row["ms_per_step"] if step else None
     return {"suite": "study_timing", "environment": env, "parameters": parameters_of(args), "rows": rows}
 
 

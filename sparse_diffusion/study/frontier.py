@@ -19,9 +19,11 @@ from .tables import fmt
 FRONTIER_BUDGETS = 24
 
 
-def cell_name(row: Dict) -> str:
-    """``dense`` or ``static 0.5 16x1``: a cell as the frontier names it."""
-    return "dense" if row["method"] == "dense" else f"{label(row)} {row['sparsity']:g} {block_text(row['block'])}"
+def cell_name(row: Dict, with_model: bool = False) -> str:
+    """``dense`` or ``static 0.5 16x1``, after the model (``pixel small static 0.5 16x1``) where the
+    frontier spans several: a cell as the frontier names it."""
+    name = "dense" if row["method"] == "dense" else f"{label(row)} {row['sparsity']:g} {block_text(row['block'])}"
+    return f"{row['model']} {name}" if with_model else name
 
 
 def fid_by(row: Dict, seconds: float) -> Optional[float]:
@@ -56,17 +58,23 @@ def frontier(rows: List[Dict]) -> List[Tuple[float, Dict, float]]:
 
 
 def frontier_section(rows: List[Dict], folder: Path, name: str) -> List[str]:
-    """The frontier as ranges of budgets with one best cell each (its FID and dense's at the end
-    of the range), a sentence on whether a sparse cell is ever on it, and its plot."""
+    """The frontier as ranges of budgets with one best cell each (its FID and the best dense
+    cell's at the end of the range, its largest lead on that over the range), a sentence on
+    whether a sparse cell is ever on it, and its plot. Over several model sizes the cells are
+    named with their model and "dense" is the best dense cell of any size by then."""
     curved = [r for r in rows if r["curves"]]
     points = frontier(curved)
     if not points:
         return []
-    dense = next((r for r in curved if r["method"] == "dense"), None)
+    dense = [r for r in curved if r["method"] == "dense"]
+    with_model = len({r["model"] for r in curved}) > 1
+
+    def dense_by(seconds: float) -> Optional[float]:
+        return min((f for f in (fid_by(r, seconds) for r in dense) if f is not None), default=None)
+
     ranges: List[List] = []  # [first budget, last budget, best cell, its FID at the last, its leads on dense]
     for budget, row, fid in points:
-        dense_fid = fid_by(dense, budget) if dense is not None else None
-        leads = [] if dense_fid is None else [dense_fid - fid]
+        leads = [] if dense_by(budget) is None else [dense_by(budget) - fid]
         if ranges and ranges[-1][2] is row:
             ranges[-1][1], ranges[-1][3] = budget, fid
             ranges[-1][4] += leads
@@ -77,20 +85,22 @@ def frontier_section(rows: List[Dict], folder: Path, name: str) -> List[str]:
     sparse_wins = []
     for start, end, row, fid, leads in ranges:
         lead = max(leads, default=None)
-        dense_fid = fid_by(dense, end) if dense is not None else None
         span = f"{start / 60:.1f}" if start == end else f"{start / 60:.1f} - {end / 60:.1f}"
-        lines.append(f"| {span} | {cell_name(row)} | {fid:.1f} | {fmt(dense_fid, '.1f')} | {fmt(lead, '.1f')} |")
+        lines.append(f"| {span} | {cell_name(row, with_model)} | {fid:.1f} | {fmt(dense_by(end), '.1f')} | "
+                     f"{fmt(lead, '.1f')} |")
         if row["method"] != "dense":
-            sparse_wins.append(f"{cell_name(row)} from {start / 60:.1f} to {end / 60:.1f} min"
+            sparse_wins.append(f"{cell_name(row, with_model)} from {start / 60:.1f} to {end / 60:.1f} min"
                                + (f" (by up to {lead:.1f} FID)" if lead is not None else ""))
     verdict = ("Sparse cells on the frontier: " + "; ".join(sparse_wins) + "." if sparse_wins
                else "No sparse cell is on the frontier at any budget.")
-    text = (f"FID-vs-wall-clock frontier: at {len(points)} training budgets spaced evenly on a log scale, the cell "
-            "with the best FID by then, from the time every cell has evaluated once to the end of the longest run "
-            "(each seed's curve read between evaluations, mean over seeds; a run that has finished keeps its final "
-            "FID). Consecutive budgets with one best cell are merged: its FID and dense's "
-            "at the end of the range, and its largest lead on dense over the range. The gaps are means over seeds: read them against the seed spread above.\n\n"
+    text = (f"## FID-vs-wall-clock frontier ({name})\n\nAt {len(points)} training budgets spaced evenly on a log "
+            "scale, from the time every cell has evaluated once to the end of the longest run, the cell with the best "
+            "FID by then (each seed's curve read between evaluations, mean over seeds; a run that has finished keeps "
+            "its final FID)" + (", over every model size" if with_model else "") + ". Consecutive budgets with one "
+            "best cell are merged: its FID and dense's at the end of the range"
+            + (" (the best dense model by then)" if with_model else "") + ", and its largest lead on dense over the "
+            "range. These are means over seeds: read a lead against the seed spread in the tables above.\n\n"
             + "\n".join(lines) + "\n")
     plots = frontier_plot(curved, [best[2] for best in ranges], [(budget, fid) for budget, _, fid in points],
-                          folder, name)
+                          folder, name, with_model)
     return [text, verdict + "\n"] + [f"![{path.stem}](plots/{path.name})\n" for path in plots]

@@ -180,7 +180,7 @@ def structure_plot(rows: List[Dict], folder: Path, name: str, methods: Sequence[
 
 
 def frontier_plot(rows: List[Dict], best: List[Dict], envelope: List[Tuple[float, float]], folder: Path,
-                  name: str) -> List[Path]:
+                  name: str, with_model: bool = False) -> List[Path]:
     """Every cell's mean FID curve against training wall-clock (grey; dense dashed black), the
     curves of the ``best`` cells (those on the frontier) in colour, and the frontier ``envelope``
     (``(seconds, FID)`` points) as a thick line."""
@@ -188,13 +188,16 @@ def frontier_plot(rows: List[Dict], best: List[Dict], envelope: List[Tuple[float
     folder.mkdir(parents=True, exist_ok=True)
     figure, ax = plt.subplots(figsize=(8, 4.5))
     best = {id(r) for r in best}
+    models = list(dict.fromkeys(r["model"] for r in rows))
     for r in sorted(rows, key=lambda r: id(r) in best):
         points = mean_curve(r)
         xs, ys = [p[1] / 60 for p in points], [p[2] for p in points]
-        if r["method"] == "dense":
-            ax.plot(xs, ys, color="black", linestyle="--", marker=".", label="dense", zorder=3)
+        model = f"{r['model']} " if with_model else ""
+        if r["method"] == "dense":  # a line style per model size
+            style = ("--", ":", "-.")[models.index(r["model"]) % 3]
+            ax.plot(xs, ys, color="black", linestyle=style, marker=".", label=f"{model}dense", zorder=3)
         elif id(r) in best:
-            ax.plot(xs, ys, marker=".", label=f"{line_name(r)} {r['sparsity']:g}, block {r['block']}", zorder=3)
+            ax.plot(xs, ys, marker=".", label=f"{model}{line_name(r)} {r['sparsity']:g}, block {r['block']}", zorder=3)
         else:
             ax.plot(xs, ys, color="0.8", linewidth=0.8, zorder=1)
     ax.plot([s / 60 for s, _ in envelope], [f for _, f in envelope], color="tab:red", linewidth=4, alpha=0.3,

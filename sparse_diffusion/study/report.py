@@ -84,10 +84,13 @@ def write_report(root: Path, grid: Dict, runs: Sequence[RunSpec]) -> Path:
         for path in study_plots(study, rows, root / "plots"):
             parts.append(f"![{path.stem}](plots/{path.name})\n")
     rows = cells(records, timing)
-    convergence = convergence_section(rows, root / "plots", root.name, timing_note)
-    if convergence:
-        parts.append(convergence)
-        parts.extend(frontier_section(rows, root / "plots", root.name))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:  # each model against its own dense
+        name = root.name if len(models) == 1 else f"{root.name}-{model.replace(' ', '-')}"
+        convergence = convergence_section([r for r in rows if r["model"] == model], root / "plots", name, timing_note)
+        if convergence:
+            parts.append(convergence)
+    parts.extend(frontier_section(rows, root / "plots", root.name))
     failed = [r for r in records if "error" in r]
     if failed:
         parts.append("## Failed runs\n")

@@ -46,14 +46,19 @@ def read_runs(root: Path, runs: Sequence[RunSpec]) -> List[Dict]:
     return records
 
 
+def model_name(config: Dict) -> str:
+    """The model a run trains, as the report names it: ``pixel demo``, ``pixel small``."""
+    return f"{config['model']} {config.get('preset')}"
+
+
 def cell_key(config: Dict) -> Tuple:
-    """(method, sparsity, block, drop fraction, exact k): what the seeds of one cell share."""
+    """(method, sparsity, block, drop fraction, exact k, model): what the seeds of one cell share."""
     if config["method"] == "dense":
-        return ("dense", 0.0, None, None, False)
+        return ("dense", 0.0, None, None, False, model_name(config))
     moves = config["method"] in ("rigl", "magran")
     drop = config["drop_fraction"] if moves else None
     exact_k = moves and not migrate_config(config)["regrow_dropped"]
-    return (config["method"], config["sparsity"], config["block_size"], drop, exact_k)
+    return (config["method"], config["sparsity"], config["block_size"], drop, exact_k, model_name(config))
 
 
 def label(row: Dict) -> str:
@@ -76,7 +81,7 @@ def mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
 
 
 # The cell dimensions of :func:`cell_key` as the rows of :func:`cells` name them.
-CELL = ("method", "sparsity", "block", "drop", "exact_k")
+CELL = ("method", "sparsity", "block", "drop", "exact_k", "model")
 # The TrainConfig fields a dense run may differ in from a study's sparse runs and still be their
 # baseline: the sparsity settings, the seed, folders, and how often it saved, sampled or evaluated.
 NOT_SETUP = {"out", "method", "sparsity", "block_size", "distribution", "drop_fraction", "update_interval",
@@ -119,6 +124,9 @@ def load_timing(path: str) -> Tuple[Dict[Tuple, float], Dict]:
         raise ValueError(f"wall_clock_from {path}: cannot read it as JSON: {error}") from None
     if not isinstance(payload, dict) or payload.get("suite") != "study_timing":
         raise ValueError(f"wall_clock_from {path}: not a benchmarks.study_timing result (no suite 'study_timing')")
+    if any(len(r["key"]) != len(CELL) for r in payload["rows"]):
+        raise ValueError(f"wall_clock_from {path}: its cells are keyed without the model (an older "
+                         "benchmarks.study_timing): time the grid again")
     return {tuple(r["key"]): r["ms_per_step"] / 1000 for r in payload["rows"]}, payload.get("environment", {})
 
 
@@ -132,7 +140,8 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
     FID curve and whether its timing was clean, the mean local FD and the local networks its
     seeds name (None: not recorded). A cell in ``timing`` (:func:`load_timing`) is
     re-timed: its s / step is the one measured there and its wall-clocks are steps x that; its
-    runs' own s / step stays in ``own_s_per_step``."""
+    runs' own s / step stays in ``own_s_per_step``. Speed-ups are against the dense cell of the
+    same model; rows are ordered by model (in the order they first appear), then method."""
     groups: Dict[Tuple, List[Dict]] = {}
     for r in records:
         if "results" in r:
@@ -152,7 +161,7 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
             wall_clock = step * results[0]["steps"]
             curves = [_retimed(c, step) for c in curves]
         rows.append({
-            "method": key[0], "sparsity": key[1], "block": key[2], "drop": key[3], "exact_k": key[4],
+            "method": key[0], "sparsity": key[1], "block": key[2], "drop": key[3], "exact_k": key[4], "model": key[5],
             "seeds": len(members), "fid": fid, "fid_std": fid_std, "fids": fids, "fd_local": fd_local,
             "local_networks": {x.get("metrics", {}).get("local_network") for x in results},
             "actual_sparsity": results[0]["sparsity"], "parameters": results[0]["parameters"],
@@ -161,10 +170,12 @@ def cells(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> L
             "state_mb": memory / 2**20 if memory else None, "curves": curves,
             "clean": sum(bool(x.get("timing", {}).get("clean")) for x in results),
         })
-    dense = [r for r in rows if r["method"] == "dense"]
-    _speedups(rows, dense[0]["s_per_step"] if dense else None)
-    rows.sort(key=lambda r: (METHOD_ORDER.index(r["method"]), r["exact_k"], r["sparsity"], block_order(r["block"]),
-                             r["drop"] or 0))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        dense = [r for r in rows if r["method"] == "dense" and r["model"] == model]
+        _speedups([r for r in rows if r["model"] == model], dense[0]["s_per_step"] if dense else None)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    rows.sort(key=lambda r: (models.index(r["model"]), METHOD_ORDER.index(r["method"]), r["exact_k"], r["sparsity"],
+                             block_order(r["block"]), r["drop"] or 0))
     return rows
 
 

@@ -156,8 +156,8 @@ def _timing_file(path, seconds_per_step):
 def test_the_report_retimes_runs_from_one_machines_step_times(tmp_path):
     """With ``wall_clock_from``, a cell's wall-clock at step s is s x its measured s / step;
     a cell missing from that file keeps its own, marked."""
-    timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False): 0.1,
-                                                     ("rigl", 0.5, 16, 0.3, False): 0.05})
+    timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False, "pixel demo"): 0.1,
+                                                     ("rigl", 0.5, 16, 0.3, False, "pixel demo"): 0.05})
     text, _, _ = _report(tmp_path, wall_clock_from=str(timing))
     assert "re-timed" in text and "Test CPU, 2 threads, 2026-12-03" in text
     assert "1 finished cell(s) are not in that file" in text
@@ -180,6 +180,9 @@ def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
     text, grid, runs = _report(tmp_path, wall_clock_from=str(tmp_path / "nowhere.json"))
     assert f"wall_clock_from names {tmp_path / 'nowhere.json'}, which does not exist yet" in text
     assert "| dense | 0 | - | 2 | 51.0 ± 1.4 | - | - | - | 0.122 | 1.00 | 2.0 | 0.122 | 2/2 |" in text
+    older = _timing_file(tmp_path / "older.json", {("dense", 0.0, None, None, False): 0.1})  # keyed without the model
+    with pytest.raises(ValueError, match=f"wall_clock_from {older}: its cells are keyed without the model"):
+        write_report(tmp_path / "runs", {**grid, "wall_clock_from": str(older)}, runs)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"suite": "train_loop", "rows": []}))
     with pytest.raises(ValueError, match=f"wall_clock_from {wrong}: not a benchmarks.study_timing result"):
@@ -189,7 +192,7 @@ def test_a_missing_or_wrong_timing_file_is_named(tmp_path):
 def test_a_single_seed_states_no_spread(tmp_path):
     """One finished seed has no standard deviation: its FID prints alone, not "± 0.0"; a run
     that did not record its CPU is counted as such in the re-timing sentence."""
-    timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False): 0.1})
+    timing = _timing_file(tmp_path / "timing.json", {("dense", 0.0, None, None, False, "pixel demo"): 0.1})
     text, _, _ = _report(tmp_path, seeds=(0,), wall_clock_from=str(timing))
     assert "| dense | 0 | - | 1 | 50.0 | - |" in text
     assert "| rigl | 0.50 (0.50) | 16 | 0.3 | 1 | 52.0 | 1,000 |" in text
@@ -286,3 +289,39 @@ def test_the_frontier_names_the_best_cell_by_each_budget(tmp_path):
     assert "Sparse cells on the frontier: rigl 0.5 16 from 1.0 to 1.9 min (by up to 16.9 FID)." in frontier
     assert (tmp_path / "runs" / "plots" / "runs-frontier.png").stat().st_size > 0
     assert "(plots/runs-frontier.png)" in frontier
+
+
+SMALL = {"dense": [[(500, 120, 70), (1000, 240, 40)], [(500, 124, 72), (1000, 248, 42)]],
+         "rigl": [[(500, 80, 75), (1000, 160, 45)], [(500, 84, 77), (1000, 168, 47)]]}
+
+
+def test_model_sizes_each_compare_with_their_own_dense_and_share_one_frontier(tmp_path):
+    """Two model sizes in one grid: a cell is keyed by its model, each size is compared with its
+    own dense (gaps, speed-ups), and the frontier runs over both, naming the model."""
+    grid = {"out": str(tmp_path / "runs"),
+            "defaults": {"model": "pixel", "steps": 1000, "eval_samples": 1000, "eval_every": 500, "block_size": 16},
+            "grid": {"sparsity": [0.5], "seed": [0, 1], "method": ["dense", "rigl"]},
+            "studies": [{"name": "demo", "preset": "demo"}, {"name": "small", "preset": "small"}]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    grid = load_grid(str(path))
+    runs = expand(grid)
+    for run in runs:
+        curves = CURVES if run.config.preset == "demo" else SMALL
+        _write_run(run, curves[run.config.method][run.config.seed])
+    text = write_report(tmp_path / "runs", grid, runs).read_text()
+    demo = text[text.index("## Convergence (runs-pixel-demo)"):text.index("## Convergence (runs-pixel-small)")]
+    small = text[text.index("## Convergence (runs-pixel-small)"):text.index("## FID-vs-wall-clock frontier")]
+    assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | +2.0 ± 6.1 | 2.0 | within noise | 0.082 | 1.49 |" in demo
+    # Small: dense 41 at 0.244 s / step, RigL 46 at 0.164.
+    assert "| dense | 0 | - | 2 | 41.0 ± 1.4 | - | - | - | 0.244 | 1.00 |" in small
+    assert "| rigl | 0.5 | 16 | 2 | 46.0 ± 1.4 | +5.0 ± 6.1 | 2.0 | within noise | 0.164 | 1.49 |" in small
+    # Budgets 124 x 2^(i / 23) s: demo dense (finished, 51) leads until small RigL's seeds average
+    # below 51 (148.6 s: 51.6, 153.1 s: 50.0), small RigL until small dense's average below its 46
+    # (219.8 s: 46.9, 226.6 s: 45.3), then small dense; RigL leads the best dense (demo's 51) by 5.0
+    # once it has finished.
+    frontier = text[text.index("## FID-vs-wall-clock frontier"):]
+    cells = [line.split(" | ")[1] for line in frontier.splitlines() if line.startswith("| 2.") or line.startswith("| 3.")
+             or line.startswith("| 4.")]
+    assert cells == ["pixel demo dense", "pixel small rigl 0.5 16", "pixel small dense"]
+    assert "Sparse cells on the frontier: pixel small rigl 0.5 16 from 2.6 to 3.7 min (by up to 5.0 FID)." in frontier
