@@ -178,7 +178,8 @@ class SampleEvaluator:
         Returns:
             ``fid``, ``kid_mean``, ``kid_std`` (Inception; only with ``use_inception``),
             ``fd_local``, ``kid_local_mean`` (local network), ``local_network`` (the first 12
-            hex digits of its weights' SHA-1), ``num_samples``, ``num_reference``. KID uses subsets of ``min(1000, M, N)`` images.
+            hex digits of its weights' SHA-1), ``num_samples``, ``num_reference``. KID uses
+            subsets of ``min(1000, M, N)`` images.
         """
         _check_images(samples, "samples")
         if tuple(samples.shape[1:]) != self.image_shape:

@@ -13,6 +13,10 @@ from .results import block_order, block_weights, differing_in, label, line_name,
 # The block axis: weights per block and kernel tap, so that unstructured (1), vector blocks (16x1: 16)
 # and square blocks (16: 256, 32: 1024) share one scale; its ticks name the blocks.
 BLOCK_AXIS = "block (log of weights per block; 1 = unstructured)"
+# The FID axis is logarithmic (FIDs run from about 40 to a few hundred early in training), its
+# ticks round numbers about 20-25% apart (those inside the axis show).
+FID_LABEL = "FID (log scale, lower is better)"
+FID_TICKS = [m * 10 ** e for e in range(4) for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)]
 
 
 def block_axis(ax, blocks) -> None:
@@ -210,6 +214,7 @@ def frontier_plot(rows: List[Dict], best: List[Dict], envelope: List[Tuple[float
 
 
 def _plain():
+    """Tick labels as plain numbers (40, 150), not powers of ten."""
     from matplotlib.ticker import FuncFormatter
 
     return FuncFormatter(lambda value, _: f"{value:g}")
@@ -226,21 +231,14 @@ def mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
     return points
 
 
-# Ticks of the log FID axis: round numbers about 20-25% apart (those inside the axis show).
-FID_TICKS = [m * 10 ** e for e in range(4) for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)]
-
-
-FID_LABEL = "FID (log scale, lower is better)"
-
-
 def fid_axis(ax, text: str = FID_LABEL) -> None:
     """A log-scaled FID axis with plain numbers on its ticks: FIDs run from the best cells' 40 to
     a few hundred early in training, and a linear axis flattens the region the comparison is about."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(FixedLocator(FID_TICKS))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_major_formatter(_plain())
     ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylabel(text)
 
