@@ -17,6 +17,8 @@ BLOCK_AXIS = "block (log of weights per block; 1 = unstructured)"
 # ticks round numbers about 20-25% apart (those inside the axis show).
 FID_LABEL = "FID (log scale, lower is better)"
 FID_TICKS = [m * 10 ** e for e in range(4) for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)]
+# Ticks of a log wall-clock axis in minutes.
+MINUTE_TICKS = [m * 10 ** e for e in range(-1, 4) for m in (1, 2, 3, 5)]
 
 
 def block_axis(ax, blocks) -> None:
@@ -206,8 +208,9 @@ def frontier_plot(rows: List[Dict], best: List[Dict], envelope: List[Tuple[float
             ax.plot(xs, ys, color="0.8", linewidth=0.8, zorder=1)
     ax.plot([s / 60 for s, _ in envelope], [f for _, f in envelope], color="tab:red", linewidth=4, alpha=0.3,
             label="frontier (best by each budget)", zorder=2)
-    ax.set(xlabel="training wall-clock (min)", xscale="log", title=f"{name}: FID vs training wall-clock, all cells")
-    ax.xaxis.set_major_formatter(_plain())
+    ax.set(xlabel="training wall-clock (min, log scale)", title=f"{name}: FID vs training wall-clock, all cells")
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis, MINUTE_TICKS)
     fid_axis(ax)
     legend(ax)
     return [save_figure(figure, folder / f"{name}-frontier.png")]
@@ -234,13 +237,19 @@ def mean_curve(row: Dict) -> List[Tuple[int, float, float]]:
 def fid_axis(ax, text: str = FID_LABEL) -> None:
     """A log-scaled FID axis with plain numbers on its ticks: FIDs run from the best cells' 40 to
     a few hundred early in training, and a linear axis flattens the region the comparison is about."""
+    ax.set_yscale("log")
+    _log_axis(ax.yaxis, FID_TICKS)
+    ax.set_ylabel(text)
+
+
+def _log_axis(axis, ticks) -> None:
+    """Ticks of a log-scaled ``axis`` at the round numbers ``ticks``, labelled as plain numbers
+    (40, 150), with no minor ticks or labels."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(FixedLocator(FID_TICKS))
-    ax.yaxis.set_major_formatter(_plain())
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.set_ylabel(text)
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(_plain())
+    axis.set_minor_locator(NullLocator())
 
 
 def legend(ax) -> None:
