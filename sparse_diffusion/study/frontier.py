@@ -74,7 +74,8 @@ def frontier_section(rows: List[Dict], folder: Path, name: str) -> List[str]:
 
     ranges: List[List] = []  # [first budget, last budget, best cell, its FID at the last, its leads on dense]
     for budget, row, fid in points:
-        leads = [] if dense_by(budget) is None else [dense_by(budget) - fid]
+        dense_fid = dense_by(budget)
+        leads = [] if dense_fid is None else [dense_fid - fid]
         if ranges and ranges[-1][2] is row:
             ranges[-1][1], ranges[-1][3] = budget, fid
             ranges[-1][4] += leads
