@@ -1,6 +1,6 @@
 """The training wall-clock of every cell of an experiment grid, measured side by side on one machine.
 
-    python -m benchmarks.study_timing experiments/converged.yaml --out experiments/results/converged/timing.json
+    python -m benchmarks.study_timing experiments/steps-6000.yaml --out experiments/results/steps-6000/timing.json
 
 A long study's runs land on whatever machine each stretch of work gets, and may share it with
 other work: comparing their own wall-clocks would compare machines and loads, not methods. This
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("grid", help="the experiment grid, e.g. experiments/converged.yaml")
+    parser.add_argument("grid", help="the experiment grid, e.g. experiments/steps-6000.yaml")
     parser.add_argument("--only", nargs="+", help="time only the cells whose study/name contains one of these")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=10, help="steps of each cell per round")

@@ -18,6 +18,10 @@ more studies (a model on a dataset), each crossed with the grid's axes::
         autoencoder: {steps: 1500}          # trained once into STUDY/autoencoder (or a path)
     wall_clock_from: experiments/results/cpu-small/timing.json   # optional (:mod:`.report`)
 
+A study with ``runs_from: FOLDER`` trains nothing: its runs are the finished run folders
+``FOLDER/RUN`` of another grid (a committed study's results), read in place and checked to
+have been trained with the settings this grid gives them (:func:`~.results.check_reused`).
+
 Dense runs ignore sparsity, drop fraction and block size; Static ignores the drop
 fraction. Each run is a :class:`RunSpec`: its study, its folder name (:func:`run_name`) and
 its whole :class:`~sparse_diffusion.config.TrainConfig`.
@@ -33,7 +37,7 @@ from ..config import METHODS, BlockShape, TrainConfig, block_shape
 
 AXES = ("method", "sparsity", "drop_fraction", "block_size", "seed")
 AXIS_DEFAULTS = {"method": ["dense"], "sparsity": [0.5], "drop_fraction": [0.3], "block_size": [32], "seed": [0]}
-STUDY_KEYS = {"name", "grid", "autoencoder"}
+STUDY_KEYS = {"name", "grid", "autoencoder", "runs_from"}
 TOP_KEYS = {"out", "defaults", "grid", "studies", "description", "report", "wall_clock_from"}
 
 
@@ -44,6 +48,7 @@ class RunSpec:
     study: str
     name: str
     config: TrainConfig
+    reused: bool = False  # read from another grid's folder (the study's ``runs_from``), never trained
 
 
 def load_grid(path: str) -> Dict:
@@ -75,6 +80,9 @@ def load_grid(path: str) -> Dict:
     for i, study in enumerate(grid["studies"]):
         if not isinstance(study, dict) or not study.get("name"):
             raise ValueError(f"{path}: study {i} needs a 'name'")
+        if not isinstance(study.get("runs_from", ""), str) or (study.get("runs_from") and study.get("autoencoder")):
+            raise ValueError(f"{path}: study {study['name']!r}: 'runs_from' must be the folder of another grid's "
+                             "runs (a string), without an 'autoencoder' to train")
         for axes in (grid.get("grid") or {}, study.get("grid") or {}):
             bad = set(axes) - set(AXES)
             if bad:
@@ -127,13 +135,14 @@ def expand(grid: Dict, root: Optional[str] = None) -> List[RunSpec]:
                 continue
             seen.add(key)
             name = run_name(method, sparsity, block, drop, seed)
+            folder = Path(study["runs_from"]) if study.get("runs_from") else root_path / study["name"]
             config = TrainConfig(**{
-                **settings, "method": method, "seed": seed, "out": str(root_path / study["name"] / name),
+                **settings, "method": method, "seed": seed, "out": str(folder / name),
                 **({} if method == "dense" else {"sparsity": sparsity, "block_size": block}),
                 **({"drop_fraction": drop} if drop is not None else {}),
             })
             config.validate()
-            runs.append(RunSpec(study["name"], name, config))
+            runs.append(RunSpec(study["name"], name, config, reused=bool(study.get("runs_from"))))
     return runs
 
 

@@ -114,6 +114,27 @@ def summarize(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) 
     return tables
 
 
+def check_reused(runs: Sequence[RunSpec]) -> None:
+    """Refuses, naming the folder, a reused run (a study's ``runs_from``) that is not finished or
+    was trained with other settings than the grid gives it (its cell, seed or :func:`setup`)."""
+    for run in runs:
+        if not run.reused:
+            continue
+        folder = Path(run.config.out)
+        if not finished(run):
+            raise ValueError(f"study {run.study!r} reads its runs from {folder.parent}, where {folder.name} is not a "
+                             "finished run (no metrics.json of its steps and FID)")
+        saved = migrate_config(json.loads((folder / "config.json").read_text()))
+        wanted = json.loads(json.dumps(dataclasses.asdict(run.config)))  # as config.json spells it
+        fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SETUP] + ["seed"]
+        differ = [f"{k} {saved.get(k)!r} against {wanted.get(k)!r}" for k in fields if saved.get(k) != wanted.get(k)]
+        if cell_key(saved) != cell_key(wanted):
+            differ.insert(0, f"cell {cell_key(saved)} against {cell_key(wanted)}")
+        if differ:
+            raise ValueError(f"study {run.study!r}: {folder} was trained with other settings than the grid gives it: "
+                             + ", ".join(differ))
+
+
 def load_timing(path: str) -> Tuple[Dict[Tuple, float], Dict]:
     """A grid's ``wall_clock_from``: the seconds per training step of every cell, measured side
     by side on one machine (``python -m benchmarks.study_timing``), keyed by :func:`cell_key`;

@@ -1,7 +1,8 @@
 """``sparse-diffusion experiment GRID.yaml``: trains what is left of a grid, then writes its report.
 
 Finished runs (a metrics.json with their FID) are skipped, interrupted ones resume from their
-checkpoint, so the command can be run again until it completes. A run that fails writes
+checkpoint, so the command can be run again until it completes; a study's reused runs
+(``runs_from``) are checked and read, never trained. A run that fails writes
 error.txt and the grid goes on; SIGINT / SIGTERM stop the grid (the run saves its checkpoint).
 The report (:mod:`.report`) is built from the run folders alone, also with ``--report-only``.
 """
@@ -16,7 +17,7 @@ from ..train import CHECKPOINT, TrainingStopped, train
 from .grid import expand, load_grid, pending_autoencoders
 from .launch import autoencoder_command, run_under_torchrun, train_command
 from .report import write_report
-from .results import finished
+from .results import check_reused, finished
 
 
 def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dry_run: bool = False,
@@ -32,7 +33,8 @@ def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dr
     grid = load_grid(path)
     root = Path(out or grid["out"])
     runs = expand(grid, str(root))
-    pending = [r for r in runs if not finished(r)]
+    check_reused(runs)
+    pending = [r for r in runs if not r.reused and not finished(r)]
     if print_commands:
         for folder, options in pending_autoencoders(grid, root):
             print(shlex.join(autoencoder_command(folder, options)))

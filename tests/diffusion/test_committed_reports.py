@@ -8,7 +8,7 @@ import pytest
 from sparse_diffusion.study.runner import run_grid
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = [("experiments/converged.yaml", "experiments/results/converged"),
+COMMITTED = [("experiments/steps-6000.yaml", "experiments/results/steps-6000"),
              ("experiments/cpu-small.yaml", "experiments/results/cpu-small")]
 
 

@@ -89,6 +89,42 @@ def test_runs_resume_and_report_from_folders(tmp_path, monkeypatch):
     assert "123,456,789" in run_grid(str(grid_path)).read_text()
 
 
+def test_a_study_reads_another_grids_finished_runs_in_place_and_trains_none(tmp_path, monkeypatch):
+    """``runs_from``: a second grid reuses the first's runs (one report over both studies), never
+    trains them, and refuses a folder that is unfinished or was trained with other settings."""
+    first = _grid(tmp_path, grid={"method": ["dense", "rigl"], "sparsity": [0.5], "block_size": [16], "seed": [0]})
+    run_grid(str(first))
+    reused = str(tmp_path / "runs" / "fashion-pixel")
+    studies = [{"name": "old", "model": "pixel", "runs_from": reused},
+               {"name": "new", "model": "pixel", "grid": {"method": ["static"]}}]
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({**yaml.safe_load(first.read_text()), "out": str(tmp_path / "second"),
+                                      "studies": studies}))
+    import sparse_diffusion.train as train
+
+    trained = []
+    real_train = train.Trainer.train
+    monkeypatch.setattr(train.Trainer, "train", lambda self: trained.append(self.config.out) or real_train(self))
+    text = run_grid(str(second)).read_text()
+    assert trained == [str(tmp_path / "second" / "new" / "static-s0.5-b16-seed0")]
+    assert "3 of 3 runs finished" in text and not (tmp_path / "second" / "old").exists()
+
+    changed = yaml.safe_load(second.read_text())
+    changed["defaults"]["lr"] = 0.5
+    second.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ValueError, match=r"dense-seed0 was trained with other settings than the grid gives it: lr 0.001 against 0.5$"):
+        run_grid(str(second), report_only=True)
+    changed["defaults"].pop("lr")
+    changed["grid"]["seed"] = [0, 1]
+    second.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ValueError, match=r"reads its runs from .*fashion-pixel, where dense-seed1 is not a finished"):
+        run_grid(str(second), dry_run=True)
+    changed["studies"][0]["autoencoder"] = {"steps": 3}
+    second.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ValueError, match="'runs_from' must be the folder"):
+        load_grid(str(second))
+
+
 def test_failed_runs_are_listed_and_the_grid_goes_on(tmp_path, capsys):
     grid_path = _grid(tmp_path, grid={"method": ["dense"], "seed": [0]},
                       studies=[{"name": "broken", "model": "pixel", "dataset": "images:/no/such/folder"},
@@ -100,7 +136,7 @@ def test_failed_runs_are_listed_and_the_grid_goes_on(tmp_path, capsys):
     assert "todo  broken/dense-seed0" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name, runs", [("cpu-small", 40), ("paper", 1458), ("converged", 68)])
+@pytest.mark.parametrize("name, runs", [("cpu-small", 40), ("paper", 1458), ("steps-6000", 68), ("time-to-quality", 30)])
 def test_shipped_grids_load(name, runs):
     from pathlib import Path
 
