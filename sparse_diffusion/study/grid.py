@@ -18,9 +18,9 @@ more studies (a model on a dataset), each crossed with the grid's axes::
         autoencoder: {steps: 1500}          # trained once into STUDY/autoencoder (or a path)
     wall_clock_from: experiments/results/cpu-small/timing.json   # optional (:mod:`.report`)
 
-A study with ``runs_from: FOLDER`` trains nothing: its runs are the finished run folders
-``FOLDER/RUN`` of another grid (a committed study's results), read in place and checked to
-have been trained with the settings this grid gives them (:func:`~.results.check_reused`).
+A study with ``runs_from: FOLDER`` trains nothing: its runs are the run folders ``FOLDER/RUN``
+of another grid (a committed study's results), read in place once finished and checked to have
+been trained with the settings this grid gives them (:func:`~.results.check_reused`).
 
 Dense runs ignore sparsity, drop fraction and block size; Static ignores the drop
 fraction. Each run is a :class:`RunSpec`: its study, its folder name (:func:`run_name`) and

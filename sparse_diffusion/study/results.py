@@ -115,15 +115,13 @@ def summarize(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) 
 
 
 def check_reused(runs: Sequence[RunSpec]) -> None:
-    """Refuses, naming the folder, a reused run (a study's ``runs_from``) that is not finished or
-    was trained with other settings than the grid gives it (its cell, seed or :func:`setup`)."""
+    """Refuses, naming the folder, a finished reused run (a study's ``runs_from``) that was trained
+    with other settings than the grid gives it (its cell, seed or :func:`setup`). An unfinished
+    one is left to the grid that owns it (the report lists it as not run)."""
     for run in runs:
-        if not run.reused:
+        if not run.reused or not finished(run):
             continue
         folder = Path(run.config.out)
-        if not finished(run):
-            raise ValueError(f"study {run.study!r} reads its runs from {folder.parent}, where {folder.name} is not a "
-                             "finished run (no metrics.json of its steps and FID)")
         saved = migrate_config(json.loads((folder / "config.json").read_text()))
         wanted = json.loads(json.dumps(dataclasses.asdict(run.config)))  # as config.json spells it
         fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SETUP] + ["seed"]

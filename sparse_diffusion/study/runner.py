@@ -43,9 +43,14 @@ def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dr
             print(shlex.join(train_command(run.config, resume, nproc_per_node)))
         return root / "report.md"
     print(f"{path}: {len(runs)} runs in {len(grid['studies'])} studies, {len(pending)} to do, output {root}")
+    elsewhere = [r for r in runs if r.reused and not finished(r)]
+    if elsewhere:
+        print(f"  {len(elsewhere)} reused runs are not finished where they live (the grid that owns them trains them): "
+              + ", ".join(r.config.out for r in elsewhere))
     if dry_run:
         for run in runs:
-            print(f"  {'todo' if run in pending else 'done'}  {run.study}/{run.name}")
+            state = "todo" if run in pending else "elsewhere" if run.reused and not finished(run) else "done"
+            print(f"  {state}  {run.study}/{run.name}")
         return root / "report.md"
     if not report_only:
         root.mkdir(parents=True, exist_ok=True)
