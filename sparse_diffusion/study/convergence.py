@@ -80,22 +80,24 @@ def _against_dense(row: Dict, dense: Dict) -> str:
     return f"{gap:+.1f} ± {half_width:.1f} | {freedom:.1f} | {verdict}"
 
 
-def _minutes_to(row: Dict, fid: float) -> Tuple[Optional[float], int]:
+def minutes_to(row: Dict, fid: float) -> Tuple[Optional[float], int]:
     """Mean training minutes of the row's seeds that reached ``fid`` (None: none did), and how many did."""
     reached = [t for t in (time_to(c, fid) for c in row["curves"]) if t is not None]
     return (sum(reached) / len(reached) / 60 if reached else None), len(reached)
 
 
-def _targets(dense: Dict) -> List[Tuple[str, float]]:
+def dense_targets(dense: Dict, final_margin: float = TARGET_OVER_DENSE) -> List[Tuple[str, float]]:
     """The FIDs of the time-to-quality question, from dense's curve (mean over its seeds): its FID
-    at the evaluations nearest :data:`EARLIER_TARGETS` of its training, and its final FID + 10%."""
+    at the evaluations nearest :data:`EARLIER_TARGETS` of its training, and its final FID x
+    ``final_margin`` (+ 10% by default)."""
     points = mean_curve(dense)
     targets = []
     for fraction in EARLIER_TARGETS:
         step, _, fid = min(points, key=lambda p: abs(p[0] - fraction * points[-1][0]))
         if step != points[-1][0] and all(f != fid for _, f in targets):
             targets.append((f"dense's FID at step {step:,}", fid))
-    return targets + [(f"dense's final FID {dense['fid']:.1f} + 10%", dense["fid"] * TARGET_OVER_DENSE)]
+    margin = "" if final_margin == 1 else f" + {(final_margin - 1) * 100:.0f}%"
+    return targets + [(f"dense's final FID {dense['fid']:.1f}{margin}", dense["fid"] * final_margin)]
 
 
 def _sooner(rows: List[Dict], dense: Dict, targets: List[Tuple[str, float]]) -> str:
@@ -103,13 +105,13 @@ def _sooner(rows: List[Dict], dense: Dict, targets: List[Tuple[str, float]]) -> 
     dense's mean time to it, or saying that none did."""
     sentences = []
     for _, target in targets:
-        dense_minutes, _ = _minutes_to(dense, target)
+        dense_minutes, _ = minutes_to(dense, target)
         if dense_minutes is None:
             sentences.append(f"FID {target:.1f}: no seed of dense reaches it, no cell is compared")
             continue
         sooner = []
         for r in rows:
-            minutes, reached = _minutes_to(r, target)
+            minutes, reached = minutes_to(r, target)
             if r is not dense and minutes is not None and reached == len(r["curves"]) and minutes < dense_minutes:
                 sooner.append(f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])} "
                               f"({minutes:.1f} min)")
@@ -218,11 +220,11 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
             f"{b / 60:.1f} min: " + (f"{who} ({fid:.1f})" if math.isfinite(fid) else "no evaluation yet")
             for b, (fid, who) in zip(budgets, best)) + ".\n")
     if dense is not None and dense["fid"] is not None:
-        targets = _targets(dense)
+        targets = dense_targets(dense)
         lines = ["| method | sparsity | block | " + " | ".join(f"to FID {fid:.1f}" for _, fid in targets) + " |",
                  "| --- | ---: | ---: |" + " ---: |" * len(targets)]
         for r in curved:
-            times = [_minutes_to(r, fid) for _, fid in targets]
+            times = [minutes_to(r, fid) for _, fid in targets]
             lines.append(f"{_where(r)} " + " | ".join(f"{fmt(minutes, '.1f')} ({reached}/{len(r['curves'])})"
                                                       for minutes, reached in times) + " |")
         parts.append("Time to quality: training minutes to each target FID (" + "; ".join(
@@ -265,7 +267,7 @@ def _structures(rows: List[Dict], dense: Dict, target: float) -> List[str]:
     def each(by: Dict[str, Dict], text) -> str:
         return " / ".join(text(by[m]) if m in by else "-" for m in METHODS)
 
-    dense_minutes, _ = _minutes_to(dense, target)
+    dense_minutes, _ = minutes_to(dense, target)
     lines = ["| sparsity | block | final FID | speed-up | minutes to target |", "| ---: | ---: | ---: | ---: | ---: |",
              f"| 0 | dense | {fmt(dense['fid'], '.1f')} | 1.00 | {fmt(dense_minutes, '.1f')} |"]
     for sparsity in sparsities:
@@ -273,7 +275,7 @@ def _structures(rows: List[Dict], dense: Dict, target: float) -> List[str]:
             by = shapes[(sparsity, block)]
             lines.append(f"| {sparsity:g} | {block_text(block)} | {each(by, lambda r: fmt(r['fid'], '.1f'))} | "
                          f"{each(by, lambda r: fmt(r['speedup'], '.2f'))} | "
-                         f"{each(by, lambda r: fmt(_minutes_to(r, target)[0], '.1f'))} |")
+                         f"{each(by, lambda r: fmt(minutes_to(r, target)[0], '.1f'))} |")
     return [f"Structures side by side (each cell Static / RigL / MagRan, mean over seeds; minutes to target FID "
             f"{target:.1f} as above, \"-\" where no seed reached it; block 1 is unstructured):\n\n"
             + "\n".join(lines) + "\n"]

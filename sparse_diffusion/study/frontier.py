@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .convergence import fid_at
+from .convergence import dense_targets, fid_at, minutes_to
 from .plots import frontier_plot
 from .results import block_text, label, mean_std
 from .tables import fmt
@@ -104,4 +104,32 @@ def frontier_section(rows: List[Dict], folder: Path, name: str) -> List[str]:
             + "\n".join(lines) + "\n")
     plots = frontier_plot(curved, [best[2] for best in ranges], [(budget, fid) for budget, _, fid in points],
                           folder, name, with_model)
-    return [text, verdict + "\n"] + [f"![{path.stem}](plots/{path.name})\n" for path in plots]
+    return ([text, verdict + "\n"] + [f"![{path.stem}](plots/{path.name})\n" for path in plots]
+            + (quality_across_models(curved, dense) if with_model else []))
+
+
+def quality_across_models(rows: List[Dict], dense: List[Dict]) -> List[str]:
+    """Time to quality over every model size: the training minutes each cell needs to reach each
+    dense model's FIDs (at a third and two thirds of its training, and its final FID), read from
+    the curves between evaluations, and per target the cell that gets there first with every seed."""
+    targets = sorted({fid: f"{r['model']} {what}" for r in dense for what, fid in dense_targets(r, 1.0)}.items(),
+                     reverse=True)
+    if not targets:
+        return []
+    lines = ["| cell | " + " | ".join(f"to FID {fid:.1f}" for fid, _ in targets) + " |",
+             "| --- |" + " ---: |" * len(targets)]
+    firsts = []
+    for r in rows:
+        times = [minutes_to(r, fid) for fid, _ in targets]
+        lines.append(f"| {cell_name(r, True)} | " + " | ".join(
+            f"{fmt(minutes, '.1f')} ({reached}/{len(r['curves'])})" for minutes, reached in times) + " |")
+    for fid, what in targets:
+        reached = [(minutes_to(r, fid)[0], cell_name(r, True)) for r in rows
+                   if minutes_to(r, fid)[1] == len(r["curves"])]
+        firsts.append(f"{fid:.1f} ({what}): " + ("{1} at {0:.1f} min".format(*min(reached)) if reached
+                                                   else "no cell with every seed"))
+    return ["Time to quality across model sizes: training minutes to each dense model's FIDs ("
+            + "; ".join(f"{fid:.1f}: {what}" for fid, what in targets) + "), at the time a seed's FID curve, "
+            "linearly interpolated between evaluations, first reaches it; mean over the seeds that did (how many in "
+            "brackets):\n\n" + "\n".join(lines) + "\n",
+            "First to each target, every seed: " + "; ".join(firsts) + ".\n"]

@@ -325,3 +325,16 @@ def test_model_sizes_each_compare_with_their_own_dense_and_share_one_frontier(tm
              or line.startswith("| 4.")]
     assert cells == ["pixel demo dense", "pixel small rigl 0.5 16", "pixel small dense"]
     assert "Sparse cells on the frontier: pixel small rigl 0.5 16 from 2.6 to 3.7 min (by up to 5.0 FID)." in frontier
+    # Targets: each dense's mean FID at step 500 (demo 81, small 71) and final (51, 41). Demo RigL
+    # reaches 81 at (40 + 40 x 4/33 + 42 + 42 x 6/33) / 2 = 47.2 s; small RigL reaches 51 at
+    # (80 + 80 x 24/30 + 84 + 84 x 26/30) / 2 = 150.4 s, before small dense (196 and 210.8 s), and
+    # demo dense's seed 1 never does (52); only small dense's seed 0 reaches 41 (236 s).
+    across = frontier[frontier.index("Time to quality across model sizes"):]
+    assert "| pixel demo dense | 1.0 (2/2) | 1.4 (2/2) | 2.0 (1/2) | - (0/2) |" in across
+    assert "| pixel demo rigl 0.5 16 | 0.8 (2/2) | 1.0 (2/2) | - (0/2) | - (0/2) |" in across
+    assert "| pixel small dense | 2.0 (2/2) | 2.1 (2/2) | 3.4 (2/2) | 3.9 (1/2) |" in across
+    assert "| pixel small rigl 0.5 16 | 1.4 (2/2) | 1.6 (2/2) | 2.5 (2/2) | - (0/2) |" in across
+    assert ("First to each target, every seed: 81.0 (pixel demo dense's FID at step 500): pixel demo rigl 0.5 16 "
+            "at 0.8 min; 71.0 (pixel small dense's FID at step 500): pixel demo rigl 0.5 16 at 1.0 min; 51.0 (pixel "
+            "demo dense's final FID 51.0): pixel small rigl 0.5 16 at 2.5 min; 41.0 (pixel small dense's final FID "
+            "41.0): no cell with every seed.") in across
