@@ -37,6 +37,14 @@ def fid_at(curve: List[Dict], seconds: float) -> Optional[float]:
     return points[-1]["fid"]
 
 
+def fid_by(row: Dict, seconds: float) -> Optional[float]:
+    """The cell's FID after ``seconds`` of training, the mean over its seeds of each curve read
+    between evaluations (:func:`fid_at`); None until every seed has evaluated, so that no cell
+    is read from its luckiest seeds alone."""
+    fids = [fid_at(curve, seconds) for curve in row["curves"]]
+    return None if not fids or any(f is None for f in fids) else mean_std(fids)[0]
+
+
 def time_to(curve: List[Dict], fid: float) -> Optional[float]:
     """Training seconds at which the curve, linearly interpolated between evaluations, first
     reaches ``fid``: the first evaluation's time if that one already has (None: never)."""
@@ -207,14 +215,14 @@ def convergence_section(rows: List[Dict], folder: Path, name: str, timing_note: 
         for r in curved:
             at_budget = []
             for i, budget in enumerate(budgets):
-                fid, _ = mean_std([fid_at(c, budget) for c in r["curves"]])
+                fid = fid_by(r, budget)
                 at_budget.append(fmt(fid, ".1f"))
                 if fid is not None and fid < best[i][0]:
                     best[i] = (fid, f"{label(r)} at sparsity {r['sparsity']:g}, block {block_text(r['block'])}")
             lines.append(f"{_where(r)} " + " | ".join(at_budget) + " |")
         parts.append("At equal training wall-clock (each seed's FID curve read at the budget, linearly interpolated "
-                     "between evaluations, its final FID once it has finished; mean over seeds; \"-\": no evaluation "
-                     "yet; budgets are "
+                     "between evaluations, its final FID once it has finished; mean over seeds, as on the frontier below; "
+                     "\"-\": a seed has not evaluated yet; budgets are "
                      f"{', '.join(f'{f:g}' for f in BUDGETS)} x dense's):\n\n" + "\n".join(lines) + "\n")
         parts.append("Best by each budget: " + "; ".join(
             f"{b / 60:.1f} min: " + (f"{who} ({fid:.1f})" if math.isfinite(fid) else "no evaluation yet")

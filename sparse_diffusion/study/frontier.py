@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .convergence import dense_targets, fid_at, minutes_to
+from .convergence import dense_targets, fid_by, minutes_to
 from .plots import frontier_plot
-from .results import block_text, label, mean_std
+from .results import block_text, label
 from .tables import fmt
 
 # Budgets the frontier is read at: this many, spaced evenly on a log scale from the time every
@@ -24,13 +24,6 @@ def cell_name(row: Dict, with_model: bool = False) -> str:
     frontier spans several: a cell as the frontier names it."""
     name = "dense" if row["method"] == "dense" else f"{label(row)} {row['sparsity']:g} {block_text(row['block'])}"
     return f"{row['model']} {name}" if with_model else name
-
-
-def fid_by(row: Dict, seconds: float) -> Optional[float]:
-    """The cell's FID after ``seconds`` of training, the mean over its seeds of each curve read
-    between evaluations (:func:`.convergence.fid_at`); None until every seed has evaluated."""
-    fids = [fid_at(curve, seconds) for curve in row["curves"]]
-    return None if any(f is None for f in fids) else mean_std(fids)[0]
 
 
 def budgets(rows: List[Dict]) -> List[float]:

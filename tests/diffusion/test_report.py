@@ -79,10 +79,10 @@ def test_the_report_answers_the_convergence_questions(tmp_path):
     assert "| rigl | 0.5 | 16 | 2 | 53.0 ± 1.4 | +2.0 ± 6.1 | 2.0 | within noise |" in text and "| 1/2 |" in text
     assert "| rigl exact-k | 0.5 | 16 | 2 | 71.0 ± 1.4 | +20.0 ± 6.1 | 2.0 | worse |" in text
     # Budgets 0.25 / 0.5 / 1 x dense's 122 s, each curve read between its evaluations: nobody has
-    # evaluated by 30.5 s; at 61 s dense's seed 0 80 - 30 / 60 = 79.5 (seed 1 not yet), RigL
-    # 85 - 33 x 21 / 40 and 87 - 33 x 19 / 42: 69.9; at 122 s dense 50 (finished) and
-    # 82 - 30 x 60 / 62 = 53.0: 51.5, RigL 53.
-    assert "| dense | 0 | - | - | 79.5 | 51.5 |" in text
+    # evaluated by 30.5 s; at 61 s dense's seed 0 has (79.5) but seed 1 not yet, so dense is not
+    # read from its seed 0 alone; RigL 85 - 33 x 21 / 40 and 87 - 33 x 19 / 42: 69.9; at 122 s
+    # dense 50 (finished) and 82 - 30 x 60 / 62 = 53.0: 51.5, RigL 53.
+    assert "| dense | 0 | - | - | - | 51.5 |" in text
     assert "| rigl | 0.5 | 16 | - | 69.9 | 53.0 |" in text
     assert "0.5 min: no evaluation yet; 1.0 min: rigl at sparsity 0.5, block 16 (69.9); " in text
     assert "2.0 min: dense at sparsity 0, block - (51.5)" in text
@@ -254,6 +254,18 @@ def test_curves_are_read_between_evaluations():
     assert fid_at(curve, 15.0) == pytest.approx(75.0) and fid_at(curve, 99.0) == 50.0
     assert time_to(curve, 75.0) == pytest.approx(15.0) and time_to(curve, 55.0) == pytest.approx(25.0)
     assert time_to(curve, 95.0) == 10.0 and time_to(curve, 49.9) is None
+
+
+def test_a_cell_is_read_at_a_budget_only_once_every_seed_has_evaluated():
+    """The equal-wall-clock table and the frontier read a cell by one rule: the mean over its
+    seeds, none until the slowest seed's first evaluation (not its luckiest seeds alone)."""
+    from sparse_diffusion.study.convergence import fid_by
+
+    fast = [{"step": 1, "wall_clock_s": 10.0, "fid": 90.0}, {"step": 2, "wall_clock_s": 20.0, "fid": 60.0}]
+    slow = [{"step": 1, "wall_clock_s": 30.0, "fid": 80.0}]
+    row = {"curves": [fast, slow]}
+    assert fid_by(row, 20.0) is None and fid_by(row, 30.0) == pytest.approx(70.0)
+    assert fid_by({"curves": []}, 30.0) is None
 
 
 def test_local_fds_compare_only_within_one_local_network(tmp_path):
