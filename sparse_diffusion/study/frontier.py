@@ -111,15 +111,14 @@ def quality_across_models(rows: List[Dict], dense: List[Dict]) -> List[str]:
         return []
     lines = ["| cell | " + " | ".join(f"to FID {fid:.1f}" for fid, _ in targets) + " |",
              "| --- |" + " ---: |" * len(targets)]
+    times = {cell_name(r, True): ([minutes_to(r, fid) for fid, _ in targets], len(r["curves"])) for r in rows}
+    for name, (each, seeds) in times.items():
+        lines.append(f"| {name} | " + " | ".join(f"{fmt(minutes, '.1f')} ({reached}/{seeds})" for minutes, reached in each)
+                     + " |")
     firsts = []
-    for r in rows:
-        times = [minutes_to(r, fid) for fid, _ in targets]
-        lines.append(f"| {cell_name(r, True)} | " + " | ".join(
-            f"{fmt(minutes, '.1f')} ({reached}/{len(r['curves'])})" for minutes, reached in times) + " |")
-    for fid, what in targets:
-        reached = [(minutes_to(r, fid)[0], cell_name(r, True)) for r in rows
-                   if minutes_to(r, fid)[1] == len(r["curves"])]
-        firsts.append(f"{fid:.1f} ({what}): " + ("{1} at {0:.1f} min".format(*min(reached)) if reached
+    for i, (fid, what) in enumerate(targets):
+        every_seed = [(each[i][0], name) for name, (each, seeds) in times.items() if each[i][1] == seeds]
+        firsts.append(f"{fid:.1f} ({what}): " + ("{1} at {0:.1f} min".format(*min(every_seed)) if every_seed
                                                    else "no cell with every seed"))
     return ["Time to quality across model sizes: training minutes to each dense model's FIDs ("
             + "; ".join(f"{fid:.1f}: {what}" for fid, what in targets) + "), at the time a seed's FID curve, "
