@@ -86,11 +86,13 @@ CELL = ("method", "sparsity", "block", "drop", "exact_k", "model")
 # baseline: the sparsity settings, the seed, folders, and how often it saved, sampled or evaluated.
 NOT_SETUP = {"out", "method", "sparsity", "block_size", "distribution", "drop_fraction", "update_interval",
              "regrow_dropped", "seed", "sample_every", "checkpoint_every", "eval_every", "data_dir"}
+SETUP_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SETUP)
 
 
 def setup(config: Dict) -> Tuple:
-    """A run's training and evaluation settings: every TrainConfig field but :data:`NOT_SETUP`."""
-    return tuple(config.get(f.name) for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SETUP)
+    """A run's training and evaluation settings: its :data:`SETUP_FIELDS` (every TrainConfig field
+    but :data:`NOT_SETUP`)."""
+    return tuple(config.get(name) for name in SETUP_FIELDS)
 
 
 def summarize(records: List[Dict], timing: Optional[Dict[Tuple, float]] = None) -> Dict[str, List[Dict]]:
@@ -124,8 +126,8 @@ def check_reused(runs: Sequence[RunSpec]) -> None:
         folder = Path(run.config.out)
         saved = migrate_config(json.loads((folder / "config.json").read_text()))
         wanted = json.loads(json.dumps(dataclasses.asdict(run.config)))  # as config.json spells it
-        fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SETUP] + ["seed"]
-        differ = [f"{k} {saved.get(k)!r} against {wanted.get(k)!r}" for k in fields if saved.get(k) != wanted.get(k)]
+        differ = [f"{k} {saved.get(k)!r} against {wanted.get(k)!r}" for k in SETUP_FIELDS + ("seed",)
+                  if saved.get(k) != wanted.get(k)]
         if cell_key(saved) != cell_key(wanted):
             differ.insert(0, f"cell {cell_key(saved)} against {cell_key(wanted)}")
         if differ:

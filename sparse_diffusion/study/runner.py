@@ -49,7 +49,7 @@ def run_grid(path: str, out: Optional[str] = None, report_only: bool = False, dr
               + ", ".join(r.config.out for r in elsewhere))
     if dry_run:
         for run in runs:
-            state = "todo" if run in pending else "elsewhere" if run.reused and not finished(run) else "done"
+            state = "todo" if run in pending else "elsewhere" if run in elsewhere else "done"
             print(f"  {state}  {run.study}/{run.name}")
         return root / "report.md"
     if not report_only:
